@@ -1,0 +1,8 @@
+"""Device families: declarative decoding profiles, real example payloads, a simulated home.
+
+``build_decoder`` turns a profile name, the readings a pipeline wants and the
+profile's options into an :class:`edge.decode.Decoder`. The simulator modules
+(``roomsim``, ``simulate``) are imported on demand only.
+"""
+
+from __future__ import annotations
