@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Create a separate virtual environment with a real Home Assistant Core for tests/test_ha_real.py.
+#
+#   tests/ha/setup_ha_venv.sh [VENV_DIR]        (default: .cache/ha-venv)
+#   EDGE_INFER_HA_VENV=.cache/ha-venv pytest tests/test_ha_real.py
+#
+# Home Assistant 2025.4.4 is the newest release whose Requires-Python admits Python 3.13.0
+# (later releases ask for 3.13.2). It is installed under its own package_constraints.txt,
+# together with the frontend (without it Home Assistant boots into recovery mode), the
+# requirements of the integrations the test loads (mqtt), and pyotp/PyQRCode (auth modules).
+# Takes a few minutes and about 1 GB of disk on a fresh machine.
+set -euo pipefail
+
+HA_VERSION="${HA_VERSION:-2025.4.4}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${1:-${ROOT}/.cache/ha-venv}"
+
+find_python() {
+    if [[ -n "${HA_PYTHON:-}" ]]; then echo "${HA_PYTHON}"; return; fi
+    for candidate in "${HOME}/.pyenv/versions/3.13.0/bin/python" python3.13; do
+        if command -v "${candidate}" >/dev/null 2>&1; then command -v "${candidate}"; return; fi
+    done
+    echo "setup_ha_venv: no Python 3.13 found; set HA_PYTHON=/path/to/python3.13" >&2
+    exit 2
+}
+
+PY="$(find_python)"
+echo "setup_ha_venv: Home Assistant ${HA_VERSION} on $("${PY}" -V) into ${VENV}"
+"${PY}" -m venv "${VENV}"
+VPY="${VENV}/bin/python"
+"${VPY}" -m pip install --quiet --upgrade pip wheel
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "${WORK}"' EXIT
+"${VPY}" -m pip download --quiet --no-deps --dest "${WORK}" "homeassistant==${HA_VERSION}"
+WHEEL="$(ls "${WORK}"/homeassistant-*.whl)"
+
+# Pull the constraints and the pinned integration requirements out of the wheel.
+"${VPY}" - "${WHEEL}" "${WORK}" <<'PY'
+import json, sys, zipfile
+wheel, work = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as zf:
+    constraints = zf.read("homeassistant/package_constraints.txt").decode()
+    reqs = []
+    for integration in ("frontend", "mqtt", "onboarding", "auth", "http", "api"):
+        name = f"homeassistant/components/{integration}/manifest.json"
+        try:
+            reqs += json.loads(zf.read(name)).get("requirements", [])
+        except KeyError:
+            pass
+open(f"{work}/constraints.txt", "w").write(constraints)
+open(f"{work}/requirements.txt", "w").write("\n".join(reqs + ["pyotp", "PyQRCode"]) + "\n")
+PY
+echo "setup_ha_venv: integration requirements: $(tr '\n' ' ' < "${WORK}/requirements.txt")"
+
+"${VPY}" -m pip install --quiet -c "${WORK}/constraints.txt" "${WHEEL}" -r "${WORK}/requirements.txt"
+"${VPY}" -c "import homeassistant.const as c; print('setup_ha_venv: installed Home Assistant', c.__version__)"
