@@ -270,6 +270,8 @@ class TopicRule:
     online_values: frozenset[str] = frozenset({"online", "Online", "true", "1"})
     offline_values: frozenset[str] = frozenset({"offline", "Offline", "false", "0"})
     availability_path: str | None = None
+    # a payload carrying none of the readings is another kind of device, not an error
+    ignore_if_absent: bool = False
     _getters: list[tuple[ReadingSpec, Callable[[Any], Any]]] = field(init=False, repr=False)
     _device_getter: Callable[[Any], Any] | None = field(init=False, repr=False)
     _ts_getter: Callable[[Any], Any] | None = field(init=False, repr=False)
@@ -329,6 +331,8 @@ class TopicRule:
                 raw = getter(data)
             except (KeyError, IndexError, TypeError):
                 if spec.required:
+                    if self.ignore_if_absent and not self._any_present(data):
+                        return []
                     raise DecodeError(
                         "missing_field", f"field {spec.path!r} absent in payload on {topic!r}"
                     ) from None
@@ -348,6 +352,15 @@ class TopicRule:
         if not values:
             return []
         return [Decoded(device, values, ts)]
+
+    def _any_present(self, data: Any) -> bool:
+        for _, getter in self._getters:
+            try:
+                getter(data)
+            except (KeyError, IndexError, TypeError):
+                continue
+            return True
+        return False
 
     def _availability(self, topic: str, captured: Mapping[str, str], payload: bytes) -> Availability:
         text = payload.decode(errors="replace").strip()

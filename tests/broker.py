@@ -58,17 +58,78 @@ def make_tls(directory: Path) -> TlsFiles:
     def ssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edge-infer test CA",
-        "-keyout", "ca.key", "-out", "ca.crt")
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=edge-infer test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
     (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
-        "-out", "server.csr")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", "san.cnf", "-out", "server.crt")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=edge-infer-client", "-keyout", "client.key",
-        "-out", "client.csr")
-    ssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-out", "client.crt")
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server.crt",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=edge-infer-client",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    )
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "client.crt",
+    )
     return TlsFiles(
         ca=directory / "ca.crt",
         cert=directory / "server.crt",
@@ -115,8 +176,9 @@ class Mosquitto:
             pwfile = self.workdir / "passwd"
             pwfile.write_text("")
             for user, password in self.users.items():
-                subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, password], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(pwfile), user, password], check=True, capture_output=True
+                )
             pwfile.chmod(0o600)
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
@@ -141,8 +203,9 @@ class Mosquitto:
         if binary is None:
             raise RuntimeError(MOSQUITTO_HINT)
         conf = self._write_config()
-        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, env={**os.environ})
+        self.process = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ}
+        )
         try:
             wait_port(self.port)
         except TimeoutError:

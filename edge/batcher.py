@@ -1,0 +1,96 @@
+"""Micro-batching across devices and pipelines, one batcher per model.
+
+The batcher takes everything queued (up to ``max_batch``) and runs it as one
+inference call in the model's worker thread. While a call runs, new items
+queue up, so the batch grows with the load: at low load every message is
+inferred alone and at once; at high load one call serves many. A partial batch
+waits at most ``max_delay_ms`` for more only while messages keep arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from edge.pipeline import WorkItem
+from edge.runtime import LoadedModel
+
+log = logging.getLogger("edge.batcher")
+
+Sink = Callable[[list[WorkItem], npt.NDArray[np.float32] | None, float, Exception | None], None]
+
+
+class Batcher:
+    """Queue of work for one model and the loop that feeds its worker."""
+
+    def __init__(self, model: LoadedModel, sink: Sink, max_queue: int = 100_000) -> None:
+        self.model = model
+        self.sink = sink
+        self.max_batch = model.config.max_batch
+        self.max_delay = model.config.max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self.queue: collections.deque[WorkItem] = collections.deque()
+        self.batches = 0
+        self.items = 0
+        self.overflow = 0
+        self._event = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        shape = (self.max_batch, *model.spec.sample_shape)
+        self._buffer = np.empty(shape, dtype=np.float32)
+
+    def put(self, item: WorkItem) -> bool:
+        """Queue an item; ``False`` (and the caller counts a drop) when the queue is full."""
+        if len(self.queue) >= self.max_queue:
+            self.overflow += 1
+            return False
+        self.queue.append(item)
+        self._idle.clear()
+        self._event.set()
+        return True
+
+    async def run(self) -> None:
+        queue = self.queue
+        while True:
+            if not queue:
+                self._idle.set()
+                self._event.clear()
+                await self._event.wait()
+            if 0 < len(queue) < self.max_batch and self.max_delay > 0:
+                # Messages are arriving right now: give the batch a moment to fill.
+                before = len(queue)
+                await asyncio.sleep(0)
+                if len(queue) > before:
+                    deadline = time.perf_counter() + self.max_delay
+                    while len(queue) < self.max_batch and time.perf_counter() < deadline:
+                        grown = len(queue)
+                        await asyncio.sleep(self.max_delay / 4)
+                        if len(queue) == grown:
+                            break
+            count = min(len(queue), self.max_batch)
+            batch = [queue.popleft() for _ in range(count)]
+            inputs = self._buffer[:count]
+            for i, item in enumerate(batch):
+                inputs[i] = item.vector
+            started = time.perf_counter()
+            try:
+                outputs = await self.model.run(inputs)  # the buffer is not refilled until this returns
+            except asyncio.CancelledError:
+                queue.extendleft(reversed(batch))
+                raise
+            except Exception as exc:  # only this batch fails; the loop goes on
+                self.sink(batch, None, time.perf_counter() - started, exc)
+                continue
+            self.batches += 1
+            self.items += count
+            self.sink(batch, outputs, time.perf_counter() - started, None)
+
+    async def drained(self) -> None:
+        """Wait until everything queued has been inferred and handed to the sink."""
+        await self._idle.wait()

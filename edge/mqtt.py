@@ -1,0 +1,244 @@
+"""The one broker connection: TLS, auth, last will, reconnect with backoff, a bounded publish queue.
+
+:class:`MqttLink` owns an :class:`aiomqtt.Client` that is reused across
+reconnects (so QoS 1/2 messages in flight survive a reconnect) and a bounded
+queue of outgoing messages that fills while the broker is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge.config import MqttConfig
+
+log = logging.getLogger("edge.mqtt")
+
+
+@dataclass(slots=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    if not cfg.tls_enabled:
+        return None
+    tls = cfg.tls
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
+    if tls and tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls and tls.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def backoff_delays(minimum: float, maximum: float, rng: random.Random | None = None) -> Callable[[], float]:
+    """Exponential backoff with full jitter: each call returns the next delay."""
+    rng = rng or random.Random()
+    attempt = 0
+
+    def next_delay() -> float:
+        nonlocal attempt
+        ceiling = min(maximum, minimum * (2**attempt))
+        attempt = min(attempt + 1, 30)
+        return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+    return next_delay
+
+
+class MqttLink:
+    """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        subscriptions: Callable[[], Sequence[tuple[str, int]]],
+        on_message: Callable[[str, bytes], None],
+        on_connected: Callable[[], Awaitable[None]] | None = None,
+        status_topic: str,
+    ) -> None:
+        self.cfg = cfg
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self.status_topic = status_topic
+        self.queue: collections.deque[Outgoing] = collections.deque()
+        self.dropped = 0
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self.ever_connected = asyncio.Event()
+        self.last_error: str | None = None
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._client = self._make_client()
+
+    def _make_client(self) -> aiomqtt.Client:
+        cfg = self.cfg
+        v5 = cfg.protocol == "5"
+        properties = None
+        kwargs: dict[str, object] = {}
+        if v5:
+            if cfg.persistent_session:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = cfg.session_expiry_s
+                kwargs["clean_start"] = False
+            else:
+                kwargs["clean_start"] = True
+        else:
+            kwargs["clean_session"] = not cfg.persistent_session
+        return aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.resolved_username(),
+            password=cfg.resolved_password(),
+            identifier=cfg.resolved_client_id(),
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
+            keepalive=cfg.keepalive,
+            tls_context=tls_context(cfg),
+            tls_insecure=bool(cfg.tls and cfg.tls.insecure) if cfg.tls_enabled else None,
+            properties=properties,
+            max_queued_outgoing_messages=cfg.publish_queue,
+            timeout=10,
+            logger=logging.getLogger("edge.mqtt.client"),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def publish(self, item: Outgoing) -> None:
+        """Queue a message; never blocks. When the queue is full, the policy drops one (counted)."""
+        if len(self.queue) >= self.cfg.publish_queue:
+            self.dropped += 1
+            if self.cfg.publish_queue_policy == "drop_newest":
+                return
+            self.queue.popleft()
+        self.queue.append(item)
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        delay = backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        while not self._stopping.is_set():
+            try:
+                async with self._client as client:
+                    delay = backoff_delays(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+                    await self._session(client)
+                    if self._stopping.is_set():
+                        await self._goodbye(client)
+                        return
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
+            except ssl.SSLError as exc:
+                self.last_error = f"TLS: {exc}"
+            finally:
+                if self.connected.is_set():
+                    self.reconnects += 1
+                self.connected.clear()
+            if self._stopping.is_set():
+                return
+            wait = delay()
+            log.warning(
+                "broker %s:%s unavailable (%s); retrying in %.1fs",
+                self.cfg.host,
+                self.cfg.port,
+                self.last_error,
+                wait,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        subs = list(self._subscriptions())
+        if subs:
+            await client.subscribe([(topic, qos) for topic, qos in subs])
+        await client.publish(self.status_topic, b"online", qos=1, retain=True)
+        log.info(
+            "connected to %s:%s as %s; %d subscriptions",
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.resolved_client_id(),
+            len(subs),
+        )
+        self.last_error = None
+        self.connected.set()
+        self.ever_connected.set()
+        if self._on_connected is not None:
+            await self._on_connected()
+        receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
+        sender = asyncio.create_task(self._send(client), name="mqtt-send")
+        stopper = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
+        tasks = {receiver, sender, stopper}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            receiver.cancel()
+            if stopper in done:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+                await self._drain(client)
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        on_message = self._on_message
+        async for message in client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                payload = b"" if payload is None else str(payload).encode()
+            on_message(message.topic.value, bytes(payload))
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        raw = client._client  # the paho client: publishing without awaiting each ack batches writes
+        queue = self.queue
+        while True:
+            while queue:
+                item = queue[0]
+                info = raw.publish(item.topic, item.payload, item.qos, item.retain)
+                if info.rc == paho.MQTT_ERR_SUCCESS:
+                    queue.popleft()
+                    continue
+                if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+                    await asyncio.sleep(0.005)  # paho's own queue is full: let the socket drain
+                    continue
+                raise aiomqtt.MqttCodeError(info.rc, f"could not publish to {item.topic!r}")
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        """At shutdown: hand the queue to paho, then wait until paho has written it all."""
+        raw = client._client
+        while self.queue:
+            item = self.queue.popleft()
+            raw.publish(item.topic, item.payload, item.qos, item.retain)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3.0
+        while loop.time() < deadline and (raw._out_messages or raw._out_packet):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # paho exposes no event for 'everything written'
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        try:
+            await client.publish(self.status_topic, b"offline", qos=1, retain=True, timeout=3)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish offline status: %s", exc)
