@@ -170,6 +170,9 @@ class Mosquitto:
             "connection_messages true",
             "max_queued_messages 100000",
         ]
+        if os.geteuid() == 0:
+            # As root Mosquitto drops to the 'mosquitto' user, which cannot read the test's private files.
+            lines.append("user root")
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
         if self.users is not None:

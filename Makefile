@@ -1,0 +1,55 @@
+# edge-infer developer entry points. Everything installs into a local virtual environment (.venv).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint bench models install install-demo mosquitto clean help
+
+help:
+	@echo "make demo      embedded broker + simulated home + bundled models, live predictions"
+	@echo "make test      install everything the tests need and run them"
+	@echo "make lint      ruff + mypy"
+	@echo "make bench     benchmark suite against a local Mosquitto"
+	@echo "make models    rebuild the bundled model zoo (needs the train extra)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# The daemon and the demo need no torch.
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
+
+# torch is pinned to the CPU build *before* the train extra, so nothing pulls a CUDA build.
+$(VENV)/.installed-all: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[train,demo,dev]'
+	touch $@ $(VENV)/.installed-demo
+
+install-demo: $(VENV)/.installed-demo
+install: $(VENV)/.installed-all
+
+mosquitto:
+	@scripts/ensure-mosquitto.sh
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/edge-infer demo $(DEMO_ARGS)
+
+test: $(VENV)/.installed-all mosquitto
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-all
+	$(BIN)/ruff check .
+	$(BIN)/mypy edge devices exporters
+
+bench: $(VENV)/.installed-all mosquitto
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+models: $(VENV)/.installed-all
+	$(BIN)/python -m exporters.zoo --all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
