@@ -344,7 +344,7 @@ class Config(_Model):
     @model_validator(mode="after")
     def _references(self) -> Config:
         if not self.pipelines:
-            raise ValueError("pipelines: at least one pipeline is needed")
+            raise _KeyedError("pipelines", "at least one pipeline is needed")
         for name, pipeline in self.pipelines.items():
             if pipeline.model not in self.models:
                 known = ", ".join(sorted(self.models)) or "none"

@@ -33,8 +33,14 @@ def base_config(url: str, prefix: str, tmp_path: Path, **extra: Any) -> dict[str
     snapshot_classifier(tmp_path / "snap.onnx", FEATURES, LABELS)
     window_classifier(tmp_path / "win.onnx", ["power"], 6, ["off", "fridge", "kettle"])
     config: dict[str, Any] = {
-        "mqtt": {"url": url, "base_topic": f"{prefix}/ei", "client_id": f"ei-{prefix}", "keepalive": 5,
-                 "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "mqtt": {
+            "url": url,
+            "base_topic": f"{prefix}/ei",
+            "client_id": f"ei-{prefix}",
+            "keepalive": 5,
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 1.0,
+        },
         "models": {"snap": {"path": "snap.onnx"}, "win": {"path": "win.onnx"}},
         "pipelines": {
             "room": {
@@ -66,8 +72,10 @@ def test_predictions_equal_onnxruntime_and_devices_do_not_mix(
     rng = np.random.default_rng(3)
     with DaemonThread(cfg):
         # Snapshot: two rooms, readings interleaved, each device's own values only.
-        rooms = {"kitchen": rng.normal(size=(5, 3)) * [5, 10, 300] + [21, 45, 600],
-                 "bedroom": rng.normal(size=(5, 3)) * [5, 10, 300] + [18, 55, 900]}
+        rooms = {
+            "kitchen": rng.normal(size=(5, 3)) * [5, 10, 300] + [21, 45, 600],
+            "bedroom": rng.normal(size=(5, 3)) * [5, 10, 300] + [18, 55, 900],
+        }
         for i in range(5):
             for device, rows in rooms.items():
                 pub.send(f"{p}/z2m/{device}", dict(zip(FEATURES, rows[i].tolist(), strict=True)))
@@ -75,7 +83,9 @@ def test_predictions_equal_onnxruntime_and_devices_do_not_mix(
         plugs = {"p1": np.arange(10, dtype=float) * 10.0, "p2": 1000.0 - np.arange(10, dtype=float) * 7}
         for i in range(10):
             for device, series in plugs.items():
-                pub.send(f"{p}/tele/{device}/SENSOR", {"t": 1_700_000_000 + i, "ENERGY": {"Power": series[i]}})
+                pub.send(
+                    f"{p}/tele/{device}/SENSOR", {"t": 1_700_000_000 + i, "ENERGY": {"Power": series[i]}}
+                )
         out.wait_count(f"{p}/ei/room/kitchen", 5)
         out.wait_count(f"{p}/ei/room/bedroom", 5)
         out.wait(lambda m: sum(x.topic == f"{p}/ei/plug/p2" for x in m) >= 3)
@@ -138,8 +148,14 @@ def test_bad_input_is_counted_and_survived(mosquitto: Mosquitto, topic_prefix: s
         out.wait_count(f"{p}/ei/dead_letter/", sum(1 for *_, r in bad if r))
         stats = runner.call(lambda: {n: pl.stats.as_dict() for n, pl in runner.daemon.pipelines.items()})
     room = stats["room"]["dropped"]
-    assert room == {"malformed_json": 1, "missing_field": 1, "non_numeric": 1, "not_finite": 2,
-                    "oversized": 1, "unknown_device": 1}
+    assert room == {
+        "malformed_json": 1,
+        "missing_field": 1,
+        "non_numeric": 1,
+        "not_finite": 2,
+        "oversized": 1,
+        "unknown_device": 1,
+    }
     assert stats["plug"]["dropped"] == {"out_of_order": 1}
     assert out.on(f"{p}/ei/room/c") == []
     letters = [m.json() for m in out.on(f"{p}/ei/dead_letter/room")]
@@ -186,8 +202,9 @@ def test_tls_and_password_auth(tmp_path: Path, topic_prefix: str) -> None:
         (tmp_path / "pw").write_text("s3cret!\n")
         (tmp_path / "pw").chmod(0o600)
         data = base_config(broker.url, p, tmp_path)
-        data["mqtt"].update({"username": "edge", "password_file": str(tmp_path / "pw"),
-                             "tls": {"ca_file": str(tls.ca)}})
+        data["mqtt"].update(
+            {"username": "edge", "password_file": str(tmp_path / "pw"), "tls": {"ca_file": str(tls.ca)}}
+        )
         cfg = make_config(data, tmp_path)
         url = broker.url.replace("mqtts://", "mqtts://tester:t@")
         with DaemonThread(cfg):
@@ -206,8 +223,9 @@ def test_wrong_password_retries_slowly(tmp_path: Path, topic_prefix: str) -> Non
     broker = Mosquitto(tmp_path / "mq", users={"edge": "right"}).start()
     try:
         data = base_config(broker.url, topic_prefix, tmp_path)
-        data["mqtt"].update({"username": "edge", "password": "wrong", "reconnect_min_s": 0.5,
-                             "reconnect_max_s": 2})
+        data["mqtt"].update(
+            {"username": "edge", "password": "wrong", "reconnect_min_s": 0.5, "reconnect_max_s": 2}
+        )
         runner = DaemonThread(make_config(data, tmp_path))
         runner.thread.start()
         time.sleep(4)
@@ -222,7 +240,9 @@ def test_wrong_password_retries_slowly(tmp_path: Path, topic_prefix: str) -> Non
     assert 2 <= attempts <= 8, f"{attempts} attempts in 4 s: backoff is not working"
 
 
-def test_subprocess_sigterm_publishes_offline(mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path) -> None:
+def test_subprocess_sigterm_publishes_offline(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
     p = topic_prefix
     path = write_config(base_config(mosquitto.url, p, tmp_path), tmp_path / "c.yaml")
     out = Collector(mosquitto.url, f"{p}/ei/status", f"{p}/ei/room/#")
@@ -270,7 +290,9 @@ def test_killed_daemon_leaves_last_will(mosquitto: Mosquitto, topic_prefix: str,
     out.close()
 
 
-def test_bridge_info_is_retained_with_counters(mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path) -> None:
+def test_bridge_info_is_retained_with_counters(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
     p = topic_prefix
     data = base_config(mosquitto.url, p, tmp_path, bridge_info_interval_s=0.5)
     with DaemonThread(make_config(data, tmp_path)):
