@@ -212,6 +212,21 @@ class Liveness:
         self.heartbeats.append(heartbeat)
         return heartbeat
 
+    def add_check(self, check: Callable[[], tuple[bool, str]]) -> None:
+        self.checks.append(check)
+
+    def add_stall(self, name: str, stalled_for: Callable[[], float], limit: float) -> None:
+        """Fail while ``stalled_for()`` (seconds the current call has been running, 0 when
+        idle; e.g. ``LoadedModel.stalled_for``) exceeds ``limit``."""
+
+        def check() -> tuple[bool, str]:
+            age = stalled_for()
+            if age > limit:
+                return False, f"{name} stuck in one call for {age:.1f}s (limit {limit:g}s)"
+            return True, "ok"
+
+        self.checks.append(check)
+
     def check(self) -> tuple[bool, str]:
         for hb in self.heartbeats:
             age = hb.age()

@@ -294,6 +294,17 @@ def test_heartbeat_and_liveness_with_a_fake_clock() -> None:
     assert live.check() == (False, "broker disconnected")
 
 
+def test_liveness_stall_check_for_a_call_that_never_returns() -> None:
+    busy = [0.0]
+    live = Liveness()
+    live.add_stall("model appliance", lambda: busy[0], limit=10)
+    assert live()
+    busy[0] = 12.5
+    assert live.check() == (False, "model appliance stuck in one call for 12.5s (limit 10s)")
+    busy[0] = 0.0
+    assert live()
+
+
 def test_status_line() -> None:
     assert status_line(2, 3, 41.52, True) == "2 models, 3 pipelines, 41.5 msg/s, broker connected"
     assert status_line(1, 1, 0, False, "reloading") == (
