@@ -303,23 +303,31 @@ class PipelineConfig(_Model):
 
 
 class DeadLetterConfig(_Model):
+    """Rejected messages forwarded, with the reason, to a topic of their own."""
+
     enabled: bool = Field(False, description="Forward rejected messages with the reason.")
     topic: str = Field("{base}/dead_letter/{pipeline}", description="Template: {base}, {pipeline}.")
     max_per_s: float = Field(10.0, gt=0, description="Rate limit of dead-letter publishes.")
 
 
 class LimitsConfig(_Model):
+    """Bounds that protect memory from floods and oversized payloads."""
+
     max_payload_bytes: int = Field(65536, ge=16, description="Larger payloads are dropped (oversized).")
     max_window_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Memory for all windows together.")
 
 
 class HomeAssistantConfig(_Model):
+    """Home Assistant MQTT discovery (see docs/homeassistant.md)."""
+
     enabled: bool = Field(True, description="Publish MQTT discovery so predictions appear as entities.")
     discovery_prefix: str = "homeassistant"
     status_topic: str = Field("homeassistant/status", description="Home Assistant's birth/will topic.")
 
 
 class MetricsConfig(_Model):
+    """The optional HTTP listener with /metrics (Prometheus) and /healthz."""
+
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(9109, ge=0, le=65535)
@@ -338,7 +346,6 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     bridge_info_interval_s: float = Field(60.0, gt=0, description="How often bridge/info is refreshed.")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="Bound on the flush at shutdown.")
-    state_file: Path | None = Field(None, description="Keep windows across restarts in this file.")
     log_interval_s: float = Field(60.0, gt=0, description="Repeated problems are logged at most this often.")
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.config import ConfigError, Config, OutputConfig, config_warnings, load_config, parse_config
+from edge.config import Config, ConfigError, OutputConfig, config_warnings, load_config, parse_config
 from edge.decode import DecodeError, RuleDecoder, TopicPattern, compile_path, json_rules, sanitise_segment
 from edge.features import FeatureStore, SlidingWindow, SnapshotJoin
 from edge.outputs import Prediction, PublishPolicy
@@ -96,7 +96,7 @@ def test_password_sources_are_exclusive_and_secret(tmp_path: Path) -> None:
         parse_config(with_change("mqtt", {"password_env": "EI_TEST_PW"})).mqtt.resolved_password()
         == "from-env"
     )
-    with pytest.raises(ConfigError, match="mqtt.password_env"):
+    with pytest.raises(ConfigError, match=r"mqtt\.password_env"):
         parse_config(with_change("mqtt", {"password_env": "EI_TEST_UNSET_PW"})).mqtt.resolved_password()
 
 
@@ -122,7 +122,7 @@ def test_url_override_and_yaml_errors(tmp_path: Path, monkeypatch: pytest.Monkey
     assert load_config(path, "mqtt://arg:1999").mqtt.host == "arg"
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: {m: {path: x}\npipelines: [")
-    with pytest.raises(ConfigError, match="not valid YAML at line"):
+    with pytest.raises(ConfigError, match=r"not valid YAML at line"):
         load_config(bad)
     assert (load_config(path).models["m"].path) == tmp_path / "m.onnx"
 
@@ -164,7 +164,7 @@ def test_topic_patterns() -> None:
     multi = TopicPattern("z2m/{device}/#")
     assert multi.filter == "z2m/+/#" and multi.match("z2m/x/a/b") == {"device": "x"}
     for bad in ["a/#/b", "a/b+", "a/{x", ""]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"topic pattern|segment|must"):
             TopicPattern(bad)
 
 
@@ -312,3 +312,9 @@ def test_parse_config_accepts_valid() -> None:
     assert isinstance(config, Config)
     assert config.mqtt.port == 1883 and not math.isnan(config.pipelines["p"].features.max_age_s)  # type: ignore[union-attr]
     assert np.isclose(config.models["m"].max_delay_ms, 2.0)
+
+
+def test_configuration_reference_is_in_sync_with_the_models() -> None:
+    from edge.configdoc import main
+
+    assert main([]) == 0, "run: python -m edge.configdoc --write"
