@@ -318,3 +318,15 @@ def test_configuration_reference_is_in_sync_with_the_models() -> None:
     from edge.configdoc import main
 
     assert main([]) == 0, "run: python -m edge.configdoc --write"
+
+
+def test_models_show_prints_manifest_and_refuses_broken_files(tmp_path: Path) -> None:
+    path = window_classifier(tmp_path / "w.onnx", ["power"], 4, ["x", "y"])
+    result = run_cli("models", "show", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    info = __import__("json").loads(result.stdout)
+    assert info["manifest"]["input"]["window"] == 4 and info["inputs"][0]["shape"] == ["batch", 4, 1]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x00garbage")
+    result = run_cli("models", "show", str(broken))
+    assert result.returncode == 2 and "cannot load" in result.stderr

@@ -1,0 +1,87 @@
+"""``edge-infer models show FILE``: a model's manifest and IO signature, with ONNX Runtime only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge.manifest import ManifestError, manifest_from_metadata
+from edge.runtime import file_sha256
+
+
+def describe(path: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta()
+    manifest = manifest_from_metadata(meta.custom_metadata_map, str(path))
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "producer": meta.producer_name,
+        "inputs": [{"name": i.name, "shape": i.shape, "type": i.type} for i in session.get_inputs()],
+        "outputs": [{"name": o.name, "shape": o.shape, "type": o.type} for o in session.get_outputs()],
+        "manifest": json.loads(manifest.to_json()) if manifest else None,
+    }
+
+
+def _text(info: dict[str, Any]) -> str:
+    lines = [f"{info['file']}  ({info['size_bytes'] / 1024:.1f} KiB, sha256 {info['sha256'][:16]}…)"]
+    for kind in ("inputs", "outputs"):
+        for item in info[kind]:
+            lines.append(f"  {kind[:-1]:<6} {item['name']}: {item['type']} {item['shape']}")
+    manifest = info["manifest"]
+    if manifest is None:
+        lines.append("  no edge-infer manifest: a pipeline must give features/labels in models.<name>")
+        return "\n".join(lines)
+    inp = manifest["input"]
+    lines.append(f"  model   {manifest['name']} v{manifest.get('version', '?')} ({manifest['task']})")
+    lines.append(f"  layout  {inp['layout']}" + (f", window {inp['window']}" if inp.get("window") else ""))
+    if inp.get("sample_period_s"):
+        lines.append(f"  period  {inp['sample_period_s']} s")
+    if inp.get("features"):
+        units = inp.get("units", {})
+        lines.append(
+            "  features " + ", ".join(f"{f} [{units[f]}]" if f in units else f for f in inp["features"])
+        )
+    if manifest.get("labels"):
+        lines.append("  labels  " + ", ".join(manifest["labels"]))
+    for key in ("metrics", "dataset", "quantization"):
+        if manifest.get(key):
+            lines.append(f"  {key:<8}{json.dumps(manifest[key])}")
+    return "\n".join(lines)
+
+
+def cli_models(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edge-infer models", description="Inspect model files.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print a model's manifest and IO signature")
+    show.add_argument("files", nargs="+", type=Path)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    status = 0
+    results = []
+    for path in args.files:
+        try:
+            info = describe(path)
+        except ManifestError as exc:
+            print(f"edge-infer models: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        except Exception as exc:
+            print(f"edge-infer models: {path}: cannot load: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        results.append(info)
+        if not args.json:
+            print(_text(info))
+    if args.json:
+        print(json.dumps(results if len(results) != 1 else results[0], indent=2))
+    return status
