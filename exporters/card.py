@@ -1,0 +1,161 @@
+"""The model card: a markdown rendering of a verify report and the model's manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.manifest import Manifest
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
+
+
+def render_card(report: dict[str, Any], manifest: Manifest) -> str:
+    task = report["task"]
+    lines = [f"# Model card: {manifest.name} {manifest.version}", ""]
+    if manifest.description:
+        lines += [manifest.description, ""]
+    files = report["files"]
+    recommended = report["recommended"]
+    lines += [
+        f"- **Task**: {task}",
+        "- **Files**: " + ", ".join(f"`{f['path']}` ({_size(f['size_bytes'])})" for f in files.values()),
+        f"- **Recommended file on the measuring machine**: `{files[recommended]['path']}` ({recommended})",
+        f"- **Created**: {report['created']} with edge-infer {report['tools']['edge_infer']}, "
+        f"torch {report['tools']['torch']}, onnxruntime {report['tools']['onnxruntime']}",
+        "",
+        "## Input and output",
+        "",
+    ]
+    inp = manifest.input
+    lines.append(
+        f"- Input `{inp.name}`: layout **{inp.layout}**, shape `{_shape(manifest)}` (batch axis dynamic)"
+    )
+    if inp.features:
+        units = ", ".join(f"{f} [{inp.units.get(f, '?')}]" for f in inp.features)
+        lines.append(f"- Features, in tensor order: {units}")
+    if inp.window:
+        period = f", one every {inp.sample_period_s:g} s" if inp.sample_period_s else ""
+        lines.append(f"- Window: the last {inp.window} samples, oldest first{period}")
+    if inp.grid:
+        lines.append(f"- Grid: {inp.grid[0]} x {inp.grid[1]} frame, units {inp.units}")
+    norm = (
+        "each window z-normalised by its own mean and std"
+        if manifest.normalisation.per_window
+        else ("per-feature z-score with training-set statistics")
+    )
+    lines.append(f"- Normalisation: inside the graph ({norm}); feed raw readings")
+    out = manifest.output
+    if task == "classification":
+        lines.append(f"- Output `{out.name}`: {out.kind}, index i = class i:")
+        lines += [f"  {i}. `{name}`" for i, name in enumerate(manifest.labels)]
+    else:
+        lines.append(f"- Output `{out.name}`: {out.kind}" + (f" in {out.unit}" if out.unit else ""))
+    ds = report["dataset"]
+    lines += ["", "## Data", ""]
+    lines.append(f"- Data set: **{ds.get('name')}** ({ds.get('source', '')})")
+    lines.append(f"- Split: {ds.get('split')}; sizes {ds.get('sizes')}")
+    for key in ("note", "simulator", "test_groups"):
+        if key in ds:
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: {ds[key]}")
+    lines += ["", "## Results on the test split", ""]
+    metrics = report["metrics"]
+    order = [k for k in ("pytorch", "fp32", "int8") if k in metrics]
+    if task == "classification":
+        lines += ["| model | accuracy | macro-F1 | n |", "|---|---|---|---|"]
+        lines += [
+            f"| {k} | {_fmt(metrics[k]['accuracy'])} | {_fmt(metrics[k]['macro_f1'])} | {metrics[k]['n']} |"
+            for k in order
+        ]
+        if "baseline" in report:
+            b = report["baseline"]
+            lines.append(f"| baseline: {b['name']} | {_fmt(b['accuracy'])} | | {metrics['fp32']['n']} |")
+    else:
+        lines += ["| model | MAE | RMSE | n |", "|---|---|---|---|"]
+        lines += [
+            f"| {k} | {_fmt(metrics[k]['mae'])} | {_fmt(metrics[k]['rmse'])} | {metrics[k]['n']} |"
+            for k in order
+        ]
+    if "int8_loss_points" in report:
+        lines += [
+            "",
+            f"int8 vs fp32: {report['int8_loss_points']:+.2f} "
+            + ("accuracy points lost" if task == "classification" else "MAE added"),
+        ]
+    best = "int8" if "int8" in metrics else "fp32"
+    if task == "classification":
+        lines += [
+            "",
+            f"### Per class ({best})",
+            "",
+            "| class | precision | recall | support |",
+            "|---|---|---|---|",
+        ]
+        for name, c in metrics[best]["per_class"].items():
+            lines.append(f"| {name} | {_fmt(c['precision'], 3)} | {_fmt(c['recall'], 3)} | {c['support']} |")
+        lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    lines += ["", "## Parity", "", "| check | max abs diff | argmax agreement | |", "|---|---|---|---|"]
+    for key, p in report["parity"].items():
+        note = p.get("method", "")
+        lines.append(
+            f"| {key.replace('_', ' ')} | {p['max_abs_diff']:.2e} | "
+            f"{_fmt(p.get('argmax_agreement', ''))} | {note} |"
+        )
+    lines += ["", "## Size and latency (single thread, this machine)", ""]
+    lines += ["| file | size | batch 1 median | batch 32 median |", "|---|---|---|---|"]
+    lat = report["latency_single_thread"]
+    for key, f in files.items():
+        lines.append(
+            f"| {key} | {_size(f['size_bytes'])} | {lat[key]['batch_1']['median_ms']:.3f} ms | "
+            f"{lat[key]['batch_32']['median_ms']:.3f} ms |"
+        )
+    if "int8" in files:
+        ratio = files["int8"]["size_bytes"] / files["fp32"]["size_bytes"]
+        lines += ["", f"int8 file is {100 * ratio:.0f} % of fp32."]
+        q = files["int8"].get("quantization", {})
+        if q:
+            lines += [
+                "",
+                "Quantization: "
+                + ", ".join(
+                    f"{k}={v}"
+                    for k, v in q.items()
+                    if k
+                    in ("mode", "format", "per_channel", "reduce_range", "activation_type", "weight_type")
+                ),
+            ]
+    lines.append(f"\nMachine: {report['machine']['processor']} ({report['machine']['platform']}).")
+    imp = report["importance"]
+    lines += [
+        "",
+        "## Why it predicts what it does",
+        "",
+        f"Permutation importance on the test split (fp32): drop of {imp['metric']} when one input "
+        f"group is shuffled across samples ({imp['repeats']} repeats; baseline {imp['baseline']:.4f}).",
+        "",
+    ]
+    for kind, drops in imp.items():
+        if not isinstance(drops, dict):
+            continue
+        ranked = sorted(drops.items(), key=lambda kv: -kv[1])
+        lines += [f"| {kind.replace('_', ' ')} | drop |", "|---|---|"]
+        lines += [f"| {name} | {drop:+.4f} |" for name, drop in ranked[:16]]
+        lines.append("")
+    lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    for key in ("limitations", "rebuild"):
+        if key in report:
+            lines += ["", f"## {key.capitalize()}", "", str(report[key])]
+    lines += ["", "![training curves](training_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _shape(manifest: Manifest) -> str:
+    dims = ["batch", *[str(d) for d in manifest.input.sample_shape()]]
+    return "[" + ", ".join(dims) + "]"

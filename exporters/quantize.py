@@ -1,0 +1,256 @@
+"""Quantization to int8 with ONNX Runtime, chosen per architecture and checked.
+
+Settings and why:
+
+* **Convolutions** (cnn1d, cnn2d): static quantization in QDQ format, calibrated on
+  the training set, int8 activations and int8 symmetric per-channel weights.
+* **Linear and recurrent layers** (mlp, lstm, gru): dynamic quantization (weights
+  int8 per channel, activations quantized at run time).
+* **reduce_range=True everywhere**: weights use 7 bits. ONNX Runtime's x86 integer
+  kernels without VNNI (AVX2 ``vpmaddubsw``) add two u8 x s8 products into a signed
+  16-bit lane, which saturates when both products are large (255·127·2 > 32767):
+  the same model is exact on ARM and on VNNI CPUs and silently wrong on AVX2 ones.
+  With 7-bit weights the pair sum is at most 255·64·2 = 32640, so no CPU saturates,
+  and every CPU computes the same integers. ``verify`` checks the int8 graph against
+  a float simulation of the same quantized graph (ONNX reference evaluator, or ONNX
+  Runtime with fusions off) to catch kernel-level errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edge.manifest import Manifest
+from exporters.data import DataSet
+from exporters.metrics import evaluate, headline
+from exporters.onnxutil import get_manifest, run_onnx, session, set_manifest
+from exporters.recipe import QuantizeSpec
+
+
+class QuantizeRefused(RuntimeError):
+    """int8 lost more than the accuracy budget."""
+
+
+@dataclass
+class QuantizeResult:
+    path: Path | None
+    mode: str
+    settings: dict[str, Any]
+    fp32_metrics: dict[str, Any]
+    int8_metrics: dict[str, Any]
+    loss_points: float
+    refused: bool
+    message: str
+
+
+def choose_mode(model: onnx.ModelProto, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    ops = {n.op_type for n in model.graph.node}
+    return "static" if ops & {"Conv", "ConvTranspose"} else "dynamic"
+
+
+class _Reader:
+    """Calibration data: batches of training inputs."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 32) -> None:
+        self.items = [{input_name: np.ascontiguousarray(x[i : i + batch])} for i in range(0, len(x), batch)]
+        self.pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= len(self.items):
+            return None
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def calibration_inputs(ds: DataSet, n: int, seed: int = 0) -> np.ndarray:
+    x = ds.model_input(ds.x_train)
+    if len(x) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
+        x = x[idx]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(transB=1, alpha=beta=1) as MatMul + Add so dynamic quantization can use MatMulInteger."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    changed = 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            node.op_type == "Gemm"
+            and attrs.get("transA", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+            and node.input[1] in inits
+        ):
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            if attrs.get("transB", 0):
+                weight = weight.T
+            name_w = node.input[1] + "_matmul"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name_w))
+            mid = node.output[0] + "_mm" if len(node.input) > 2 else node.output[0]
+            new_nodes.append(
+                helper.make_node("MatMul", [node.input[0], name_w], [mid], name=node.name + "_matmul")
+            )
+            if len(node.input) > 2:
+                new_nodes.append(
+                    helper.make_node("Add", [mid, node.input[2]], [node.output[0]], name=node.name + "_add")
+                )
+            changed += 1
+        else:
+            new_nodes.append(node)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return changed
+
+
+def quantize_model(
+    fp32: Path, out: Path, spec: QuantizeSpec, calibration: np.ndarray, mode: str = "auto"
+) -> dict[str, Any]:
+    """Write the int8 model (manifest included); return the settings used."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    model = onnx.load(str(fp32))
+    manifest = get_manifest(model)
+    chosen = choose_mode(model, mode)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src.onnx"
+        pre = Path(tmp) / "pre.onnx"
+        rewritten = _gemm_to_matmul(model) if chosen == "dynamic" else 0
+        onnx.save_model(model, str(src))
+        logging.getLogger("root").setLevel(logging.ERROR)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        settings: dict[str, Any] = {
+            "mode": chosen,
+            "per_channel": spec.per_channel,
+            "reduce_range": spec.reduce_range,
+            "weight_type": "int8 symmetric",
+            "preprocess": "onnxruntime.quantization.quant_pre_process",
+        }
+        if chosen == "static":
+            method = {
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[spec.calibration_method]
+            input_name = model.graph.input[0].name
+            quantize_static(
+                str(pre),
+                str(out),
+                _Reader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                per_channel=spec.per_channel,
+                reduce_range=spec.reduce_range,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+            settings.update(
+                format="QDQ",
+                activation_type="int8 asymmetric (static, calibrated)",
+                calibration={
+                    "method": spec.calibration_method,
+                    "samples": len(calibration),
+                    "source": "training set",
+                },
+                op_types=["Conv", "MatMul", "Gemm"],
+            )
+        else:
+            ops = ["MatMul", "LSTM"]
+            quantize_dynamic(
+                str(pre),
+                str(out),
+                op_types_to_quantize=ops,
+                per_channel=spec.per_channel,
+                reduce_range=spec.reduce_range,
+                weight_type=QuantType.QInt8,
+            )
+            settings.update(
+                format="QOperator (dynamic)",
+                activation_type="uint8 (dynamic, per batch)",
+                op_types=ops,
+                gemm_rewritten_to_matmul=rewritten,
+            )
+    qmodel = onnx.load(str(out))
+    settings["int8_ops"] = sorted(
+        {
+            n.op_type
+            for n in qmodel.graph.node
+            if "Integer" in n.op_type or "quantize" in n.op_type.lower() or n.op_type.startswith("QLinear")
+        }
+    )
+    if manifest is not None:
+        data = manifest.model_dump(mode="json")
+        data["quantization"] = settings
+        set_manifest(qmodel, Manifest.model_validate(data))
+    onnx.checker.check_model(qmodel)
+    onnx.save_model(qmodel, str(out), save_as_external_data=False)
+    return settings
+
+
+def quantize(
+    fp32: Path,
+    out: Path,
+    ds: DataSet,
+    spec: QuantizeSpec,
+    *,
+    mode: str = "auto",
+    force: bool = False,
+) -> QuantizeResult:
+    """Quantize, measure fp32 and int8 on the test split, enforce the accuracy budget."""
+    calib = calibration_inputs(ds, spec.calibration_samples)
+    settings = quantize_model(fp32, out, spec, calib, mode)
+    x_test = ds.model_input(ds.x_test)
+    fp32_m = evaluate(ds.task, ds.y_test, run_onnx(session(fp32), x_test), ds.labels)
+    int8_m = evaluate(ds.task, ds.y_test, run_onnx(session(out), x_test), ds.labels)
+    if ds.task == "classification":
+        loss = 100.0 * (headline(ds.task, fp32_m) - headline(ds.task, int8_m))
+        what = f"accuracy fp32 {fp32_m['accuracy']:.4f} -> int8 {int8_m['accuracy']:.4f}"
+    else:  # regression: budget in percent of the fp32 MAE
+        base = max(fp32_m["mae"], 1e-9)
+        loss = 100.0 * (int8_m["mae"] - fp32_m["mae"]) / base
+        what = f"MAE fp32 {fp32_m['mae']:.4g} -> int8 {int8_m['mae']:.4g}"
+    refused = loss > spec.budget_points and not force
+    if loss > spec.budget_points:
+        message = f"int8 loses {loss:.2f} points ({what}), over the budget of {spec.budget_points} points"
+        if refused:
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+            message += "; not written (use --force to keep it, or raise --budget)"
+        else:
+            message += "; kept because of --force"
+    else:
+        message = f"int8 within budget: {what} (loss {loss:.2f} points, budget {spec.budget_points})"
+    return QuantizeResult(
+        None if refused else out, settings["mode"], settings, fp32_m, int8_m, loss, refused, message
+    )

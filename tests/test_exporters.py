@@ -1,0 +1,251 @@
+"""The train -> export -> quantize -> verify toolchain, on small generated data (a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("torch", reason="needs the train extra: pip install 'edge-infer[train]'")
+pytest.importorskip("onnx", reason="needs the train extra: pip install 'edge-infer[train]'")
+
+import onnx
+import onnxruntime as ort
+
+from edge.cli import main
+from edge.manifest import read_manifest
+from exporters.cli import BuildResult, build
+from exporters.data import DataSet, load_dataset
+from exporters.onnxutil import get_manifest
+from exporters.recipe import Recipe, recipe_from_dict
+
+pytestmark = pytest.mark.torch
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mlp": {
+        "data": {"source": "builtin:synthetic-snapshot", "params": {"n": 300}},
+        "model": {"family": "mlp", "hidden": [16, 16]},
+        "train": {"epochs": 6, "lr": 0.01},
+    },
+    "cnn1d": {
+        "data": {"source": "builtin:synthetic-window", "params": {"n": 240}},
+        "model": {"family": "cnn1d", "hidden": [8, 8], "normalisation": "per_window"},
+        "train": {"epochs": 6, "lr": 0.01},
+    },
+    "lstm": {
+        "data": {"source": "builtin:synthetic-window", "params": {"n": 240}},
+        "model": {"family": "lstm", "hidden": [12]},
+        "train": {"epochs": 6, "lr": 0.01},
+    },
+    "cnn2d": {
+        "data": {"source": "builtin:synthetic-grid", "params": {"n": 240}},
+        "model": {"family": "cnn2d", "hidden": [4, 8]},
+        "train": {"epochs": 6, "lr": 0.01},
+    },
+}
+
+
+def make_recipe(family: str, **extra: Any) -> Recipe:
+    raw = {"name": f"t_{family}", "description": f"test {family}", **FAMILIES[family], **extra}
+    return recipe_from_dict(raw)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def built(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Recipe, BuildResult]:
+    recipe = make_recipe(request.param)
+    out = tmp_path_factory.mktemp(request.param)
+    return recipe, build(recipe, out, progress=False, quick=True)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_files_are_self_contained_and_checked(built: tuple[Recipe, BuildResult]) -> None:
+    _recipe, res = built
+    assert res.int8 is not None and res.int8.exists()
+    for path in (res.fp32, res.int8):
+        assert not path.with_name(path.name + ".data").exists()
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    for name in ("card.md", "report.json", "training_curves.png", "confusion_matrix.png"):
+        assert (res.fp32.parent / name).stat().st_size > 0, name
+
+
+def test_batch_1_and_7_and_dynamic_time(built: tuple[Recipe, BuildResult]) -> None:
+    recipe, res = built
+    assert res.int8 is not None
+    manifest = read_manifest(res.fp32)
+    assert manifest is not None
+    shape = manifest.input.sample_shape()
+    rng = np.random.default_rng(0)
+    for path in (res.fp32, res.int8):
+        sess = _session(path)
+        for batch in (1, 7):
+            x = (rng.normal(size=(batch, *shape)) * 50 + 100).astype(np.float32)
+            probs = sess.run(None, {"input": x})[0]
+            assert probs.shape == (batch, len(manifest.labels))
+            np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)  # softmax is in the graph
+        if recipe.model.family in ("cnn1d", "lstm"):  # the time axis is dynamic too
+            x = rng.normal(size=(3, shape[0] // 2, shape[1])).astype(np.float32)
+            assert sess.run(None, {"input": x})[0].shape == (3, len(manifest.labels))
+
+
+def test_parity_within_tolerances(built: tuple[Recipe, BuildResult]) -> None:
+    _, res = built
+    parity = res.report["parity"]
+    assert parity["pytorch_vs_fp32"]["max_abs_diff"] <= 1e-4
+    assert parity["pytorch_vs_fp32"]["argmax_agreement"] == 1.0
+    assert parity["fp32_vs_int8"]["max_abs_diff"] <= 0.15
+    assert parity["fp32_vs_int8"]["argmax_agreement"] >= 0.9
+    # int8 kernels of this CPU agree with a float simulation of the same quantized graph
+    assert parity["int8_kernels_vs_reference"]["max_abs_diff"] <= 1e-2
+    metrics = res.report["metrics"]
+    assert metrics["fp32"]["accuracy"] == pytest.approx(metrics["pytorch"]["accuracy"])
+    assert metrics["int8"]["accuracy"] >= metrics["fp32"]["accuracy"] - 0.1
+
+
+def test_manifest_round_trips_and_daemon_reads_it(built: tuple[Recipe, BuildResult]) -> None:
+    recipe, res = built
+    assert res.int8 is not None
+    ds: DataSet = load_dataset(recipe)
+    for path in (res.fp32, res.int8):
+        manifest = read_manifest(path)  # the daemon's reader (ONNX Runtime only)
+        assert manifest is not None
+        assert manifest == get_manifest(onnx.load(str(path)))
+        assert type(manifest).from_json(manifest.to_json()) == manifest
+        assert manifest.name == recipe.name and manifest.task == "classification"
+        assert manifest.labels == ds.labels
+        assert manifest.input.layout == ds.layout
+        assert manifest.input.features == ds.features
+        assert manifest.output.kind == "probabilities"
+        assert manifest.normalisation.kind == "in_graph"
+        assert manifest.weights_sha256 and len(manifest.weights_sha256) == 64
+        assert manifest.provenance["recipe"]["name"] == recipe.name
+        assert manifest.metrics["pytorch_test"]["accuracy"] >= 0.0
+    quant = read_manifest(res.int8)
+    assert quant is not None and quant.quantization is not None
+    assert quant.quantization["reduce_range"] is True
+    expected = "static" if recipe.model.family.startswith("cnn") else "dynamic"
+    assert quant.quantization["mode"] == expected
+    fp32_manifest = read_manifest(res.fp32)
+    assert fp32_manifest is not None and fp32_manifest.quantization is None
+
+
+def test_raw_units_in_probabilities_out(built: tuple[Recipe, BuildResult]) -> None:
+    """The graph normalises: raw test readings (watts, °C, ppm) give the reported accuracy."""
+    recipe, res = built
+    ds = load_dataset(recipe)
+    x = ds.model_input(ds.x_test)
+    assert np.abs(x).max() > 10  # really raw units, not z-scores
+    probs = _session(res.fp32).run(None, {"input": x})[0]
+    assert float((probs.argmax(1) == ds.y_test).mean()) == pytest.approx(
+        res.report["metrics"]["fp32"]["accuracy"]
+    )
+
+
+def test_report_has_latency_importance_and_card(built: tuple[Recipe, BuildResult]) -> None:
+    recipe, res = built
+    report = json.loads((res.fp32.parent / "report.json").read_text())
+    for key in ("fp32", "int8"):
+        for batch in ("batch_1", "batch_32"):
+            assert report["latency_single_thread"][key][batch]["median_ms"] > 0
+    importance = report["importance"]
+    kinds = {"mlp": "feature", "cnn1d": "channel", "lstm": "channel", "cnn2d": "row"}
+    assert kinds[recipe.model.family] in importance
+    assert report["recommended"] in ("fp32", "int8")
+    card = (res.fp32.parent / "card.md").read_text()
+    for heading in ("## Input and output", "## Results on the test split", "## Parity", "## Why it predicts"):
+        assert heading in card
+
+
+def _fp32_via_cli(tmp_path: Path) -> Path:
+    recipe = make_recipe("mlp").model_dump(mode="json")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--out", str(tmp_path / "m"), "--export", "--no-progress"]) == 0
+    fp32 = tmp_path / "m" / "t_mlp.fp32.onnx"
+    assert fp32.exists()
+    return fp32
+
+
+def test_quantize_refuses_over_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fp32 = _fp32_via_cli(tmp_path)
+    int8 = fp32.with_name("t_mlp.int8.onnx")
+    # a negative budget demands that int8 beat fp32, which it cannot do here: refusal
+    assert main(["quantize", str(fp32), "--budget", "-5", "--no-verify"]) == 1
+    assert "over the budget" in capsys.readouterr().err
+    assert not int8.exists()
+    assert main(["quantize", str(fp32), "--budget", "-5", "--force", "--no-verify"]) == 0
+    assert int8.exists()
+    assert main(["quantize", str(fp32)]) == 0  # default budget: 1 point
+    assert main(["verify", str(fp32), "--quick"]) == 0
+    report = json.loads(fp32.with_name("report.json").read_text())
+    assert set(report["files"]) == {"fp32", "int8"}
+
+
+def test_train_from_recorded_table_with_cli_options(tmp_path: Path) -> None:
+    """A CSV as 'record' writes it: a timestamp, a device, readings, a label column."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for device in ("plug_a", "plug_b", "plug_c"):
+        for seg in range(12):
+            label = ["kettle", "fridge"][seg % 2]
+            level = 2000.0 if label == "kettle" else 90.0
+            for t in range(24):
+                rows.append(f"{seg * 24 + t},{device},{level + rng.normal(0, level / 10):.2f},{label}")
+    csv = tmp_path / "rec.csv"
+    csv.write_text("timestamp,device,power,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    code = main([
+        "train", "--name", "plug", "--data", str(csv), "--layout", "window", "--features", "power",
+        "--units", "power=W", "--window", "8", "--stride", "8", "--group", "device", "--family", "cnn1d",
+        "--hidden", "8,8", "--epochs", "4", "--sample-period", "10", "--out", str(out), "--export",
+        "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    manifest = read_manifest(out / "plug.fp32.onnx")
+    assert manifest is not None
+    assert manifest.labels == ["fridge", "kettle"]
+    assert manifest.input.window == 8 and manifest.input.sample_period_s == 10.0
+    assert manifest.input.units == {"power": "W"}
+
+
+def test_regression_reports_mae(tmp_path: Path) -> None:
+    recipe = recipe_from_dict({
+        "name": "t_reg", "task": "regression", "output_unit": "W",
+        "data": {"source": "builtin:synthetic-regression", "params": {"n": 300}},
+        "model": {"family": "mlp", "hidden": [16]}, "train": {"epochs": 8, "lr": 0.01},
+    })  # fmt: skip
+    res = build(recipe, tmp_path, progress=False, quick=True)
+    manifest = read_manifest(res.fp32)
+    assert manifest is not None and manifest.output.kind == "value" and manifest.output.unit == "W"
+    assert res.report["metrics"]["fp32"]["mae"] == pytest.approx(
+        res.report["metrics"]["pytorch"]["mae"], rel=1e-4
+    )
+    value = _session(res.fp32).run(None, {"input": np.array([[230.0, 4.0, 0.9]] * 7, dtype=np.float32)})[0]
+    assert value.shape == (7,)
+
+
+def test_missing_torch_gives_install_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from exporters.cli import cli_train
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert cli_train(["recipe.yaml"]) == 3
+    assert "pip install" in capsys.readouterr().err
+
+
+def test_bad_recipe_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ndata: {source: 'builtin:synthetic-snapshot'}\nmodel: {family: transformer}\n")
+    assert main(["train", str(path)]) == 2
+    assert "model.family" in capsys.readouterr().err
