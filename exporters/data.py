@@ -7,13 +7,18 @@ the daemon will feed the exported graph. Layouts are batch-first:
 * snapshot ``[N, F]``; window ``[N, L, C]`` (``L >= window``: longer series are
   cropped by the trainer, the last ``window`` samples are evaluated); grid ``[N, H, W]``.
 
-Table format (CSV or Parquet, one row per reading, as ``edge-infer record`` writes):
-one column per feature/channel named in the recipe, a label column (``label`` by
-default), optionally ``timestamp`` (rows are sorted by it) and a group column such
-as ``device`` or ``room``. Snapshot rows are samples. Window samples are cut from
-each run of consecutive rows with the same group and label, ``window`` rows long,
-every ``stride`` rows; a ``window_id`` column, when present, delimits runs instead.
-Grid rows hold one frame, its cells in the feature columns in row-major order.
+Table formats (CSV or Parquet), with a label column (``label`` by default), optionally
+a time column (``ts`` or ``timestamp``: rows are sorted by it) and a group column such
+as ``device`` or ``room``:
+
+* what ``edge-infer record`` writes: one row per model input, ``ts, device, pipeline,
+  label`` and the features, ``<feature>`` for snapshots and ``<channel>@<i>`` for
+  windows (i = 0 is the oldest sample). Rows without a label are skipped.
+* one row per reading: one column per feature/channel. Snapshot rows are samples.
+  Window samples are cut from each run of consecutive rows with the same group and
+  label, ``window`` rows long, every ``stride`` rows; a ``window_id`` column, when
+  present, delimits runs instead.
+* grid rows hold one frame, its cells in the feature columns in row-major order.
 """
 
 from __future__ import annotations
@@ -340,8 +345,9 @@ def _windows_from_table(
 ) -> tuple[FloatArray, NDArray[Any], NDArray[Any]]:
     assert spec.window is not None
     t_len, stride = spec.window, spec.stride or spec.window
-    if "timestamp" in df.columns:
-        keys = [c for c in (group, "timestamp") if c]
+    time_col = next((c for c in ("ts", "timestamp") if c in df.columns), None)
+    if time_col:
+        keys = [c for c in (group, time_col) if c]
         df = df.sort_values(keys, kind="stable")
     run_key = df["window_id"] if "window_id" in df.columns else None
     if run_key is None:
@@ -371,14 +377,27 @@ def load_table(recipe: Recipe, override: Path | None = None) -> DataSet:
         raise RecipeError("a table data set needs data.layout (snapshot, window or grid)")
     if not spec.features:
         raise RecipeError("a table data set needs data.features (column names, in order)")
-    missing = [c for c in [*spec.features, spec.label] if c not in df.columns]
+    wide = spec.layout == "window" and all(f"{c}@0" in df.columns for c in spec.features)
+    steps = 0
+    while wide and all(f"{c}@{steps}" in df.columns for c in spec.features):
+        steps += 1
+    value_cols = [f"{c}@{i}" for i in range(steps) for c in spec.features] if wide else list(spec.features)
+    missing = [c for c in [*value_cols, spec.label] if c not in df.columns]
     if missing:
-        raise RecipeError(f"{path}: missing columns {missing}; has {list(df.columns)}")
+        raise RecipeError(f"{path}: missing columns {missing[:8]}; has {list(df.columns)[:12]}...")
     group = spec.group
     if group and group not in df.columns:
         raise RecipeError(f"{path}: group column {group!r} not found")
-    df = df.dropna(subset=[*spec.features, spec.label])
-    if spec.layout == "window":
+    df = df.dropna(subset=[*value_cols, spec.label])
+    df = df[df[spec.label].astype(str).str.len() > 0]
+    window = spec.window
+    if wide:  # rows are whole windows, as 'edge-infer record' writes them
+        window = min(spec.window or steps, steps)
+        x = df[value_cols].to_numpy(dtype=np.float32).reshape(len(df), steps, len(spec.features))
+        x = np.ascontiguousarray(x[:, steps - window :, :])
+        y_raw = df[spec.label].to_numpy()
+        groups = df[group].to_numpy() if group else np.zeros(len(df))
+    elif spec.layout == "window":
         if spec.window is None:
             raise RecipeError("layout 'window' needs data.window")
         x, y_raw, groups = _windows_from_table(df, spec, spec.label, group)
@@ -422,7 +441,7 @@ def load_table(recipe: Recipe, override: Path | None = None) -> DataSet:
         y_te,
         labels=labels,
         units=dict(spec.units),
-        window=spec.window if spec.layout == "window" else None,
+        window=window if spec.layout == "window" else None,
         sample_period_s=spec.sample_period_s,
         grid=spec.grid,
         info=info,

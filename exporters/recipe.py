@@ -80,6 +80,12 @@ class TrainSpec(_Strict):
     random_crop: bool = Field(
         default=False, description="Train on random crops of 'window' samples from longer series."
     )
+    crop_length: int | None = Field(
+        default=None,
+        ge=2,
+        description="With random_crop: length of the training crops (default: data.window). Models "
+        "with a dynamic time axis may train on shorter crops than the window they serve.",
+    )
     noise: float = Field(default=0.0, ge=0.0, description="Gaussian noise (in normalised units).")
     threads: int = Field(default=1, ge=1, description="torch threads (1 keeps runs bit-reproducible).")
 

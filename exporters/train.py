@@ -126,11 +126,12 @@ class _Batches:
             if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples
                 continue
             xb = ds.x_train[idx]
-            if ds.layout == "window" and ds.window is not None and xb.shape[1] > ds.window:
-                if spec.random_crop:
-                    starts = self.rng.integers(0, xb.shape[1] - ds.window + 1, len(idx))
-                    xb = np.stack([xb[i, s : s + ds.window] for i, s in enumerate(starts)])
-                else:
+            if ds.layout == "window" and ds.window is not None:
+                crop = spec.crop_length or ds.window
+                if spec.random_crop and xb.shape[1] > crop:
+                    starts = self.rng.integers(0, xb.shape[1] - crop + 1, len(idx))
+                    xb = np.stack([xb[i, s : s + crop] for i, s in enumerate(starts)])
+                elif xb.shape[1] > ds.window:
                     xb = xb[:, -ds.window :]
             if spec.noise > 0:
                 xb = xb + self.rng.normal(size=xb.shape).astype(np.float32) * spec.noise * self.scale

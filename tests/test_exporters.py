@@ -216,6 +216,33 @@ def test_train_from_recorded_table_with_cli_options(tmp_path: Path) -> None:
     assert manifest.input.units == {"power": "W"}
 
 
+def test_train_from_record_output(tmp_path: Path) -> None:
+    """The format 'edge-infer record' writes: one row per window, <channel>@<i> columns, oldest first."""
+    rng = np.random.default_rng(5)
+    header = ["ts", "device", "pipeline", "label"] + [
+        f"{c}@{i}" for i in range(6) for c in ("power", "current")
+    ]
+    lines = [",".join(header)]
+    for row in range(90):
+        label = ["", "tv", "heater"][row % 3]  # unlabelled rows are skipped
+        level = 120.0 if label == "tv" else 1500.0
+        values = [f"{v:.2f}" for _ in range(6) for v in (level + rng.normal(0, 10), level / 230)]
+        lines.append(",".join([str(1700000000 + row), "plug_1", "appliance", label, *values]))
+    csv = tmp_path / "record.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code = main([
+        "train", "--name", "rec", "--data", str(csv), "--layout", "window", "--features", "power,current",
+        "--family", "gru", "--hidden", "8", "--epochs", "3", "--out", str(out), "--export", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    manifest = read_manifest(out / "rec.fp32.onnx")
+    assert manifest is not None
+    assert manifest.input.window == 6 and manifest.input.features == ["power", "current"]
+    assert manifest.labels == ["heater", "tv"]
+    assert sum(manifest.dataset["sizes"].values()) == 60
+
+
 def test_regression_reports_mae(tmp_path: Path) -> None:
     recipe = recipe_from_dict({
         "name": "t_reg", "task": "regression", "output_unit": "W",
