@@ -333,6 +333,13 @@ class MetricsConfig(_Model):
     port: int = Field(9109, ge=0, le=65535)
 
 
+class ReloadConfig(_Model):
+    """Live reload: SIGHUP always reloads; model files can also be watched."""
+
+    watch_models: bool = Field(True, description="Reload when a model file changes (atomically replaced).")
+    interval_s: float = Field(2.0, gt=0, description="How often model files are checked.")
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -344,9 +351,14 @@ class Config(_Model):
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
     bridge_info_interval_s: float = Field(60.0, gt=0, description="How often bridge/info is refreshed.")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="Bound on the flush at shutdown.")
     log_interval_s: float = Field(60.0, gt=0, description="Repeated problems are logged at most this often.")
+    watchdog_stall_s: float = Field(
+        30.0, gt=0, description="An inference call running longer stops the systemd watchdog pings."
+    )
+    status_interval_s: float = Field(10.0, gt=0, description="How often the systemd STATUS line is updated.")
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -36,6 +36,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("dead_letter", c.DeadLetterConfig),
     ("homeassistant", c.HomeAssistantConfig),
     ("metrics", c.MetricsConfig),
+    ("reload", c.ReloadConfig),
 ]
 
 

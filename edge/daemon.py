@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -22,53 +23,51 @@ from edge import __version__
 from edge.batcher import Batcher
 from edge.config import Config, ConfigError, config_warnings, load_config
 from edge.decode import DecodeError, TopicPattern
+from edge.logsetup import RateLimitedLogger, setup_logging
+from edge.metrics import DaemonMetrics, MetricsServer
 from edge.mqtt import MqttLink, Outgoing
+from edge.outputs import PostProcessor
 from edge.pipeline import Pipeline, WorkItem
-from edge.runtime import LoadedModel, ModelLoadError
+from edge.runtime import LoadedModel, ModelLoadError, file_sha256
+from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 
 log = logging.getLogger("edge.daemon")
 
 
-class RateLimitedLog:
-    """Logs the first occurrence of a key, then at most once per interval with a count."""
+def load_models(config: Config, reuse: dict[str, LoadedModel] | None = None) -> dict[str, LoadedModel]:
+    """Load every model used by an enabled pipeline; ModelLoadError names the model key.
 
-    def __init__(self, logger: logging.Logger, interval_s: float) -> None:
-        self.logger = logger
-        self.interval = interval_s
-        self._last: dict[tuple[str, str], float] = {}
-        self._suppressed: dict[tuple[str, str], int] = {}
-
-    def warning(self, key: tuple[str, str], message: str) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        if len(self._last) > 10_000:
-            self._last.clear()
-            self._suppressed.clear()
-        suppressed = self._suppressed.pop(key, 0)
-        more = f" ({suppressed} more like it since the last report)" if suppressed else ""
-        self._last[key] = now
-        self.logger.warning("%s%s", message, more)
-
-
-def load_models(config: Config) -> dict[str, LoadedModel]:
-    """Load every model used by an enabled pipeline; ModelLoadError names the model key."""
+    With ``reuse`` (a reload), a model whose config and file are unchanged is kept as it is.
+    """
     used = {p.model for p in config.pipelines.values() if p.enabled}
     models: dict[str, LoadedModel] = {}
     for name in sorted(used):
-        models[name] = LoadedModel(name, config.models[name], config.runtime)
+        cfg = config.models[name]
+        old = (reuse or {}).get(name)
+        unchanged = old is not None and old.config == cfg and cfg.path.is_file()
+        if old is not None and unchanged and file_sha256(cfg.path) == old.spec.sha256:
+            models[name] = old
+            continue
+        models[name] = LoadedModel(name, cfg, config.runtime)
     return models
 
 
-def build_pipelines(config: Config, models: dict[str, LoadedModel]) -> dict[str, Pipeline]:
+def build_pipelines(
+    config: Config, models: dict[str, LoadedModel], reuse: dict[str, Pipeline] | None = None
+) -> dict[str, Pipeline]:
+    """Build the enabled pipelines. With ``reuse``, an unchanged pipeline whose model takes the
+    same input keeps its object (and so its per-device windows and counters)."""
     pipelines: dict[str, Pipeline] = {}
     for name, cfg in config.pipelines.items():
         if not cfg.enabled:
             continue
+        spec = models[cfg.model].spec
+        old = (reuse or {}).get(name)
+        if old is not None and old.cfg == cfg and old.base == config.mqtt.base_topic and old.same_input(spec):
+            pipelines[name] = old
+            continue
         try:
-            pipelines[name] = Pipeline(name, cfg, models[cfg.model].spec, config)
+            pipelines[name] = Pipeline(name, cfg, spec, config)
         except ValueError as exc:
             text = str(exc)
             key, _, message = text.partition(": ")
@@ -81,15 +80,28 @@ def build_pipelines(config: Config, models: dict[str, LoadedModel]) -> dict[str,
 class Daemon:
     """One running edge-infer instance."""
 
-    def __init__(self, config: Config, models: dict[str, LoadedModel] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        models: dict[str, LoadedModel] | None = None,
+        *,
+        config_path: Path | None = None,
+        mqtt_url: str | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.mqtt_url = mqtt_url
         self.models = models if models is not None else load_models(config)
         self.pipelines = build_pipelines(config, self.models)
         base = config.mqtt.base_topic
         self.base = base
         self.status_topic = f"{base}/status"
         self.started = time.time()
-        self.ratelog = RateLimitedLog(log, config.log_interval_s)
+        self.ratelog = RateLimitedLogger(log, config.log_interval_s)
+        self.metrics = DaemonMetrics()
+        self.notifier = Notifier()
+        self.liveness = Liveness()
+        self.liveness.add_check(self._models_alive)
         self.link = MqttLink(
             config.mqtt,
             subscriptions=self.subscriptions,
@@ -97,20 +109,45 @@ class Daemon:
             on_connected=self._on_connected,
             status_topic=self.status_topic,
         )
-        self.batchers = {name: Batcher(model, self._sink) for name, model in self.models.items()}
-        self._routes: list[tuple[TopicPattern, Pipeline]] = [
-            (TopicPattern(f), p) for p in self.pipelines.values() for f in p.filters
-        ]
+        self.batchers: dict[str, Batcher] = {}
+        self._batcher_tasks: dict[str, asyncio.Task[None]] = {}
+        self._routes: list[tuple[TopicPattern, Pipeline]] = []
         self._route_cache: dict[str, list[Pipeline]] = {}
+        self._rebuild_routes()
         self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.ready = asyncio.Event()
         self.intake_open = True
         self.messages_in = 0
-        self.oversized = 0
         self.unrouted = 0
         self.failed_batches = 0
+        self.reloads = 0
+        self._synced: dict[tuple[str, ...], float] = {}
         self._dead_letter_tokens = config.dead_letter.max_per_s
         self._dead_letter_at = time.monotonic()
+        for name, model in self.models.items():
+            self.metrics.set_model_info(name, model.spec.version, model.spec.sha256)
+
+    def _rebuild_routes(self) -> None:
+        self._routes = [(TopicPattern(f), p) for p in self.pipelines.values() for f in p.filters]
+        self._route_cache = {}
+
+    def _start_batcher(self, name: str, model: LoadedModel) -> None:
+        batcher = Batcher(model, functools.partial(self._sink, model))
+        self.batchers[name] = batcher
+        self._batcher_tasks[name] = asyncio.create_task(batcher.run(), name=f"batcher-{name}")
+
+    def _models_alive(self) -> tuple[bool, str]:
+        limit = self.config.watchdog_stall_s
+        for name, model in self.models.items():
+            stalled = model.stalled_for()
+            if stalled > limit:
+                return (
+                    False,
+                    f"model {name} stuck in one inference call for {stalled:.1f}s (limit {limit:g}s)",
+                )
+        return True, "ok"
 
     # ------------------------------------------------------------------ MQTT in
 
@@ -182,7 +219,9 @@ class Daemon:
 
     def _reject(self, pipeline: Pipeline, topic: str, payload: bytes, exc: DecodeError) -> None:
         pipeline.reject(exc.reason)
-        self.ratelog.warning((pipeline.name, exc.reason), f"pipeline={pipeline.name} dropped: {exc.detail}")
+        self.ratelog.warning(
+            pipeline.name, exc.reason, "dropped (%s): %s", exc.reason, exc.detail, pipeline=pipeline.name
+        )
         dl = self.config.dead_letter
         if not dl.enabled:
             return
@@ -216,29 +255,35 @@ class Daemon:
 
     def _sink(
         self,
+        model: LoadedModel,
         batch: list[WorkItem],
         outputs: npt.NDArray[np.float32] | None,
         seconds: float,
         error: Exception | None,
     ) -> None:
+        name = model.name
         if outputs is None:
             self.failed_batches += 1
+            self.metrics.predictions_failed.labels(model=name).inc()
             for item in batch:
                 item.pipeline.reject("inference_failed")
-            model = batch[0].pipeline.cfg.model if batch else "?"
             self.ratelog.warning(
-                ("model", model), f"model={model} inference failed for a batch of {len(batch)}: {error}"
+                "model", name, "inference failed for a batch of %d: %s", len(batch), error, model=name
             )
             return
+        self.metrics.inference_seconds.labels(model=name).observe(seconds)
+        self.metrics.batch_size.labels(model=name).observe(len(batch))
         done = time.perf_counter()
         wall = time.time()
+        spec = model.spec
         by_pipeline: dict[int, list[int]] = {}
         for index, item in enumerate(batch):
             by_pipeline.setdefault(id(item.pipeline), []).append(index)
         for indices in by_pipeline.values():
             pipeline = batch[indices[0]].pipeline
-            predictions = pipeline.post(outputs[indices])
-            spec = pipeline.spec
+            # Items queued before a reload are answered by the model that inferred them.
+            post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
+            predictions = post(outputs[indices])
             out = pipeline.cfg.output
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
@@ -265,7 +310,44 @@ class Daemon:
 
     async def _on_connected(self) -> None:
         self.publish_bridge_info()
-        self.ready.set()
+        if not self.ready.is_set():
+            self.ready.set()
+            self.notifier.ready(self.status_text())
+            log.info("ready: %s", self.status_text())
+
+    def status_text(self) -> str:
+        elapsed = max(time.time() - self.started, 1e-9)
+        rate = self.messages_in / elapsed
+        return status_line(len(self.models), len(self.pipelines), rate, self.link.connected.is_set())
+
+    def sync_metrics(self) -> DaemonMetrics:
+        """Bring the Prometheus counters up to the daemon's plain counters (kept cheap on the hot path)."""
+        m = self.metrics
+
+        def add(key: tuple[str, ...], value: float, child: Any) -> None:
+            delta = value - self._synced.get(key, 0.0)
+            if delta > 0:
+                child.inc(delta)
+                self._synced[key] = value
+
+        for name, p in self.pipelines.items():
+            add(("in", name), p.stats.received, m.messages_in.labels(pipeline=name))
+            add(("out", name), p.stats.published, m.messages_out.labels(pipeline=name))
+            for reason, count in p.stats.dropped.items():
+                add(("drop", name, reason), count, m.dropped.labels(pipeline=name, reason=reason))
+        add(("reconnects",), self.link.reconnects, m.reconnects)
+        m.broker_connected.set(1.0 if self.link.connected.is_set() else 0.0)
+        for name, batcher in self.batchers.items():
+            m.queue_depth.labels(model=name).set(len(batcher.queue))
+        return m
+
+    def render_metrics(self) -> str:
+        return self.sync_metrics().render()
+
+    def health(self) -> tuple[bool, str]:
+        if not self.link.connected.is_set():
+            return False, f"broker disconnected ({self.link.last_error or 'connecting'})"
+        return self.liveness.check()
 
     def bridge_info(self) -> dict[str, Any]:
         return {
@@ -273,6 +355,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 1),
             "connected": self.link.connected.is_set(),
             "reconnects": self.link.reconnects,
+            "reloads": self.reloads,
             "messages_in": self.messages_in,
             "unrouted": self.unrouted,
             "publish_queue": len(self.link.queue),
@@ -284,8 +367,8 @@ class Daemon:
                     "task": m.spec.task,
                     "sha256": m.spec.sha256,
                     "providers": m.providers,
-                    "batches": self.batchers[name].batches,
-                    "items": self.batchers[name].items,
+                    "batches": self.batchers[name].batches if name in self.batchers else 0,
+                    "items": self.batchers[name].items if name in self.batchers else 0,
                 }
                 for name, m in self.models.items()
             },
@@ -299,25 +382,171 @@ class Daemon:
         payload = json.dumps(self.bridge_info()).encode()
         self.link.publish(Outgoing(f"{self.base}/bridge/info", payload, 1, True))
 
-    async def _bridge_loop(self) -> None:
+    async def _every(self, seconds: float, action: Any) -> None:
         while True:
-            await asyncio.sleep(self.config.bridge_info_interval_s)
-            if self.link.connected.is_set():
-                self.publish_bridge_info()
+            await asyncio.sleep(seconds)
+            action()
+
+    def _bridge_tick(self) -> None:
+        if self.link.connected.is_set():
+            self.publish_bridge_info()
+
+    # ------------------------------------------------------------------ reload
+
+    def _prepare_reload(self) -> tuple[Config, dict[str, LoadedModel], dict[str, Pipeline]]:
+        """Runs in a worker thread: new config, new models loaded and warmed up, pipelines checked."""
+        config = self.config
+        if self.config_path is not None:
+            config = load_config(self.config_path, self.mqtt_url)
+            if config.mqtt != self.config.mqtt:
+                log.warning("reload: changes under 'mqtt' take effect at the next restart")
+                config = config.model_copy(update={"mqtt": self.config.mqtt})
+        models = load_models(config, reuse=self.models)
+        pipelines = build_pipelines(config, models, reuse=self.pipelines)
+        return config, models, pipelines
+
+    async def reload(self, reason: str = "SIGHUP") -> bool:
+        """Atomically replace config and models; a broken new config or model is refused."""
+        async with self._reload_lock:
+            self.notifier.reloading(f"reloading ({reason})")
+            loop = asyncio.get_running_loop()
+            try:
+                config, models, pipelines = await loop.run_in_executor(None, self._prepare_reload)
+            except (ConfigError, ModelLoadError) as exc:
+                log.error("reload (%s) refused, the running models keep serving: %s", reason, exc)
+                self.metrics.reloads.labels(result="refused").inc()
+                self.notifier.ready(self.status_text())
+                return False
+            changed = self._swap(config, models, pipelines)
+            await self.link.update_subscriptions()
+            self.reloads += 1
+            self.metrics.reloads.labels(result="ok").inc()
+            log.info("reload (%s) done: %s", reason, ", ".join(changed) or "nothing changed")
+            self.publish_bridge_info()
+            self.notifier.ready(self.status_text())
+            return True
+
+    def _swap(
+        self, config: Config, models: dict[str, LoadedModel], pipelines: dict[str, Pipeline]
+    ) -> list[str]:
+        """On the event loop, in one step: new messages go to the new pipelines and models."""
+        changed: list[str] = []
+        old_models = self.models
+        for name, pipeline in pipelines.items():
+            spec = models[pipeline.cfg.model].spec
+            if pipeline.spec is not spec:
+                if self.pipelines.get(name) is pipeline:
+                    pipeline.rebind(spec)
+                else:
+                    pipeline.spec = spec
+        changed += [f"pipeline {n} added" for n in pipelines if n not in self.pipelines]
+        changed += [f"pipeline {n} removed" for n in self.pipelines if n not in pipelines]
+        changed += [
+            f"pipeline {n} restarted"
+            for n, p in pipelines.items()
+            if n in self.pipelines and self.pipelines[n] is not p
+        ]
+        self.config = config
+        self.models = models
+        self.pipelines = pipelines
+        self._rebuild_routes()
+        for name, model in models.items():
+            if old_models.get(name) is not model:
+                changed.append(
+                    f"model {name} {'replaced' if name in old_models else 'added'}"
+                    f" (v{model.spec.version}, sha256 {model.spec.sha256[:12]})"
+                )
+                old_batcher = self.batchers.get(name)
+                old_task = self._batcher_tasks.get(name)
+                self._start_batcher(name, model)
+                if old_batcher is not None and old_task is not None:
+                    self._background(self._retire(old_batcher, old_task), f"retire-{name}")
+                self.metrics.set_model_info(name, model.spec.version, model.spec.sha256)
+        for name in [n for n in old_models if n not in models]:
+            changed.append(f"model {name} unloaded")
+            batcher, task = self.batchers.pop(name), self._batcher_tasks.pop(name)
+            self._background(self._retire(batcher, task), f"retire-{name}")
+            self.metrics.forget_model(name)
+        return changed
+
+    async def _retire(self, batcher: Batcher, task: asyncio.Task[None]) -> None:
+        """Let a replaced model answer what was queued for it, then close it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batcher.drained(), 30)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        batcher.model.close()
+
+    async def _watch_models(self) -> None:
+        """Reload when a model file is replaced; waits until the new file stops changing."""
+
+        def snapshot() -> dict[Path, tuple[int, int, int]]:
+            result = {}
+            for model in self.models.values():
+                with contextlib.suppress(OSError):
+                    st = model.config.path.stat()
+                    result[model.config.path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            return result
+
+        seen = snapshot()
+        pending: dict[Path, tuple[int, int, int]] | None = None
+        while True:
+            await asyncio.sleep(self.config.reload.interval_s)
+            if not self.config.reload.watch_models:
+                continue
+            now = snapshot()
+            if now == seen:
+                pending = None
+                continue
+            if pending != now:
+                pending = now  # changed: wait one more interval for the writer to finish
+                continue
+            pending = None
+            await self.reload("model file changed")
+            seen = snapshot()
+
+    # ------------------------------------------------------------------ run
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self) -> None:
+        self._background(self.reload("SIGHUP"), "reload")
+
+    def _background(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect."""
-        tasks = [asyncio.create_task(b.run(), name=f"batcher-{n}") for n, b in self.batchers.items()]
-        tasks.append(asyncio.create_task(self._bridge_loop(), name="bridge-info"))
+        for name, model in self.models.items():
+            self._start_batcher(name, model)
+        tasks = [
+            asyncio.create_task(
+                self._every(self.config.bridge_info_interval_s, self._bridge_tick), name="bridge"
+            ),
+            asyncio.create_task(
+                self._every(self.config.status_interval_s, lambda: self.notifier.status(self.status_text())),
+                name="status",
+            ),
+            asyncio.create_task(self._watch_models(), name="watch-models"),
+            asyncio.create_task(Watchdog(self.notifier, self.liveness).run(), name="watchdog"),
+        ]
+        server: MetricsServer | None = None
+        if self.config.metrics.enabled:
+            server = MetricsServer(
+                self.render_metrics, self.health, self.config.metrics.host, self.config.metrics.port
+            )
+            await server.start()
+            self.metrics_port = server.port
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if link_task in done:
                 link_task.result()  # an unexpected end of the link is an error
+            self.notifier.stopping("stopping: flushing in-flight batches")
             self.intake_open = False
             timeout = self.config.shutdown_timeout_s
             with contextlib.suppress(TimeoutError):
@@ -329,9 +558,12 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link_task), timeout / 2)
         finally:
-            for task in [*tasks, link_task, stop_task]:
+            all_tasks = [*tasks, *self._tasks, *self._batcher_tasks.values(), link_task, stop_task]
+            for task in all_tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, link_task, stop_task, return_exceptions=True)
+            await asyncio.gather(*all_tasks, return_exceptions=True)
+            if server is not None:
+                await server.close()
             for model in self.models.values():
                 model.close()
         log.info(
@@ -357,12 +589,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("edge.mqtt.client").setLevel(logging.WARNING)
+    setup_logging(level, quiet=("aiomqtt", "asyncio", "edge.mqtt.client"))
 
 
 def prepare(
@@ -408,9 +635,8 @@ def describe_plan(config: Config, models: dict[str, LoadedModel], pipelines: dic
 
 
 def cli_check(argv: Sequence[str]) -> int:
-    args = _parser("edge-infer check", "Validate a config, load its models and print the plan.").parse_args(
-        argv
-    )
+    parser = _parser("edge-infer check", "Validate a config, load its models and print the plan.")
+    args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
         config, models, pipelines = prepare(args.config, args.mqtt_url)
@@ -434,10 +660,11 @@ def cli_run(argv: Sequence[str]) -> int:
         return 2
 
     async def main() -> None:
-        daemon = Daemon(config, models)
+        daemon = Daemon(config, models, config_path=args.config, mqtt_url=args.mqtt_url)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
         log.info(
             "edge-infer %s starting: %d models, %d pipelines", __version__, len(models), len(daemon.pipelines)
         )

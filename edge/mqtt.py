@@ -86,6 +86,8 @@ class MqttLink:
         self.last_error: str | None = None
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._live: aiomqtt.Client | None = None
+        self._subscribed: dict[str, int] = {}
         self._client = self._make_client()
 
     def _make_client(self) -> aiomqtt.Client:
@@ -152,6 +154,7 @@ class MqttLink:
                 if self.connected.is_set():
                     self.reconnects += 1
                 self.connected.clear()
+                self._live = None
             if self._stopping.is_set():
                 return
             wait = delay()
@@ -167,8 +170,14 @@ class MqttLink:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         subs = list(self._subscriptions())
+        # A persistent session keeps subscriptions a reload removed: drop them on the broker too.
+        stale = [t for t in self._subscribed if t not in dict(subs)]
+        if stale:
+            await client.unsubscribe(stale)
         if subs:
             await client.subscribe([(topic, qos) for topic, qos in subs])
+        self._subscribed = dict(subs)
+        self._live = client
         await client.publish(self.status_topic, b"online", qos=1, retain=True)
         log.info(
             "connected to %s:%s as %s; %d subscriptions",
@@ -200,6 +209,24 @@ class MqttLink:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def update_subscriptions(self) -> None:
+        """Apply a changed subscription list on the live connection (the next connect does it anyway)."""
+        client = self._live
+        if client is None or not self.connected.is_set():
+            return
+        wanted = dict(self._subscriptions())
+        removed = [t for t in self._subscribed if t not in wanted]
+        added = [(t, q) for t, q in wanted.items() if self._subscribed.get(t) != q]
+        try:
+            if removed:
+                await client.unsubscribe(removed)
+            if added:
+                await client.subscribe(added)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not update subscriptions now (%s); the next connection will", exc)
+            return
+        self._subscribed = wanted
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         on_message = self._on_message

@@ -119,6 +119,17 @@ class Pipeline:
         self._topics: dict[str, str] = {}
         self.availability: dict[str, bool] = {}
 
+    def same_input(self, spec: ModelSpec) -> bool:
+        """Whether a (reloaded) model takes exactly the input this pipeline builds."""
+        old = self.spec
+        return (old.layout, old.sample_shape, old.features) == (spec.layout, spec.sample_shape, spec.features)
+
+    def rebind(self, spec: ModelSpec) -> None:
+        """Serve a reloaded model that takes the same input; windows and counters are kept."""
+        assert self.same_input(spec)
+        self.spec = spec
+        self.post = PostProcessor(spec, self.cfg.output)
+
     def _state_factory(self, name: str, cfg: PipelineConfig) -> Callable[[], Any]:
         features = list(self.readings)
         spec = self.spec
