@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -152,10 +153,8 @@ def test_sd_notify_lifecycle_and_watchdog(
     def drain(seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            try:
+            with contextlib.suppress(TimeoutError):
                 received.append(sock.recv(4096).decode())
-            except TimeoutError:
-                pass
 
     runner = DaemonThread(cfg).start()
     drain(1.5)
