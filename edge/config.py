@@ -287,6 +287,20 @@ class OutputConfig(_Model):
         return value
 
 
+class EntityConfig(_Model):
+    """How a pipeline's output appears in Home Assistant (defaults come from the model)."""
+
+    enabled: bool = Field(True, description="Announce this pipeline's outputs through discovery.")
+    name: str | None = Field(None, description="Entity name; default: the pipeline name.")
+    device_class: str | None = Field(None, description="Home Assistant device class, e.g. occupancy, power.")
+    state_class: str | None = Field(None, description="measurement, total, total_increasing.")
+    binary_on: str | None = Field(
+        None, description="Show a classification as a binary_sensor that is on for this label."
+    )
+    unit: str | None = Field(None, description="Unit of a regression value (default: the model's).")
+    icon: str | None = Field(None, description="mdi: icon.")
+
+
 class PipelineConfig(_Model):
     """Source topics -> decode -> features -> model -> post-process -> output topic."""
 
@@ -300,6 +314,7 @@ class PipelineConfig(_Model):
     max_devices: int = Field(1000, ge=1, description="Devices tracked at most; more are dropped and counted.")
     devices: list[str] | None = Field(None, description="Only these device ids (default: any).")
     enabled: bool = True
+    homeassistant: EntityConfig = Field(default_factory=EntityConfig)
 
 
 class DeadLetterConfig(_Model):
@@ -323,6 +338,10 @@ class HomeAssistantConfig(_Model):
     enabled: bool = Field(True, description="Publish MQTT discovery so predictions appear as entities.")
     discovery_prefix: str = "homeassistant"
     status_topic: str = Field("homeassistant/status", description="Home Assistant's birth/will topic.")
+    instance_id: str = Field(
+        "default",
+        description="Names this daemon's bridge device; give each instance its own when scaling out.",
+    )
 
 
 class MetricsConfig(_Model):

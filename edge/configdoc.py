@@ -32,6 +32,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("pipelines.<name>.features (type: snapshot)", c.SnapshotFeatures),
     ("pipelines.<name>.features (type: window)", c.WindowFeatures),
     ("pipelines.<name>.output", c.OutputConfig),
+    ("pipelines.<name>.homeassistant", c.EntityConfig),
     ("limits", c.LimitsConfig),
     ("dead_letter", c.DeadLetterConfig),
     ("homeassistant", c.HomeAssistantConfig),

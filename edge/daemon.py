@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from edge import __version__
 from edge.batcher import Batcher
 from edge.config import Config, ConfigError, config_warnings, load_config
 from edge.decode import DecodeError, TopicPattern
+from edge.discovery import Discovery
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
 from edge.mqtt import MqttLink, Outgoing
@@ -109,6 +110,9 @@ class Daemon:
             on_connected=self._on_connected,
             status_topic=self.status_topic,
         )
+        self.discovery = Discovery(config, self.link.publish, self._current_pipelines)
+        self.discovery.on_ha_online = self._republish_states
+        self.discovery.warn_unsupported()
         self.batchers: dict[str, Batcher] = {}
         self._batcher_tasks: dict[str, asyncio.Task[None]] = {}
         self._routes: list[tuple[TopicPattern, Pipeline]] = []
@@ -124,10 +128,15 @@ class Daemon:
         self.failed_batches = 0
         self.reloads = 0
         self._synced: dict[tuple[str, ...], float] = {}
+        self._rate_mark = (time.monotonic(), 0)
+        self.latency_ms: float | None = None  # moving average of message-to-prediction latency
         self._dead_letter_tokens = config.dead_letter.max_per_s
         self._dead_letter_at = time.monotonic()
         for name, model in self.models.items():
             self.metrics.set_model_info(name, model.spec.version, model.spec.sha256)
+
+    def _current_pipelines(self) -> Iterable[Pipeline]:
+        return self.pipelines.values()
 
     def _rebuild_routes(self) -> None:
         self._routes = [(TopicPattern(f), p) for p in self.pipelines.values() for f in p.filters]
@@ -158,6 +167,8 @@ class Daemon:
             for f in pipeline.filters:
                 topic = f"$share/{group}/{f}" if group else f
                 subs[topic] = max(subs.get(topic, 0), pipeline.cfg.source.qos)
+        for topic, qos in self.discovery.subscriptions():
+            subs[topic] = max(subs.get(topic, 0), qos)
         return sorted(subs.items())
 
     def _route(self, topic: str) -> list[Pipeline]:
@@ -180,7 +191,10 @@ class Daemon:
             return
         pipelines = self._route(topic)
         if not pipelines:
-            self.unrouted += 1
+            if self.discovery.handles(topic):
+                self.discovery.on_message(topic, payload)
+            else:
+                self.unrouted += 1
             return
         if len(payload) > self.config.limits.max_payload_bytes:
             for pipeline in pipelines:
@@ -276,6 +290,8 @@ class Daemon:
         done = time.perf_counter()
         wall = time.time()
         spec = model.spec
+        latest = (done - batch[-1].received) * 1000.0
+        self.latency_ms = latest if self.latency_ms is None else 0.9 * self.latency_ms + 0.1 * latest
         by_pipeline: dict[int, list[int]] = {}
         for index, item in enumerate(batch):
             by_pipeline.setdefault(id(item.pipeline), []).append(index)
@@ -292,6 +308,7 @@ class Daemon:
                     continue
                 if pipeline.availability.get(item.device) is None:
                     self._availability(pipeline, item.device, True)
+                    self.discovery.device_seen()
                 body = {
                     **prediction.fields,
                     "model": spec.name,
@@ -299,21 +316,37 @@ class Daemon:
                     "latency_ms": round((done - item.received) * 1000.0, 3),
                     "ts": _iso(item.ts),
                 }
-                self.link.publish(
-                    Outgoing(
-                        pipeline.output_topic(item.device), json.dumps(body).encode(), out.qos, out.retain
-                    )
-                )
+                encoded = json.dumps(body).encode()
+                pipeline.last_published[item.device] = encoded
+                self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
                 pipeline.stats.published += 1
 
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_connected(self) -> None:
         self.publish_bridge_info()
+        self._background(self.discovery.connected(), "discovery")
         if not self.ready.is_set():
             self.ready.set()
             self.notifier.ready(self.status_text())
             log.info("ready: %s", self.status_text())
+
+    def _republish_states(self) -> None:
+        """After Home Assistant restarts: the last prediction of every device, and bridge info."""
+        self.publish_bridge_info()
+        for pipeline in self.pipelines.values():
+            out = pipeline.cfg.output
+            for device, payload in pipeline.last_published.items():
+                online = pipeline.availability.get(device, True)
+                self.link.publish(
+                    Outgoing(
+                        pipeline.output_topic(device) + "/availability",
+                        b"online" if online else b"offline",
+                        1,
+                        True,
+                    )
+                )
+                self.link.publish(Outgoing(pipeline.output_topic(device), payload, out.qos, out.retain))
 
     def status_text(self) -> str:
         elapsed = max(time.time() - self.started, 1e-9)
@@ -350,9 +383,16 @@ class Daemon:
         return self.liveness.check()
 
     def bridge_info(self) -> dict[str, Any]:
+        now = time.monotonic()
+        last_at, last_count = self._rate_mark
+        rate = (self.messages_in - last_count) / (now - last_at) if now > last_at else 0.0
+        self._rate_mark = (now, self.messages_in)
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
+            "messages_per_s": round(rate, 3),
+            "drops": sum(sum(p.stats.dropped.values()) for p in self.pipelines.values()),
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
             "connected": self.link.connected.is_set(),
             "reconnects": self.link.reconnects,
             "reloads": self.reloads,
@@ -419,6 +459,7 @@ class Daemon:
                 return False
             changed = self._swap(config, models, pipelines)
             await self.link.update_subscriptions()
+            self.discovery.replan()
             self.reloads += 1
             self.metrics.reloads.labels(result="ok").inc()
             log.info("reload (%s) done: %s", reason, ", ".join(changed) or "nothing changed")
@@ -564,6 +605,7 @@ class Daemon:
             await asyncio.gather(*all_tasks, return_exceptions=True)
             if server is not None:
                 await server.close()
+            self.discovery.close()
             for model in self.models.values():
                 model.close()
         log.info(

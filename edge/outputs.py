@@ -77,7 +77,12 @@ class PostProcessor:
         for row in raw:
             score = float(row[0])
             anomaly = bool(threshold is not None and score >= threshold)
-            fields = {"score": round(score, 6), "threshold": threshold, "anomaly": anomaly}
+            fields = {
+                "label": None if threshold is None else ("anomaly" if anomaly else "normal"),
+                "score": round(score, 6),
+                "threshold": threshold,
+                "anomaly": anomaly,
+            }
             results.append(Prediction(fields, anomaly, score))
         return results
 

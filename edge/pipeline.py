@@ -118,6 +118,7 @@ class Pipeline:
         self.topic_template = cfg.output.topic
         self._topics: dict[str, str] = {}
         self.availability: dict[str, bool] = {}
+        self.last_published: dict[str, bytes] = {}  # republished when Home Assistant restarts
 
     def same_input(self, spec: ModelSpec) -> bool:
         """Whether a (reloaded) model takes exactly the input this pipeline builds."""

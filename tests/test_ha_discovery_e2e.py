@@ -1,0 +1,129 @@
+"""Home Assistant discovery end to end: the daemon, a real Mosquitto, retained configs read back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import Mosquitto
+from tests.harness import Collector, DaemonThread, Publisher, make_config, write_config
+from tests.onnx_models import regressor, snapshot_classifier
+
+pytestmark = pytest.mark.broker
+
+
+def _config(url: str, prefix: str, tmp_path: Path) -> dict[str, Any]:
+    snapshot_classifier(tmp_path / "occ.onnx", ["temperature", "co2"], ["empty", "occupied"], name="occ")
+    regressor(tmp_path / "reg.onnx", ["temperature", "co2"], name="reg", unit="W")
+    return {
+        "mqtt": {"url": url, "base_topic": f"{prefix}/ei", "client_id": f"ei-{prefix}"},
+        "models": {"occ": {"path": "occ.onnx"}, "reg": {"path": "reg.onnx"}},
+        "pipelines": {
+            "occupancy": {
+                "model": "occ",
+                "source": {"topics": [f"{prefix}/z2m/{{device}}"]},
+                "homeassistant": {"binary_on": "occupied", "device_class": "occupancy"},
+            },
+            "power": {
+                "model": "reg",
+                "source": {"topics": [f"{prefix}/z2m/{{device}}"]},
+                "homeassistant": {"device_class": "power"},
+            },
+        },
+        "homeassistant": {
+            "discovery_prefix": f"{prefix}/ha",
+            "status_topic": f"{prefix}/ha/status",
+            "instance_id": prefix,
+        },
+    }
+
+
+def _configs(collector: Collector, prefix: str) -> dict[str, Any]:
+    """The latest discovery payload per topic (empty payload = removed)."""
+    latest: dict[str, Any] = {}
+    for message in collector.messages:
+        if message.topic.startswith(f"{prefix}/ha/device/"):
+            latest[message.topic] = message.json() if message.payload else None
+    return latest
+
+
+def test_discovery_announce_birth_and_removal(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    data = _config(mosquitto.url, p, tmp_path)
+    path = write_config(data, tmp_path / "c.yaml")
+    watch = Collector(mosquitto.url, f"{p}/ha/device/+/config")
+    pub = Publisher(mosquitto.url)
+    runner = DaemonThread(make_config(data, tmp_path)).start()
+    try:
+        runner.daemon.config_path = path  # type: ignore[union-attr]
+        for device in ("kitchen", "office"):
+            pub.send(f"{p}/z2m/{device}", {"temperature": 21, "co2": 800})
+
+        def announced(msgs: list[Any]) -> bool:
+            configs = _configs(watch, p)
+            return sum(1 for c in configs.values() if c and "via_device" in c.get("dev", {})) == 2
+
+        watch.wait(announced, timeout=15)
+        configs = _configs(watch, p)
+        kitchen = next(c for c in configs.values() if c and c["dev"].get("name") == "kitchen")
+        platforms = sorted(c["platform"] for c in kitchen["cmps"].values())
+        assert platforms.count("binary_sensor") == 1 and "sensor" in platforms
+        occupancy = next(c for c in kitchen["cmps"].values() if c["platform"] == "binary_sensor")
+        assert occupancy["device_class"] == "occupancy"
+        assert occupancy["state_topic"] == f"{p}/ei/occupancy/kitchen"
+        power = next(c for c in kitchen["cmps"].values() if c.get("device_class") == "power")
+        assert power["unit_of_measurement"] == "W"
+        topics = (
+            [a["topic"] for a in kitchen["availability"]]
+            if "availability" in kitchen
+            else [a["topic"] for c in kitchen["cmps"].values() for a in c.get("availability", [])]
+        )
+        assert f"{p}/ei/status" in topics
+        # Retained: a late subscriber (Home Assistant starting later) sees them too.
+        late = Collector(mosquitto.url, f"{p}/ha/device/+/config")
+        late.wait(lambda m: len(m) >= 3)
+        assert all(m.retain for m in late.messages)
+        late.close()
+
+        # Home Assistant's birth message: configs and the last states come again.
+        states = Collector(mosquitto.url, f"{p}/ei/occupancy/kitchen")
+        before = len(watch.messages)
+        pub.send(f"{p}/ha/status", "online")
+        watch.wait(lambda m: len(m) >= before + 3, timeout=10)
+        states.wait(lambda m: any(not x.retain for x in m), timeout=10)
+        states.close()
+
+        # A pipeline removed by a reload: its entities are cleared, the others stay.
+        del data["pipelines"]["power"]
+        write_config(data, path)
+        assert asyncio.run_coroutine_threadsafe(runner.daemon.reload("test"), runner.loop).result(20)  # type: ignore[union-attr]
+        time.sleep(0.5)
+        configs = _configs(watch, p)
+        kitchen = next(c for c in configs.values() if c and c["dev"].get("name") == "kitchen")
+        classes = [c.get("device_class") for c in kitchen["cmps"].values()]
+        assert "occupancy" in classes and "power" not in classes
+        assert not [key for key in kitchen["cmps"] if "power" in key]
+    finally:
+        runner.stop()
+        pub.close()
+
+    # A restart with no occupancy pipeline at all: the ghosts of the earlier run are removed.
+    data["pipelines"] = {"power": _config(mosquitto.url, p, tmp_path)["pipelines"]["power"]}
+    with DaemonThread(make_config(data, tmp_path)):
+
+        def cleared(msgs: list[Any]) -> bool:
+            configs = _configs(watch, p)
+            return sum(1 for c in configs.values() if c and "via_device" in c.get("dev", {})) == 0
+
+        watch.wait(cleared, timeout=15)
+    removed = [t for t, c in _configs(watch, p).items() if c is None]
+    assert len(removed) == 2, removed
+    watch.close()
+    assert json.dumps(removed)
