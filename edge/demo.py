@@ -1,0 +1,369 @@
+"""``edge-infer demo``: an embedded broker, a simulated home replaying real data, the daemon, a live view.
+
+Everything runs in one process on one event loop except the broker when a local
+Mosquitto is used. The simulated devices publish replayed ACSF1 smart-plug power
+traces (Zigbee2MQTT and Tasmota plugs), BasicMotions IMU data (a wearable) and
+the room simulator (Zigbee2MQTT and ESPHome climate sensors); the daemon runs
+``examples/home.yaml`` with the bundled models; the view compares each
+prediction with the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.config import Config, ConfigError, load_config
+from edge.daemon import Daemon, load_models
+from edge.runtime import LoadedModel, ModelLoadError
+
+log = logging.getLogger("edge.demo")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "examples" / "home.yaml"
+TRUTH_PREFIX = "edge-infer-sim/truth/"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """A local Mosquitto when one is installed (faster), else the pure-Python amqtt."""
+
+    def __init__(self, port: int, kind: str, bind: str) -> None:
+        self.port = port
+        self.kind = kind
+        self.bind = bind
+        self._process: subprocess.Popen[bytes] | None = None
+        self._amqtt: Any = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @staticmethod
+    def mosquitto_binary() -> str | None:
+        for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+            if candidate and Path(candidate).exists():
+                return candidate
+        return None
+
+    async def start(self) -> None:
+        binary = self.mosquitto_binary()
+        if self.kind == "auto":
+            self.kind = "mosquitto" if binary else "amqtt"
+        if self.kind == "mosquitto":
+            if binary is None:
+                raise RuntimeError(
+                    "mosquitto is not installed (apt-get install mosquitto), use --broker amqtt"
+                )
+            self._dir = tempfile.TemporaryDirectory(prefix="edge-infer-demo-")
+            conf = Path(self._dir.name) / "mosquitto.conf"
+            lines = [f"listener {self.port} {self.bind}", "allow_anonymous true", "log_dest none"]
+            if os.geteuid() == 0:
+                lines.append("user root")
+            conf.write_text("\n".join(lines) + "\n")
+            self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once, the broker runs on its own
+                [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        else:
+            try:
+                from amqtt.broker import Broker
+            except ImportError as exc:
+                raise RuntimeError("the embedded broker needs amqtt: pip install 'edge-infer[demo]'") from exc
+            logging.getLogger("amqtt").setLevel(logging.WARNING)
+            logging.getLogger("transitions").setLevel(logging.WARNING)
+            self._amqtt = Broker(
+                {"listeners": {"default": {"type": "tcp", "bind": f"{self.bind}:{self.port}"}}}
+            )
+            await self._amqtt.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"the {self.kind} broker did not start on port {self.port}")
+
+    async def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(5)
+            if self._process.poll() is None:
+                self._process.kill()
+        if self._amqtt is not None:
+            with contextlib.suppress(Exception):
+                await self._amqtt.shutdown()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+@dataclass
+class DeviceRow:
+    pipeline: str
+    device: str
+    label: str | None = None
+    value: float | None = None
+    confidence: float | None = None
+    latency_ms: float | None = None
+    count: int = 0
+    correct: int = 0
+    judged: int = 0
+
+
+@dataclass
+class Board:
+    """What the live view shows: latest prediction per (pipeline, device) against the truth."""
+
+    labels: dict[str, list[str]]
+    rows: dict[tuple[str, str], DeviceRow] = field(default_factory=dict)
+    truth: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_pipeline: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    def on_prediction(self, pipeline: str, device: str, body: dict[str, Any]) -> None:
+        row = self.rows.setdefault((pipeline, device), DeviceRow(pipeline, device))
+        row.label = body.get("label")
+        row.value = body.get("value")
+        row.confidence = body.get("confidence")
+        row.latency_ms = body.get("latency_ms")
+        row.count += 1
+        self.per_pipeline[pipeline] += 1
+        expected = self.expected(pipeline, device)
+        if expected is not None and row.label is not None:
+            row.judged += 1
+            row.correct += int(row.label == expected)
+
+    def expected(self, pipeline: str, device: str) -> str | None:
+        truth = self.truth.get(device)
+        if truth is None:
+            return None
+        labels = self.labels.get(pipeline, [])
+        if "class_index" in truth and labels and 0 <= int(truth["class_index"]) < len(labels):
+            return labels[int(truth["class_index"])]
+        if "occupancy" in truth and len(labels) == 2:
+            return labels[1] if truth["occupancy"] else labels[0]
+        return None
+
+    def accuracy(self, pipeline: str) -> tuple[int, int]:
+        rows = [r for r in self.rows.values() if r.pipeline == pipeline]
+        return sum(r.correct for r in rows), sum(r.judged for r in rows)
+
+
+def render(board: Board, daemon: Daemon, broker: str) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    elapsed = time.monotonic() - board.started
+    table = Table(title=f"edge-infer demo — {broker} — {elapsed:.0f}s", expand=True)
+    for column in ("pipeline", "device", "prediction", "confidence", "truth", "right", "n", "latency"):
+        table.add_column(
+            column, justify="right" if column in ("confidence", "n", "latency", "right") else "left"
+        )
+    for (pipeline, device), row in sorted(board.rows.items()):
+        expected = board.expected(pipeline, device)
+        shown = row.label if row.label is not None else ("—" if row.value is None else f"{row.value:.3g}")
+        style = "" if expected is None else ("green" if row.label == expected else "red")
+        table.add_row(
+            pipeline,
+            device,
+            Text(str(shown), style=style),
+            "" if row.confidence is None else f"{row.confidence:.2f}",
+            expected or "",
+            f"{row.correct}/{row.judged}" if row.judged else "",
+            str(row.count),
+            "" if row.latency_ms is None else f"{row.latency_ms:.1f} ms",
+        )
+    info = daemon.bridge_info()
+    drops = sum(sum(p["dropped"].values()) for p in info["pipelines"].values())
+    summary = Text(
+        f"messages in {info['messages_in']} ({info['messages_in'] / max(elapsed, 1e-9):.0f}/s), "
+        f"predictions published {sum(board.per_pipeline.values())}, dropped {drops}. Ctrl-C to stop."
+    )
+    return Group(table, summary)
+
+
+async def watch(url: str, board: Board, base: str) -> None:
+    import aiomqtt
+
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    async with aiomqtt.Client(
+        host,
+        int(port),
+        protocol=aiomqtt.ProtocolVersion.V311,
+        identifier=f"edge-infer-demo-view-{time.time_ns()}",
+    ) as client:
+        await client.subscribe([(f"{base}/+/+", 0), (f"{TRUTH_PREFIX}#", 0)])
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                continue
+            with contextlib.suppress(ValueError):
+                if topic.startswith(TRUTH_PREFIX):
+                    board.truth[topic[len(TRUTH_PREFIX) :]] = json.loads(payload)
+                    continue
+                parts = topic.split("/")
+                if len(parts) == 3 and parts[1] not in ("bridge", "dead_letter", "status"):
+                    board.on_prediction(parts[1], parts[2], json.loads(payload))
+
+
+def demo_speed(models: dict[str, LoadedModel], target_s: float = 25.0) -> float:
+    """Fast enough that the longest window fills within ``target_s``, and at least 60×."""
+    longest = 0.0
+    for model in models.values():
+        spec = model.spec
+        if spec.layout == "window" and spec.sample_period_s:
+            longest = max(longest, spec.sample_shape[0] * spec.sample_period_s)
+    return max(60.0, math.ceil(longest / target_s / 10) * 10)
+
+
+async def run_demo(
+    args: argparse.Namespace, config: Config, models: dict[str, LoadedModel]
+) -> dict[str, Any]:
+    from devices.simulate import SimConfig, Simulator
+
+    port = args.mqtt_port or free_port()
+    broker = EmbeddedBroker(port, args.broker, "0.0.0.0" if args.mqtt_port else "127.0.0.1")
+    await broker.start()
+    url = f"mqtt://127.0.0.1:{port}"
+    mqtt = config.mqtt.model_copy(update={"url": url, "protocol": "3.1.1" if broker.kind == "amqtt" else "5"})
+    config = config.model_copy(update={"mqtt": mqtt})
+    daemon = Daemon(config, models)
+    labels = {name: list(p.spec.labels) for name, p in daemon.pipelines.items()}
+    board = Board(labels)
+    speed = args.speed or demo_speed(models)
+    sim = Simulator(SimConfig(speed=speed, devices=args.devices, seed=args.seed))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"edge-infer demo: {broker.kind} broker on {url} "
+        f"(watch it: mosquitto_sub -p {port} -t 'edge-infer/#' -v), simulated time ×{speed:g}",
+        file=sys.stderr,
+    )
+    daemon_task = asyncio.create_task(daemon.run(), name="daemon")
+    await asyncio.wait_for(daemon.ready.wait(), 20)
+    watch_task = asyncio.create_task(watch(url, board, config.mqtt.base_topic), name="watch")
+    sim_task = asyncio.create_task(sim.run(url, None), name="simulate")
+    live = None
+    if not args.no_ui and sys.stdout.isatty():
+        from rich.live import Live
+
+        live = Live(render(board, daemon, broker.kind), refresh_per_second=4, screen=False)
+        live.start()
+    started = time.monotonic()
+    last_line = started
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+            if sim_task.done() and sim_task.exception() is not None:
+                raise sim_task.exception()  # type: ignore[misc]
+            if daemon_task.done():
+                daemon_task.result()
+                break
+            now = time.monotonic()
+            if live is not None:
+                live.update(render(board, daemon, broker.kind))
+            elif now - last_line >= 5:
+                last_line = now
+                counts = ", ".join(f"{p}: {n}" for p, n in sorted(board.per_pipeline.items())) or "waiting"
+                print(f"[{now - started:5.0f}s] predictions {counts}", flush=True)
+            if args.duration is not None and now - started >= args.duration:
+                break
+    finally:
+        if live is not None:
+            live.stop()
+        sim_task.cancel()
+        watch_task.cancel()
+        await asyncio.gather(sim_task, watch_task, return_exceptions=True)
+        daemon.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(daemon_task, 15)
+        await broker.stop()
+    summary: dict[str, Any] = {
+        "broker": broker.kind,
+        "speed": speed,
+        "seconds": round(time.monotonic() - started, 1),
+        "pipelines": {},
+    }
+    for name in sorted(daemon.pipelines):
+        correct, judged = board.accuracy(name)
+        devices = sorted({d for p, d in board.rows if p == name})
+        summary["pipelines"][name] = {
+            "predictions": board.per_pipeline.get(name, 0),
+            "devices": len(devices),
+            "accuracy_vs_truth": None if not judged else round(correct / judged, 3),
+            "judged": judged,
+        }
+    return summary
+
+
+def cli_demo(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edge-infer demo", description=__doc__.splitlines()[0] if __doc__ else ""
+    )
+    parser.add_argument(
+        "-c", "--config", type=Path, default=DEFAULT_CONFIG, help="daemon config (examples/home.yaml)"
+    )
+    parser.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
+    parser.add_argument(
+        "--mqtt-port", type=int, help="expose the embedded broker on this port (all interfaces)"
+    )
+    parser.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto")
+    parser.add_argument("--speed", type=float, help="simulated time factor (default: fills windows in ~25 s)")
+    parser.add_argument("--devices", type=int, default=2, help="simulated devices per family")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live table")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, "mqtt://127.0.0.1:1883")
+        models = load_models(config)
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"edge-infer demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(run_demo(args, config, models))
+    except RuntimeError as exc:
+        print(f"edge-infer demo: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"\nsummary after {summary['seconds']} s "
+            f"({summary['broker']} broker, simulated time ×{summary['speed']:g}):"
+        )
+        for name, info in summary["pipelines"].items():
+            accuracy = (
+                ""
+                if info["accuracy_vs_truth"] is None
+                else (
+                    f", {info['accuracy_vs_truth']:.0%} agree with the simulator's truth "
+                    f"({info['judged']} judged)"
+                )
+            )
+            print(f"  {name}: {info['predictions']} predictions for {info['devices']} devices{accuracy}")
+    return 0
