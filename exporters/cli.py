@@ -82,6 +82,8 @@ def verify_models(
         from exporters.train import load_checkpoint, predict
 
         torch_out = predict(load_checkpoint(checkpoint).served, ds.model_input(ds.x_test))
+    if recipe.limitations:
+        extra = {"limitations": recipe.limitations, **(extra or {})}
     return verify(
         fp32,
         ds,

@@ -216,7 +216,9 @@ def _basicmotions(spec: DataSpec, seed: int) -> DataSet:
         list(BASICMOTIONS_CHANNELS),
         *parts,
         labels=classes,
-        units={c: ("m/s²" if c.startswith("acc") else "rad/s") for c in BASICMOTIONS_CHANNELS},
+        # the data set does not document its units (at rest |acc| is about 0.8, so neither g
+        # nor m/s² with gravity): say so rather than guess
+        units=dict.fromkeys(BASICMOTIONS_CHANNELS, "undocumented (as the watch reports)"),
         window=spec.window or xtr.shape[1],
         sample_period_s=spec.sample_period_s or 0.1,
         info={

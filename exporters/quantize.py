@@ -145,6 +145,10 @@ def quantize_model(
         src = Path(tmp) / "src.onnx"
         pre = Path(tmp) / "pre.onnx"
         rewritten = _gemm_to_matmul(model) if chosen == "dynamic" else 0
+        excluded: list[str] = []
+        if spec.keep_first_layer_float:
+            first = next((n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")), None)
+            excluded = [first.name] if first is not None and first.name else []
         onnx.save_model(model, str(src))
         logging.getLogger("root").setLevel(logging.ERROR)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
@@ -154,6 +158,7 @@ def quantize_model(
             "reduce_range": spec.reduce_range,
             "weight_type": "int8 symmetric",
             "preprocess": "onnxruntime.quantization.quant_pre_process",
+            "kept_float": excluded,
         }
         if chosen == "static":
             method = {
@@ -165,8 +170,9 @@ def quantize_model(
             quantize_static(
                 str(pre),
                 str(out),
-                _Reader(input_name, calibration),
+                _Reader(input_name, calibration, batch=32 if spec.calibration_method == "minmax" else 1),
                 quant_format=QuantFormat.QDQ,
+                nodes_to_exclude=excluded,
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                 per_channel=spec.per_channel,
                 reduce_range=spec.reduce_range,
@@ -191,6 +197,7 @@ def quantize_model(
                 str(pre),
                 str(out),
                 op_types_to_quantize=ops,
+                nodes_to_exclude=excluded,
                 per_channel=spec.per_channel,
                 reduce_range=spec.reduce_range,
                 weight_type=QuantType.QInt8,

@@ -101,6 +101,11 @@ class QuantizeSpec(_Strict):
         "x86 AVX2 kernels without VNNI, so results match ARM and VNNI exactly.",
     )
     calibration_samples: int = Field(default=256, ge=1)
+    keep_first_layer_float: bool = Field(
+        default=False,
+        description="Leave the first Conv/MatMul in float: it sees the normalised input, whose dynamic "
+        "range (rare spikes next to subtle idle levels) 8 bits may not resolve. It is usually tiny.",
+    )
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     budget_points: float = Field(
         default=1.0,
@@ -123,6 +128,7 @@ class Recipe(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     baseline: Literal["none", "minirocket"] = "none"
+    limitations: str = Field(default="", description="Written into the model card.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -6,7 +6,8 @@ logits (classification, trained with cross-entropy) or a value (regression), and
 :class:`Served`, the wrapper that is exported: it adds softmax for classifiers or
 maps a regression output back to its unit. Shapes are batch-first throughout:
 
-* :class:`MLP` - snapshot ``[B, F]``;
+* :class:`MLP` - snapshot ``[B, F]``, or a short window ``[B, T, C]`` summarised in
+  the graph by :class:`WindowSummary` (latest value, change, spread per channel);
 * :class:`CNN1D` - window ``[B, T, C]`` (any T: global average pooling);
 * :class:`CNN2D` - grid ``[B, H, W]``;
 * :class:`RNN` - window ``[B, T, C]`` with an LSTM or GRU (any T).
@@ -50,6 +51,27 @@ class InputNorm(nn.Module):
             std = torch.sqrt((centred * centred).mean(dim=1, keepdim=True) + self.eps)
             return centred / std
         return x
+
+
+class WindowSummary(nn.Module):
+    """Derived features of a short window ``[B, T, C]`` -> ``[B, 3C]``, computed in the graph.
+
+    Per channel: the latest reading, its change over the window (latest - oldest,
+    e.g. the CO₂ rate of change) and the window's standard deviation. This lets a
+    feed-forward network use trends while the daemon only sends raw readings.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = x[:, -1, :]
+        centred = x - x.mean(dim=1, keepdim=True)
+        spread = torch.sqrt((centred * centred).mean(dim=1))
+        return torch.cat([last, last - x[:, 0, :], spread], dim=1)
+
+
+def window_summary_np(x: np.ndarray) -> np.ndarray:
+    """numpy twin of :class:`WindowSummary` (for normalisation statistics)."""
+    last = x[:, -1, :]
+    return np.concatenate([last, last - x[:, 0, :], x.std(axis=1)], axis=1)
 
 
 class MLP(nn.Module):
@@ -136,7 +158,7 @@ class RNN(nn.Module):
 class EdgeModel(nn.Module):
     """Normalisation + body. ``forward`` returns logits (or the normalised value)."""
 
-    def __init__(self, norm: InputNorm, body: nn.Module, task: str) -> None:
+    def __init__(self, norm: nn.Module, body: nn.Module, task: str) -> None:
         super().__init__()
         self.norm = norm
         self.body = body
@@ -164,10 +186,12 @@ class Served(nn.Module):
         return value
 
 
-def norm_stats(x: np.ndarray, layout: str, kind: str) -> tuple[list[float], list[float]]:
+def norm_stats(x: np.ndarray, layout: str, kind: str, family: str = "") -> tuple[list[float], list[float]]:
     """Per-feature mean/std of training data (``[]`` when the normalisation needs none)."""
     if kind != "zscore":
         return [], []
+    if layout == "window" and family == "mlp":
+        x = window_summary_np(x)
     if layout == "grid":
         values = x.reshape(-1)
         return [float(values.mean())], [float(max(values.std(), 1e-6))]
@@ -186,16 +210,21 @@ def build_model(
     std: Sequence[float],
 ) -> EdgeModel:
     """Instantiate the template the recipe names, checked against the data layout."""
-    allowed = {"snapshot": {"mlp"}, "window": {"cnn1d", "lstm", "gru"}, "grid": {"cnn2d"}}
+    allowed = {"snapshot": {"mlp"}, "window": {"mlp", "cnn1d", "lstm", "gru"}, "grid": {"cnn2d"}}
     if spec.family not in allowed[layout]:
         raise ValueError(
             f"model family {spec.family!r} does not fit layout {layout!r}: use {allowed[layout]}"
         )
     if spec.normalisation == "per_window" and layout != "window":
         raise ValueError("normalisation 'per_window' needs the window layout")
-    norm = InputNorm(spec.normalisation, mean, std)
+    norm: nn.Module = InputNorm(spec.normalisation, mean, std)
     body: nn.Module
-    if spec.family == "mlp":
+    if spec.family == "mlp" and layout == "window":
+        if spec.normalisation == "per_window":
+            raise ValueError("a windowed mlp summarises the window itself: use normalisation zscore")
+        norm = nn.Sequential(WindowSummary(), norm)
+        body = MLP(3 * sample_shape[-1], n_out, spec.hidden, spec.dropout)
+    elif spec.family == "mlp":
         body = MLP(sample_shape[0], n_out, spec.hidden, spec.dropout)
     elif spec.family == "cnn1d":
         body = CNN1D(sample_shape[-1], n_out, spec.hidden, spec.kernel_sizes, spec.dropout)

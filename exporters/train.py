@@ -197,7 +197,9 @@ def train(
     ds = dataset or load_dataset(recipe, data_override)
     classification = recipe.task == "classification"
     n_out = len(ds.labels) if classification else 1
-    mean, std = norm_stats(ds.x_train, ds.layout, recipe.model.normalisation)
+    mean, std = norm_stats(
+        ds.model_input(ds.x_train), ds.layout, recipe.model.normalisation, recipe.model.family
+    )
     shape = sample_shape(ds)
     model = build_model(recipe.model, ds.layout, shape, n_out, task=recipe.task, mean=mean, std=std)
     y_mean = float(ds.y_train.mean()) if not classification else 0.0
