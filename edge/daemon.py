@@ -26,9 +26,9 @@ from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
-from edge.mqtt import MqttLink, Outgoing
+from edge.mqtt import AckToken, MqttLink, Outgoing
 from edge.outputs import PostProcessor
-from edge.pipeline import Pipeline, WorkItem
+from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 
@@ -183,8 +183,13 @@ class Daemon:
             self._route_cache[topic] = routed
         return routed
 
-    def on_message(self, topic: str, payload: bytes) -> None:
-        """Called for every incoming message, on the event loop. Never raises."""
+    def on_message(self, topic: str, payload: bytes, ack: AckToken | None = None) -> None:
+        """Called for every incoming message, on the event loop. Never raises.
+
+        A QoS 1/2 input (``ack`` set) is acknowledged once it is answered: after its predictions
+        are handed to the client, or at once when it produces none or is rejected. Inputs that
+        arrive while the daemon is stopping are left unacknowledged, so the broker redelivers them.
+        """
         received = time.perf_counter()
         self.messages_in += 1
         if not self.intake_open:
@@ -195,6 +200,7 @@ class Daemon:
                 self.discovery.on_message(topic, payload)
             else:
                 self.unrouted += 1
+            self.link.ack(ack)
             return
         if len(payload) > self.config.limits.max_payload_bytes:
             for pipeline in pipelines:
@@ -209,7 +215,9 @@ class Daemon:
                         f"(limits.max_payload_bytes={self.config.limits.max_payload_bytes})",
                     ),
                 )
+            self.link.ack(ack)
             return
+        ready: list[tuple[Pipeline, WorkItem]] = []
         for pipeline in pipelines:
             try:
                 items = pipeline.handle(topic, payload, received, self._availability)
@@ -221,15 +229,31 @@ class Daemon:
                     pipeline, topic, payload, DecodeError("malformed_json", f"{type(exc).__name__}: {exc}")
                 )
                 continue
-            batcher = self.batchers[pipeline.cfg.model]
-            for item in items:
-                if not batcher.put(item):
-                    self._reject(
-                        pipeline,
-                        topic,
-                        payload,
-                        DecodeError("inference_failed", f"model {pipeline.cfg.model!r} queue is full"),
-                    )
+            ready.extend((pipeline, item) for item in items)
+        if not ready:
+            self.link.ack(ack)
+            return
+        if ack is not None:
+            pending = PendingAck(ack, len(ready))
+            for _, item in ready:
+                item.ack = pending
+        for pipeline, item in ready:
+            if not self.batchers[pipeline.cfg.model].put(item):
+                self._reject(
+                    pipeline,
+                    topic,
+                    payload,
+                    DecodeError("inference_failed", f"model {pipeline.cfg.model!r} queue is full"),
+                )
+                self._settle(item)
+
+    def _settle(self, item: WorkItem) -> None:
+        """One answer of an input is done; the last one acknowledges the input."""
+        pending = item.ack
+        if pending is not None:
+            pending.remaining -= 1
+            if pending.remaining == 0:
+                self.link.ack(pending.token)
 
     def _reject(self, pipeline: Pipeline, topic: str, payload: bytes, exc: DecodeError) -> None:
         pipeline.reject(exc.reason)
@@ -281,6 +305,7 @@ class Daemon:
             self.metrics.predictions_failed.labels(model=name).inc()
             for item in batch:
                 item.pipeline.reject("inference_failed")
+                self._settle(item)
             self.ratelog.warning(
                 "model", name, "inference failed for a batch of %d: %s", len(batch), error, model=name
             )
@@ -305,6 +330,7 @@ class Daemon:
                 item = batch[index]
                 pipeline.stats.predicted += 1
                 if not pipeline.policy.should_publish(item.device, prediction, wall):
+                    self._settle(item)
                     continue
                 if pipeline.availability.get(item.device) is None:
                     self._availability(pipeline, item.device, True)
@@ -320,6 +346,7 @@ class Daemon:
                 pipeline.last_published[item.device] = encoded
                 self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
                 pipeline.stats.published += 1
+                self._settle(item)
 
     # ------------------------------------------------------------------ lifecycle
 

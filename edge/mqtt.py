@@ -26,12 +26,21 @@ from edge.config import MqttConfig
 log = logging.getLogger("edge.mqtt")
 
 
+AckToken = tuple[int, int, int]  # (connection generation, message id, QoS)
+
+
 @dataclass(slots=True)
 class Outgoing:
+    """A message to publish; ``ack`` is an input to acknowledge once this is handed to the client.
+
+    An item with an empty topic only carries an acknowledgement.
+    """
+
     topic: str
     payload: bytes
     qos: int = 0
     retain: bool = False
+    ack: AckToken | None = None
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
@@ -69,7 +78,7 @@ class MqttLink:
         cfg: MqttConfig,
         *,
         subscriptions: Callable[[], Sequence[tuple[str, int]]],
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, AckToken | None], None],
         on_connected: Callable[[], Awaitable[None]] | None = None,
         status_topic: str,
     ) -> None:
@@ -87,6 +96,7 @@ class MqttLink:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._live: aiomqtt.Client | None = None
+        self._generation = 0
         self._subscribed: dict[str, int] = {}
         self._client = self._make_client()
 
@@ -96,15 +106,17 @@ class MqttLink:
         properties = None
         kwargs: dict[str, object] = {}
         if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # Inputs stay unacknowledged until answered: allow enough of them in flight.
+            properties.ReceiveMaximum = 1000
             if cfg.persistent_session:
-                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 properties.SessionExpiryInterval = cfg.session_expiry_s
                 kwargs["clean_start"] = False
             else:
                 kwargs["clean_start"] = True
         else:
             kwargs["clean_session"] = not cfg.persistent_session
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=cfg.resolved_username(),
@@ -121,16 +133,31 @@ class MqttLink:
             logger=logging.getLogger("edge.mqtt.client"),
             **kwargs,  # type: ignore[arg-type]
         )
+        # Acknowledge QoS 1/2 inputs only once they are answered (see MqttLink.ack): a daemon
+        # killed mid-batch gets them again from the broker. paho 2 reads this flag per message.
+        client._client._manual_ack = True
+        return client
 
     def publish(self, item: Outgoing) -> None:
         """Queue a message; never blocks. When the queue is full, the policy drops one (counted)."""
         if len(self.queue) >= self.cfg.publish_queue:
             self.dropped += 1
             if self.cfg.publish_queue_policy == "drop_newest":
+                self._ack_now(item.ack)
                 return
-            self.queue.popleft()
+            self._ack_now(self.queue.popleft().ack)
         self.queue.append(item)
         self._wakeup.set()
+
+    def ack(self, token: AckToken | None) -> None:
+        """Acknowledge an input after everything queued before (its answer) is handed to the client."""
+        if token is not None:
+            self.publish(Outgoing("", b"", ack=token))
+
+    def _ack_now(self, token: AckToken | None) -> None:
+        if token is None or token[0] != self._generation or self._live is None:
+            return  # from an earlier connection: the broker sends it again, unacknowledged
+        self._live._client.ack(token[1], token[2])
 
     def stop(self) -> None:
         self._stopping.set()
@@ -178,6 +205,7 @@ class MqttLink:
             await client.subscribe([(topic, qos) for topic, qos in subs])
         self._subscribed = dict(subs)
         self._live = client
+        self._generation += 1
         await client.publish(self.status_topic, b"online", qos=1, retain=True)
         log.info(
             "connected to %s:%s as %s; %d subscriptions",
@@ -230,11 +258,13 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         on_message = self._on_message
+        generation = self._generation
         async for message in client.messages:
             payload = message.payload
             if not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
-            on_message(message.topic.value, bytes(payload))
+            token = (generation, message.mid, message.qos) if message.qos else None
+            on_message(message.topic.value, bytes(payload), token)
 
     async def _send(self, client: aiomqtt.Client) -> None:
         raw = client._client  # the paho client: publishing without awaiting each ack batches writes
@@ -242,9 +272,14 @@ class MqttLink:
         while True:
             while queue:
                 item = queue[0]
+                if not item.topic:
+                    queue.popleft()
+                    self._ack_now(item.ack)
+                    continue
                 info = raw.publish(item.topic, item.payload, item.qos, item.retain)
                 if info.rc == paho.MQTT_ERR_SUCCESS:
                     queue.popleft()
+                    self._ack_now(item.ack)
                     continue
                 if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
                     await asyncio.sleep(0.005)  # paho's own queue is full: let the socket drain
@@ -258,7 +293,9 @@ class MqttLink:
         raw = client._client
         while self.queue:
             item = self.queue.popleft()
-            raw.publish(item.topic, item.payload, item.qos, item.retain)
+            if item.topic:
+                raw.publish(item.topic, item.payload, item.qos, item.retain)
+            self._ack_now(item.ack)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 3.0
         while loop.time() < deadline and (raw._out_messages or raw._out_packet):  # noqa: ASYNC110

@@ -40,6 +40,14 @@ class PipelineStats:
 
 
 @dataclass(slots=True)
+class PendingAck:
+    """An input message's acknowledgement, sent when the last of its work items is answered."""
+
+    token: tuple[int, int, int]
+    remaining: int
+
+
+@dataclass(slots=True)
 class WorkItem:
     """One input vector waiting for inference."""
 
@@ -48,6 +56,7 @@ class WorkItem:
     vector: npt.NDArray[np.float32]
     received: float  # time.perf_counter() when the message arrived
     ts: float  # sample time (epoch seconds)
+    ack: PendingAck | None = None
 
 
 def build_decoder(pipeline: str, cfg: PipelineConfig, readings: dict[str, str]) -> Decoder:

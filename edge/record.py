@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from edge.config import Config, ConfigError, PipelineConfig, WindowFeatures, load_config
 from edge.decode import DecodeError, TopicPattern, compile_path
-from edge.mqtt import MqttLink
+from edge.mqtt import AckToken, MqttLink
 from edge.pipeline import Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, ModelSpec
 
@@ -210,7 +210,8 @@ async def _record(  # noqa: PLR0917
 ) -> None:
     done = asyncio.Event()
 
-    def on_message(topic: str, payload: bytes) -> None:
+    def on_message(topic: str, payload: bytes, ack: AckToken | None = None) -> None:
+        link.ack(ack)
         if labels is not None and labels.update(topic, payload):
             return
         try:
