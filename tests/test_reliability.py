@@ -1,0 +1,295 @@
+"""Nothing lost across restarts and faults: numbered QoS 1 messages, a real Mosquitto, real kills.
+
+Each input goes to its own device id (``n<i>``), so the output topic says which input was answered.
+Inputs are published at QoS 1 by paho; the daemon keeps a persistent session (clean_start=False,
+session expiry) under a stable client id and acknowledges an input only once it is answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import Mosquitto, free_port
+from tests.harness import Collector, DaemonThread, Publisher, make_config, spawn_daemon, write_config
+from tests.onnx_models import snapshot_classifier
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _config(url: str, prefix: str, tmp_path: Path, **mqtt: Any) -> dict[str, Any]:
+    snapshot_classifier(tmp_path / "m.onnx", ["temperature", "humidity"], ["a", "b"], name="m")
+    return {
+        "mqtt": {
+            "url": url,
+            "base_topic": f"{prefix}/ei",
+            "client_id": f"ei-{prefix}",
+            "keepalive": 5,
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 1.0,
+            **mqtt,
+        },
+        "models": {"m": {"path": "m.onnx"}},
+        "pipelines": {
+            "room": {
+                "model": "m",
+                "source": {"topics": [f"{prefix}/in/{{device}}"], "qos": 1},
+                "output": {"qos": 1},
+                "max_devices": 1_000_000,
+            }
+        },
+        "homeassistant": {"enabled": False},
+    }
+
+
+def _answered(out: Collector, prefix: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for message in out.messages:
+        name = message.topic.rsplit("/", 1)[-1]
+        if message.topic.startswith(f"{prefix}/ei/room/n") and name[1:].isdigit():
+            counts[int(name[1:])] = counts.get(int(name[1:]), 0) + 1
+    return counts
+
+
+def _publish(pub: Publisher, prefix: str, numbers: range) -> None:
+    for i in numbers:
+        pub.send(f"{prefix}/in/n{i}", {"temperature": i % 40, "humidity": 50}, qos=1)
+
+
+def _wait_online(url: str, prefix: str) -> None:
+    status = Collector(url, f"{prefix}/ei/status")
+    status.wait(lambda m: bool(m) and m[-1].payload == b"online", timeout=30)
+    status.close()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_messages_published_while_daemon_is_down_are_answered(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, how: str
+) -> None:
+    p = topic_prefix
+    path = write_config(_config(mosquitto.url, p, tmp_path), tmp_path / "c.yaml")
+    out = Collector(mosquitto.url, f"{p}/ei/room/+")
+    pub = Publisher(mosquitto.url)
+    proc = spawn_daemon(path)
+    try:
+        _wait_online(mosquitto.url, p)
+        _publish(pub, p, range(100))
+        out.wait(lambda m: len(_answered(out, p)) >= 100, timeout=30)
+        # Stop it mid-stream: a thread keeps publishing while the daemon dies.
+        sender = threading.Thread(target=_publish, args=(pub, p, range(100, 400)))
+        sender.start()
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+        proc.wait(20)
+        sender.join()
+        _publish(pub, p, range(400, 500))  # while it is down
+        proc = spawn_daemon(path)
+        out.wait(lambda m: len(_answered(out, p)) >= 500, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        pub.close()
+    answered = _answered(out, p)
+    assert sorted(answered) == list(range(500)), sorted(set(range(500)) - set(answered))[:20]
+    duplicates = sum(1 for c in answered.values() if c > 1)
+    if how == "SIGTERM":
+        assert duplicates == 0  # a clean stop answers or leaves for redelivery, never both
+    out.close()
+
+
+def test_broker_restart_with_persistence_loses_nothing(
+    fresh_broker: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    fresh_broker.persistence = True
+    fresh_broker.start()
+    cfg = make_config(_config(fresh_broker.url, p, tmp_path), tmp_path)
+    with DaemonThread(cfg) as runner:
+        out = Collector(fresh_broker.url, f"{p}/ei/room/+")
+        pub = Publisher(fresh_broker.url)
+        _publish(pub, p, range(200))
+        out.wait(lambda m: len(_answered(out, p)) >= 200, timeout=30)
+        answered_before = _answered(out, p)
+        out.close()
+        pub.close()
+        # The broker goes down (saving its state) while the daemon runs; a publisher queues at QoS 1 on
+        # its side meanwhile; then the broker comes back on the same port.
+        fresh_broker.stop()
+        time.sleep(1.0)
+        fresh_broker.start()
+        deadline = time.monotonic() + 20
+        while not runner.call(lambda: runner.daemon.link.connected.is_set()):
+            assert time.monotonic() < deadline, "daemon did not reconnect"
+            time.sleep(0.1)
+        out = Collector(fresh_broker.url, f"{p}/ei/room/+")
+        pub = Publisher(fresh_broker.url)
+        _publish(pub, p, range(200, 400))
+        out.wait(lambda m: len(_answered(out, p)) >= 200, timeout=30)
+        answered_after = _answered(out, p)
+        pub.close()
+        out.close()
+    assert sorted(answered_before) == list(range(200))
+    assert sorted(answered_after) == list(range(200, 400))
+
+
+class StallProxy:
+    """A TCP proxy on loopback that can black-hole traffic (a half-open connection) or cut it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target = target_port
+        self.stalled = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.2)
+        self._closing = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self.stalled.is_set():
+                    continue  # silently dropped: neither side is told
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def cut(self) -> None:
+        for sock in self._conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._conns.clear()
+
+    def close(self) -> None:
+        self._closing.set()
+        self.cut()
+        self._server.close()
+
+
+def test_half_open_connection_is_detected_by_keepalive(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    proxy = StallProxy(mosquitto.port)
+    data = _config(f"mqtt://127.0.0.1:{proxy.port}", p, tmp_path, keepalive=5)
+    try:
+        with DaemonThread(make_config(data, tmp_path)) as runner:
+            out = Collector(mosquitto.url, f"{p}/ei/room/+")
+            pub = Publisher(mosquitto.url)
+            _publish(pub, p, range(5))
+            out.wait(lambda m: len(_answered(out, p)) >= 5)
+            proxy.stalled.set()
+            stalled_at = time.monotonic()
+            _publish(pub, p, range(5, 10))  # queued for the daemon's session by the broker
+            deadline = time.monotonic() + 30
+            while runner.call(lambda: runner.daemon.link.connected.is_set()):
+                assert time.monotonic() < deadline, "half-open connection never detected"
+                time.sleep(0.2)
+            detected = time.monotonic() - stalled_at
+            proxy.stalled.clear()
+            proxy.cut()
+            out.wait(lambda m: len(_answered(out, p)) >= 10, timeout=30)
+            recovered = time.monotonic() - stalled_at
+            pub.close()
+            out.close()
+    finally:
+        proxy.close()
+    # keepalive 5 s: the client notices a missing PINGRESP within about 1.5 x keepalive.
+    assert detected < 12, detected
+    assert recovered < 30, recovered
+
+
+def test_inference_error_fails_only_that_batch(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    cfg = make_config(_config(mosquitto.url, p, tmp_path), tmp_path)
+    with DaemonThread(cfg) as runner:
+        out = Collector(mosquitto.url, f"{p}/ei/room/+")
+        pub = Publisher(mosquitto.url)
+        model = runner.daemon.models["m"]  # type: ignore[union-attr]
+        original = model.run_sync
+        calls = {"n": 0}
+
+        def flaky(batch: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated ONNX Runtime failure")
+            return original(batch)
+
+        model.run_sync = flaky  # type: ignore[method-assign]
+        for i in range(3):
+            _publish(pub, p, range(i, i + 1))
+            time.sleep(0.3)
+        out.wait(lambda m: len(_answered(out, p)) >= 2)
+        time.sleep(0.5)
+        stats = runner.call(lambda: runner.daemon.pipelines["room"].stats.as_dict())
+        pub.close()
+        out.close()
+    assert sorted(_answered(out, p)) == [0, 2]
+    assert stats["dropped"] == {"inference_failed": 1}
+
+
+def test_least_privilege_acl(tmp_path: Path, topic_prefix: str) -> None:
+    """The daemon works as a user allowed only what docs/reliability.md lists; outside it, the broker
+    refuses and the daemon carries on."""
+    p = topic_prefix
+    acl = (
+        "user edge\n"
+        f"topic read {p}/in/#\n"
+        f"topic readwrite {p}/ei/#\n"
+        f"topic readwrite {p}/ha/#\n"
+        "\nuser tester\ntopic readwrite #\n"
+    )
+    broker = Mosquitto(tmp_path / "mq", users={"edge": "e", "tester": "t"}, acl=acl).start()
+    try:
+        data = _config(broker.url, p, tmp_path, username="edge", password="e")
+        data["homeassistant"] = {"discovery_prefix": f"{p}/ha", "status_topic": f"{p}/ha/status"}
+        data["pipelines"]["rogue"] = {
+            "model": "m",
+            "source": {"topics": [f"{p}/in/{{device}}"]},
+            "output": {"topic": f"{p}/elsewhere/{{device}}", "qos": 1},
+        }
+        url = broker.url.replace("mqtt://", "mqtt://tester:t@")
+        out = Collector(url, f"{p}/#")
+        pub = Publisher(url)
+        with DaemonThread(make_config(data, tmp_path)) as runner:
+            _publish(pub, p, range(3))
+            out.wait(lambda m: len(_answered(out, p)) >= 3)
+            out.wait(lambda m: any(x.topic.startswith(f"{p}/ha/device/") for x in m), timeout=10)
+            _publish(pub, p, range(3, 6))
+            out.wait(lambda m: len(_answered(out, p)) >= 6)
+            connected = runner.call(lambda: runner.daemon.link.connected.is_set())
+        pub.close()
+        out.close()
+    finally:
+        broker.stop()
+    assert connected
+    # The tester may read everything: nothing the ACL forbids the daemon ever reached the broker's topics.
+    assert not [m for m in out.messages if m.topic.startswith(f"{p}/elsewhere/")]
