@@ -83,6 +83,15 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
             f"| {k} | {_fmt(metrics[k]['mae'])} | {_fmt(metrics[k]['rmse'])} | {metrics[k]['n']} |"
             for k in order
         ]
+    if "window_sweep" in report:
+        sweep = report["window_sweep"]
+        lines += ["", "### Window length (last T samples of each test series)", "", sweep["note"] + ".", ""]
+        lines += ["| T | minutes | fp32 | int8 | MiniRocket |", "|---|---|---|---|---|"]
+        for row in sweep["rows"]:
+            lines.append(
+                f"| {row['window']} | {row.get('minutes', '')} | {_fmt(row['fp32'], 2)} | "
+                f"{_fmt(row.get('int8', ''), 2)} | {_fmt(row.get('minirocket', ''), 2)} |"
+            )
     if "int8_loss_points" in report:
         lines += [
             "",

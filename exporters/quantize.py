@@ -125,6 +125,28 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
     return changed
 
 
+def compact(model: onnx.ModelProto) -> None:
+    """Short names for nodes and internal tensors, no value_info or doc strings: the int8 graph's
+    bookkeeping (long generated names such as ``/model/body/.../Relu_output_0_QuantizeLinear_Output``)
+    otherwise costs as much as the weights of a small model. Graph inputs and outputs keep their names."""
+    keep = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for init in model.graph.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+        node.doc_string = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    del model.graph.value_info[:]
+
+
 def quantize_model(
     fp32: Path, out: Path, spec: QuantizeSpec, calibration: np.ndarray, mode: str = "auto"
 ) -> dict[str, Any]:
@@ -209,6 +231,7 @@ def quantize_model(
                 gemm_rewritten_to_matmul=rewritten,
             )
     qmodel = onnx.load(str(out))
+    compact(qmodel)
     settings["int8_ops"] = sorted(
         {
             n.op_type
@@ -239,7 +262,7 @@ def quantize(
     settings = quantize_model(fp32, out, spec, calib, mode)
     x_test = ds.model_input(ds.x_test)
     fp32_m = evaluate(ds.task, ds.y_test, run_onnx(session(fp32), x_test), ds.labels)
-    int8_m = evaluate(ds.task, ds.y_test, run_onnx(session(out), x_test), ds.labels)
+    int8_m = evaluate(ds.task, ds.y_test, run_onnx(session(out), x_test, batch=1), ds.labels)
     if ds.task == "classification":
         loss = 100.0 * (headline(ds.task, fp32_m) - headline(ds.task, int8_m))
         what = f"accuracy fp32 {fp32_m['accuracy']:.4f} -> int8 {int8_m['accuracy']:.4f}"

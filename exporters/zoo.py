@@ -57,7 +57,9 @@ def window_sweep(
             row["minutes"] = round(t_len * ds.sample_period_s / 60.0, 1)
         row["fp32"] = evaluate(ds.task, ds.y_test, run_onnx(session(fp32), x), ds.labels)["accuracy"]
         if int8 is not None:
-            row["int8"] = evaluate(ds.task, ds.y_test, run_onnx(session(int8), x), ds.labels)["accuracy"]
+            row["int8"] = evaluate(ds.task, ds.y_test, run_onnx(session(int8), x, batch=1), ds.labels)[
+                "accuracy"
+            ]
         if baseline:
             row["minirocket"] = minirocket_baseline(ds)["accuracy"]
         rows.append(row)
@@ -74,18 +76,29 @@ def save_test_split(ds: DataSet, path: Path) -> None:
     np.savez_compressed(path, x=x, y=ds.y_test, labels=np.array(ds.labels))
 
 
-def build_one(name: str, models_dir: Path, build_dir: Path, progress: bool) -> dict[str, Any]:
+def build_one(
+    name: str, models_dir: Path, build_dir: Path, progress: bool, reuse: bool = False
+) -> dict[str, Any]:
     from exporters.export import export
     from exporters.quantize import quantize
-    from exporters.train import train
+    from exporters.train import load_checkpoint, train
 
     out = models_dir / name
     recipe: Recipe = load_recipe(out / "recipe.yaml")
     started = time.monotonic()
-    result = train(recipe, out, progress=progress, checkpoint=build_dir / name / f"{name}.pt")
-    ds = result.dataset
+    checkpoint = build_dir / name / f"{name}.pt"
+    if reuse and checkpoint.exists():  # re-export, re-quantize and re-measure a trained model
+        ckpt = load_checkpoint(checkpoint)
+        if ckpt.recipe != recipe:
+            raise SystemExit(
+                f"[{name}] {checkpoint} was trained from another recipe: rebuild without --reuse"
+            )
+        ds, train_metrics = load_dataset(recipe), ckpt.metrics
+    else:
+        result = train(recipe, out, progress=progress, checkpoint=checkpoint)
+        ds, train_metrics = result.dataset, result.metrics
     fp32 = out / f"{name}.fp32.onnx"
-    export(result.checkpoint, fp32)
+    export(checkpoint, fp32)
     q = quantize(fp32, out / f"{name}.int8.onnx", ds, recipe.quantize, mode=recipe.quantize.mode)
     print(f"[{name}] {q.message}", file=sys.stderr)
     if q.refused:
@@ -94,8 +107,8 @@ def build_one(name: str, models_dir: Path, build_dir: Path, progress: bool) -> d
         "rebuild": f"`make models` (or `python -m exporters.zoo {name}`), recipe "
         f"`models/{name}/recipe.yaml`, seed {recipe.train.seed}",
         "training": {
-            "best_epoch": result.metrics["best_epoch"],
-            "epochs_run": result.metrics["epochs_run"],
+            "best_epoch": train_metrics["best_epoch"],
+            "epochs_run": train_metrics["epochs_run"],
             "seconds": round(time.monotonic() - started, 1),
         },
     }
@@ -108,7 +121,7 @@ def build_one(name: str, models_dir: Path, build_dir: Path, progress: bool) -> d
         lengths = sorted({*(int(series * f) for f in (0.25, 0.5, 0.75)), series, ds.window or series})
         extra["window_sweep"] = window_sweep(ds, fp32, q.path, lengths, baseline=True)
     save_test_split(ds, out / "test_split.npz")
-    return verify_models(fp32, recipe, out, int8=q.path, checkpoint=result.checkpoint, extra=extra)
+    return verify_models(fp32, recipe, out, int8=q.path, checkpoint=checkpoint, extra=extra)
 
 
 def models_table(models_dir: Path) -> str:
@@ -176,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "models.md")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--docs-only", action="store_true", help="only regenerate docs/models.md")
+    p.add_argument("--reuse", action="store_true", help="reuse checkpoints in --build-dir (skip training)")
     args = p.parse_args(argv)
     names = args.names or sorted(d.parent.name for d in args.models_dir.glob("*/recipe.yaml"))
     if not args.docs_only:
         for name in names:
-            report = build_one(name, args.models_dir, args.build_dir, progress=not args.no_progress)
+            report = build_one(
+                name, args.models_dir, args.build_dir, progress=not args.no_progress, reuse=args.reuse
+            )
             m = report["metrics"]
             print(
                 f"{name}: pytorch {m['pytorch']['accuracy']:.4f} fp32 {m['fp32']['accuracy']:.4f} "
