@@ -51,7 +51,7 @@ def kernel_check(int8: Path, x: np.ndarray, task: str) -> dict[str, Any]:
     """
     import onnxruntime as ort
 
-    got = run_onnx(session(int8), x)
+    got = run_onnx(session(int8), x, batch=1)
     model = onnx.load(str(int8))
     try:
         from onnx import version_converter
@@ -74,7 +74,7 @@ def kernel_check(int8: Path, x: np.ndarray, task: str) -> dict[str, Any]:
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
         sess = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
-        ref = run_onnx(sess, x)
+        ref = run_onnx(sess, x, batch=1)
         method = (
             f"onnxruntime without graph optimizations (onnx.reference cannot run this graph: "
             f"{type(exc).__name__}: {str(exc)[:80]})"
