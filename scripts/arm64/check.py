@@ -356,6 +356,116 @@ def check_daemon(plat: Platforms, tmp: Path, run_seconds: float) -> dict[str, An
         broker.stop()
 
 
+def check_daemon_zoo(plat: Platforms, tmp: Path, windows: int = 4) -> dict[str, Any]:
+    """The daemon under emulation with the smallest zoo model, fed its test split through MQTT."""
+    from tests.broker import Mosquitto
+    from tests.harness import Collector, Publisher
+
+    candidates = []
+    for entry in discover_zoo(REPO / "models"):
+        if entry["split"] is None:
+            continue
+        manifest, input_name = _manifest(entry["model"])
+        if manifest is None or manifest.input.layout not in ("window", "snapshot"):
+            continue
+        size = (manifest.input.window or 1) * len(manifest.input.features)
+        candidates.append((size, entry["model"], entry["split"], manifest, input_name))
+    if not candidates:
+        return {"ok": True, "note": "no zoo model with a window/snapshot layout and a test split yet"}
+    _, model, split, manifest, input_name = min(candidates, key=lambda c: c[0])
+    x, _ = load_split(split)
+    x = x[: windows * 37 : 37]  # a few windows spread over the split
+    features = list(manifest.input.features)
+    window = manifest.input.window if manifest.input.layout == "window" else 1
+    period = manifest.input.sample_period_s or 1.0
+    prefix = f"z{uuid.uuid4().hex[:8]}"
+    work = tmp / "daemon-zoo"
+    work.mkdir()
+    import yaml
+
+    features_cfg: dict[str, Any] = (
+        {"type": "window", "hop": window} if manifest.input.layout == "window" else {"type": "snapshot"}
+    )
+    config = {
+        "mqtt": {"url": "", "base_topic": f"{prefix}/ei", "client_id": f"ei-{prefix}"},
+        # max_batch 1: dynamic quantization scales activations per batch; batch 1 compares exactly
+        "models": {"zoo": {"path": str(model), "max_batch": 1}},
+        "pipelines": {
+            "zoo": {
+                "model": "zoo",
+                "source": {"topics": [f"{prefix}/sensors/{{device}}"], "timestamp_field": "t"},
+                "features": features_cfg,
+            }
+        },
+        "homeassistant": {"enabled": False},
+    }
+    broker = Mosquitto(work / "mosquitto").start()
+    out = pub = None
+    proc: subprocess.Popen[str] | None = None
+    log_path = work / "daemon.log"
+    try:
+        config["mqtt"]["url"] = broker.url
+        cfg_path = work / "zoo.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        out = Collector(broker.url, f"{prefix}/ei/#")
+        pub = Publisher(broker.url)
+        cmd, env = plat.command("arm64", "-m", "edge.cli", "run", "-c", str(cfg_path))
+        started = time.monotonic()
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+            )
+        status = f"{prefix}/ei/status"
+        out.wait(lambda m: any(x.topic == status and x.payload == b"online" for x in m), timeout=300)
+        t = 1_700_000_000.0
+        rows = x.reshape(len(x), window, len(features))
+        for sample in rows.reshape(-1, len(features)):
+            pub.send(f"{prefix}/sensors/room1", {"t": t, **dict(zip(features, sample.tolist(), strict=True))})
+            t += period
+        topic = f"{prefix}/ei/zoo/room1"
+        out.wait(lambda m: sum(msg.topic == topic for msg in m) >= len(x), timeout=300)
+        got = [m.json() for m in out.on(topic)]
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        expected = np.concatenate([session.run(None, {input_name: x[i : i + 1]})[0] for i in range(len(x))])
+        labels = list(manifest.labels)
+        mismatches = [
+            i
+            for i, (row, msg) in enumerate(zip(expected, got, strict=False))
+            if msg["label"] != labels[int(np.argmax(row))]
+        ]
+        diffs = [abs(msg["confidence"] - float(row.max())) for row, msg in zip(expected, got, strict=False)]
+        max_diff = max(diffs) if diffs else None
+        return {
+            "ok": rc == 0
+            and len(got) == len(x)
+            and not mismatches
+            and max_diff is not None
+            and max_diff <= 1e-3,
+            "model": str(model.relative_to(REPO)),
+            "windows": len(x),
+            "predictions": len(got),
+            "label_mismatches": mismatches,
+            "max_abs_diff_vs_host_ort": max_diff,
+            "tolerance": 1e-3,
+            "exit_code": rc,
+            "ran_seconds": round(time.monotonic() - started, 1),
+            "log_tail": log_path.read_text(errors="replace")[-1200:],
+        }
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for client in (out, pub):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+        broker.stop()
+
+
 # ---------------------------------------------------------------------- 4. zoo
 
 SPLIT_KEYS = [("x", "y"), ("x_test", "y_test"), ("X_test", "y_test"), ("inputs", "labels"), ("x", None)]
@@ -660,14 +770,16 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--report", type=Path, help="JSON report (default: $ARM64_CACHE/report.json)")
-    parser.add_argument("--only", nargs="*", choices=["import", "check", "daemon", "zoo", "matmulinteger"])
+    parser.add_argument(
+        "--only", nargs="*", choices=["import", "check", "daemon", "daemon_zoo", "zoo", "matmulinteger"]
+    )
     parser.add_argument("--run-seconds", type=float, default=5.0, help="how long the emulated daemon runs")
     parser.add_argument("--require-zoo", action="store_true", help="fail when models/ holds no int8 model")
     parser.add_argument("--no-avx2", action="store_true", help="skip the emulated AVX2 x86 comparisons")
     args = parser.parse_args(argv)
     report_path = args.report or cache_dir() / "report.json"
     plat = Platforms(avx2=not args.no_avx2)
-    only = set(args.only or ["import", "check", "daemon", "zoo", "matmulinteger"])
+    only = set(args.only or ["import", "check", "daemon", "daemon_zoo", "zoo", "matmulinteger"])
     qemu = find_qemu("qemu-aarch64-static")
     qemu_version = (
         subprocess.run([qemu, "--version"], check=False, capture_output=True, text=True).stdout.splitlines()[
@@ -701,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
             timed(report, "check", lambda: check_configs(plat, tmp))
         if "daemon" in only:
             timed(report, "daemon", lambda: check_daemon(plat, tmp, args.run_seconds))
+        if "daemon_zoo" in only:
+            timed(report, "daemon_zoo", lambda: check_daemon_zoo(plat, tmp))
         if "zoo" in only:
             timed(report, "zoo", lambda: check_zoo(plat, tmp, args.require_zoo))
         if "matmulinteger" in only:
