@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark machinery: a tiny run end to end, the JSON has its keys.
+
+No timing assertions: numbers on a shared test machine mean nothing; the bench reports them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.runner import Settings, run_suite
+from edge.benchcli import cli_bench
+
+
+@pytest.mark.broker
+def test_tiny_bench_run_writes_results(tmp_path: Path) -> None:
+    result = run_suite(Settings.tiny(), tmp_path, log=lambda _line: None)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    json_files = [f for f in files if f.endswith(".json")]
+    assert len(json_files) == 1
+    assert any(f.endswith(".md") for f in files)
+    data = json.loads((tmp_path / json_files[0]).read_text())
+    assert data == json.loads(json.dumps(result))
+    for key in ("schema", "date", "mode", "command", "machine", "systems", "scaling", "headline", "goals"):
+        assert key in data
+    assert {"paho-echo", "edge-snapshot"} <= set(data["systems"])
+    for system in data["systems"].values():
+        assert {"label", "kind", "ready_s", "peak_rss_mb", "loads"} <= set(system)
+        assert {"100", "saturation"} <= set(system["loads"])
+        sat = system["loads"]["saturation"]
+        assert {"throughput_msg_s", "latency_ms", "cpu_s_per_1000", "rss_mb"} <= set(sat)
+        assert set(sat["latency_ms"]) >= {"p50", "p95", "p99", "n"}
+        assert sat["received"] > 0  # the answers were seen and matched to their inputs
+        assert sat["latency_ms"]["n"] > 0
+    assert [row["devices"] for row in data["scaling"]["devices"]] == [1, 10]
+    assert [row["pipelines"] for row in data["scaling"]["pipelines"]] == [1]
+    assert data["headline"]["ceiling_msg_s"] is not None
+    assert data["headline"]["daemon_loaded_torch"] is False
+    assert "saturation >= 0.8 x ceiling" in data["goals"]
+    assert data["machine"]["usable_cpus"] >= 1
+
+
+def test_cli_bench_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_bench(["--help"])
+    assert exc.value.code == 0
+    assert "--quick" in capsys.readouterr().out
