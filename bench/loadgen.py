@@ -15,6 +15,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import multiprocessing.connection
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,8 +41,21 @@ def _connect(port: int) -> Any:
     from paho.mqtt.enums import CallbackAPIVersion
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
     client.connect("127.0.0.1", port, keepalive=60)
+    _nodelay(client)
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("publisher could not connect")
     return client
+
+
+def _nodelay(client: Any) -> None:
+    """The harness's own sockets send at once (no Nagle), so they add no delay of their own."""
+    sock = client.socket()
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _publisher(
@@ -58,7 +72,6 @@ def _publisher(
     """Publish ``count`` messages round-robin over ``indices``; ``rate`` None = as fast as possible."""
     rng = np.random.default_rng(seed)
     client = _connect(port)
-    client.loop_start()
     topics = [streams[i].in_topic for i in indices]
     # payload = '{"t": <send time>, <fields with fixed random values>}'
     tails = []
@@ -155,6 +168,7 @@ def _subscriber(port: int, filters: list[str], conn: multiprocessing.connection.
     client.on_message = on_message
     client.on_subscribe = lambda *_a: subscribed.set()
     client.connect("127.0.0.1", port, keepalive=60)
+    _nodelay(client)
     client.subscribe([(f, 0) for f in filters])
     client.loop_start()
     subscribed.wait(10)

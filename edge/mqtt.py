@@ -257,14 +257,39 @@ class MqttLink:
         self._subscribed = wanted
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        """Hand each incoming message to ``on_message`` straight from paho's read callback.
+
+        aiomqtt's ``async for client.messages`` costs a queue entry, a task and an ``asyncio.wait``
+        per message; taking over paho's ``on_message`` for the session removes all three (see
+        docs/performance.md). Ends with :class:`aiomqtt.MqttError` when the connection drops, as
+        the iterator did.
+        """
         on_message = self._on_message
         generation = self._generation
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                payload = b"" if payload is None else str(payload).encode()
-            token = (generation, message.mid, message.qos) if message.qos else None
-            on_message(message.topic.value, bytes(payload), token)
+        raw = client._client
+
+        def deliver(message: paho.MQTTMessage) -> None:
+            payload = message.payload  # paho gives bytes
+            qos = message.qos
+            on_message(message.topic, bytes(payload or b""), (generation, message.mid, qos) if qos else None)
+
+        previous = raw.on_message
+        raw.on_message = lambda _client, _userdata, message: deliver(message)
+        disconnected = client._disconnected
+        try:
+            queued = client._queue  # what aiomqtt queued before the hand-over, in order
+            while not queued.empty():
+                early = queued.get_nowait()
+                payload = early.payload
+                if not isinstance(payload, bytes | bytearray):
+                    payload = b"" if payload is None else str(payload).encode()
+                token = (generation, early.mid, early.qos) if early.qos else None
+                on_message(early.topic.value, bytes(payload), token)
+            await asyncio.wait([disconnected])
+        finally:
+            raw.on_message = previous
+        cause = None if disconnected.cancelled() else disconnected.exception()
+        raise aiomqtt.MqttError("Disconnected during message iteration") from cause
 
     async def _send(self, client: aiomqtt.Client) -> None:
         raw = client._client  # the paho client: publishing without awaiting each ack batches writes
