@@ -41,6 +41,7 @@ class System:
     warmup_per_stream: int = 1
     workdir: Path | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (A/B experiments)
     proc: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
     ready_s: float | None = None
@@ -65,7 +66,7 @@ class System:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
         )
         log.close()
         try:
