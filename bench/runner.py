@@ -175,7 +175,7 @@ class Bench:
         per = system.warmup_per_stream
         count = per * len(system.streams)
         publish(self.port, system.streams, count, None, processes=self.s.publishers, seed=99)
-        self.sub.settle(count, idle_s=0.7, timeout_s=120)
+        self.sub.settle(count, idle_s=0.7 + len(system.streams) / 5000, timeout_s=120)
         self.sub.take()
 
     def phase(self, system: System, count: int, rate: float | None) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class Bench:
         cpu0 = system.cpu_s()
         processes = 1 if rate is not None else self.s.publishers
         idx, sent = publish(self.port, system.streams, count, rate, processes=processes)
-        self.sub.settle(count, idle_s=1.0, timeout_s=max(30.0, count / 500))
+        self.sub.settle(count, idle_s=1.0 + len(system.streams) / 5000, timeout_s=max(30.0, count / 500))
         cpu1 = system.cpu_s()
         records = self.sub.take()
         m = match(records, system.streams, idx, sent)
