@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,10 @@ def test_bridge_info_is_retained_with_counters(
 def test_check_prints_plan(tmp_path: Path, topic_prefix: str) -> None:
     path = write_config(base_config("mqtt://127.0.0.1:1", topic_prefix, tmp_path), tmp_path / "c.yaml")
     result = subprocess.run(
-        ["python", "-m", "edge.cli", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "edge.cli", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert f"in:  {topic_prefix}/z2m/+" in result.stdout
