@@ -15,11 +15,13 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.config import MqttConfig
 
@@ -99,6 +101,15 @@ class MqttLink:
         self._live: aiomqtt.Client | None = None
         self._generation = 0
         self._subscribed: dict[str, int] = {}
+        # Answers handed to paho on this connection and not yet confirmed (PUBACK for QoS 1/2,
+        # written to the socket for QoS 0): paho message id -> order of hand-over. Acknowledgements
+        # of inputs wait in ``_held`` (with the order of the last answer before them) until every
+        # answer handed over before them is confirmed, so an input is never acknowledged while its
+        # answer could still die with the process (paho holds QoS 1 publishes beyond its in-flight
+        # window in memory, while a PUBACK for an input is written at once).
+        self._handed = 0
+        self._unconfirmed: dict[int, int] = {}
+        self._held: collections.deque[tuple[int, AckToken]] = collections.deque()
         self._client = self._make_client()
 
     def _make_client(self) -> aiomqtt.Client:
@@ -151,9 +162,29 @@ class MqttLink:
         self._wakeup.set()
 
     def ack(self, token: AckToken | None) -> None:
-        """Acknowledge an input after everything queued before (its answer) is handed to the client."""
+        """Acknowledge an input once everything queued before it (its answer) is confirmed."""
         if token is not None:
             self.publish(Outgoing("", b"", ack=token))
+
+    def _ack_after_answers(self, token: AckToken | None) -> None:
+        if token is None:
+            return
+        if not self._unconfirmed:
+            self._ack_now(token)
+        else:
+            self._held.append((self._handed, token))
+
+    def _confirmed(self, mid: int) -> None:
+        """paho's on_publish: a QoS 0 answer is written, or a QoS 1/2 answer acknowledged."""
+        unconfirmed = self._unconfirmed
+        if unconfirmed.pop(mid, None) is None:
+            return
+        held = self._held
+        if not held:
+            return
+        oldest = next(iter(unconfirmed.values()), None)  # insertion order is hand-over order
+        while held and (oldest is None or held[0][0] < oldest):
+            self._ack_now(held.popleft()[1])
 
     def _ack_now(self, token: AckToken | None) -> None:
         if token is None or token[0] != self._generation or self._live is None:
@@ -220,6 +251,14 @@ class MqttLink:
         self.ever_connected.set()
         if self._on_connected is not None:
             await self._on_connected()
+        raw = client._client
+        aiomqtt_on_publish = raw.on_publish
+
+        def on_publish(c: paho.Client, u: Any, mid: int, rc: ReasonCode, props: Properties) -> None:
+            aiomqtt_on_publish(c, u, mid, rc, props)  # type: ignore[call-arg,misc]
+            self._confirmed(mid)
+
+        raw.on_publish = on_publish
         receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
         sender = asyncio.create_task(self._send(client), name="mqtt-send")
         stopper = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
@@ -238,6 +277,11 @@ class MqttLink:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            raw.on_publish = aiomqtt_on_publish
+            # Acknowledgements for this connection are void now: the broker sends those inputs
+            # again (paho resends the unconfirmed answers itself when the session is resumed).
+            self._held.clear()
+            self._unconfirmed.clear()
 
     async def update_subscriptions(self) -> None:
         """Apply a changed subscription list on the live connection (the next connect does it anyway)."""
@@ -332,12 +376,15 @@ class MqttLink:
                 item = queue[0]
                 if not item.topic:
                     queue.popleft()
-                    self._ack_now(item.ack)
+                    self._ack_after_answers(item.ack)
                     continue
                 info = raw.publish(item.topic, item.payload, item.qos, item.retain)
                 if info.rc == paho.MQTT_ERR_SUCCESS:
                     queue.popleft()
-                    self._ack_now(item.ack)
+                    self._handed += 1
+                    if not info.is_published():
+                        self._unconfirmed[info.mid] = self._handed
+                    self._ack_after_answers(item.ack)
                     continue
                 if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
                     await asyncio.sleep(0.005)  # paho's own queue is full: let the socket drain
@@ -352,11 +399,14 @@ class MqttLink:
         while self.queue:
             item = self.queue.popleft()
             if item.topic:
-                raw.publish(item.topic, item.payload, item.qos, item.retain)
-            self._ack_now(item.ack)
+                info = raw.publish(item.topic, item.payload, item.qos, item.retain)
+                self._handed += 1
+                if info.rc == paho.MQTT_ERR_SUCCESS and not info.is_published():
+                    self._unconfirmed[info.mid] = self._handed
+            self._ack_after_answers(item.ack)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 3.0
-        while loop.time() < deadline and (raw._out_messages or raw._out_packet):  # noqa: ASYNC110
+        while loop.time() < deadline and (raw._out_messages or raw._out_packet or self._held):  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # paho exposes no event for 'everything written'
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:

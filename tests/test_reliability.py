@@ -91,7 +91,11 @@ def test_messages_published_while_daemon_is_down_are_answered(
         sender.join()
         _publish(pub, p, range(400, 500))  # while it is down
         proc = spawn_daemon(path)
-        out.wait(lambda m: len(_answered(out, p)) >= 500, timeout=60)
+        try:
+            out.wait(lambda m: len(_answered(out, p)) >= 500, timeout=60)
+        except AssertionError:
+            missing = sorted(set(range(500)) - set(_answered(out, p)))
+            raise AssertionError(f"never answered: {missing}") from None
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
