@@ -26,7 +26,7 @@ $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 # torch is pinned to the CPU build *before* the train extra, so nothing pulls a CUDA build.
 $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[train,demo,dev]'
+	$(BIN)/pip install -q -e '.[train,demo,dev,fast]'
 	touch $@ $(VENV)/.installed-demo
 
 install-demo: $(VENV)/.installed-demo
@@ -49,7 +49,7 @@ bench: $(VENV)/.installed-all mosquitto
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 models: $(VENV)/.installed-all
-	$(BIN)/python -m exporters.zoo --all
+	$(BIN)/python -m exporters.zoo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
