@@ -1,7 +1,8 @@
 """A simulated home on MQTT: real data replayed in the real formats of the device families.
 
 * **Appliance plugs** replay ACSF1 power series (one sample every 10 s in the data set) as
-  Zigbee2MQTT plugs (``zigbee2mqtt/<name>``, JSON with power/voltage/current/energy/state) and
+  Zigbee2MQTT plugs (``zigbee2mqtt/<name>``, JSON with power/voltage/current/energy/state and
+  ``last_seen`` as with Zigbee2MQTT's ``advanced.last_seen: ISO_8601``) and
   Tasmota plugs (``tele/<name>/SENSOR`` with a nested ``ENERGY`` object and a ``Time``).
 * **Wearables** replay BasicMotions accelerometer/gyroscope series (10 Hz) as generic JSON on
   ``wearables/<name>/imu`` (``{"ts": ms, "accel": {x,y,z}, "gyro": {x,y,z}}``).
@@ -16,9 +17,10 @@
   ``edge-infer-sim/devices``. Device names carry the true class too (``sim_plug_03_fridge_freezer``).
 
 Simulated time runs ``speed`` times faster than the wall clock from the moment ``run`` starts;
-payload timestamps (Tasmota ``Time``, the wearable ``ts``) are simulated time, so their spacing
-is the data set's sample period whatever the speed. Wearables run at ``imu_speed`` (default
-``min(speed, 2)``), since a 10 Hz stream sped up 100 times would be 1000 messages a second each.
+payload timestamps (Tasmota ``Time``, Zigbee2MQTT ``last_seen``, the wearable ``ts``) are
+simulated time, so their spacing is the data set's sample period whatever the speed. Wearables
+run at ``imu_speed`` (default ``min(speed, 2)``), since a 10 Hz stream sped up 100 times would
+be 1000 messages a second each.
 
 Use it as a library (``await Simulator(SimConfig(...)).run("mqtt://host:1883", duration=60)``)
 or as ``edge-infer simulate --mqtt-url mqtt://127.0.0.1:1883 --speed 100 --devices 3``.
@@ -37,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -103,6 +105,11 @@ def _load_traces() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 def _iso_local(ts: float) -> str:
     return datetime.fromtimestamp(ts).replace(microsecond=0).isoformat()
+
+
+def _iso_utc_ms(ts: float) -> str:
+    """Zigbee2MQTT's ``last_seen`` with ``advanced.last_seen: ISO_8601``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Simulator:
@@ -201,6 +208,7 @@ class Simulator:
                 payload = {
                     "current": i,
                     "energy": round(energy[0], 3),
+                    "last_seen": _iso_utc_ms(ts),
                     "linkquality": 120 + step % 17,
                     "power": p,
                     "state": "ON",
@@ -339,6 +347,7 @@ class Simulator:
                     "co2": int(s["co2"]),
                     "humidity": round(s["humidity"], 1),
                     "illuminance": int(s["illuminance"]),
+                    "last_seen": _iso_utc_ms(ts),
                     "linkquality": 90 + step % 23,
                     "temperature": round(s["temperature"], 2),
                     "voltage": 3000,

@@ -137,6 +137,7 @@ class Board:
     truth: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_pipeline: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    first: dict[str, float] = field(default_factory=dict)  # pipeline -> monotonic time of its first
 
     def on_prediction(self, pipeline: str, device: str, body: dict[str, Any]) -> None:
         row = self.rows.setdefault((pipeline, device), DeviceRow(pipeline, device))
@@ -146,6 +147,7 @@ class Board:
         row.latency_ms = body.get("latency_ms")
         row.count += 1
         self.per_pipeline[pipeline] += 1
+        self.first.setdefault(pipeline, time.monotonic())
         expected = self.expected(pipeline, device)
         if expected is not None and row.label is not None:
             row.judged += 1
@@ -226,6 +228,25 @@ async def watch(url: str, board: Board, base: str) -> None:
                     board.on_prediction(parts[1], parts[2], json.loads(payload))
 
 
+def demo_config(config: Config, url: str, speed: float, protocol: str = "5") -> Config:
+    """The example config as the demo runs it: its broker, and output intervals at simulated speed.
+
+    Nothing else changes: the pipelines, models, windows and Home Assistant discovery are those of
+    the file. Windows fill at simulated speed by themselves (the simulator's payloads carry simulated
+    time or arrive that much faster); the output policy's wall-clock intervals (``heartbeat_s``,
+    ``min_interval_s``) are divided by ``speed`` so a sped-up home also reports sped up.
+    """
+    pipelines = {}
+    for name, pipeline in config.pipelines.items():
+        out = pipeline.output
+        update: dict[str, Any] = {"min_interval_s": out.min_interval_s / speed}
+        if out.heartbeat_s is not None:
+            update["heartbeat_s"] = max(out.heartbeat_s / speed, 0.5)
+        pipelines[name] = pipeline.model_copy(update={"output": out.model_copy(update=update)})
+    mqtt = config.mqtt.model_copy(update={"url": url, "protocol": protocol})
+    return config.model_copy(update={"mqtt": mqtt, "pipelines": pipelines})
+
+
 def demo_speed(models: dict[str, LoadedModel], target_s: float = 25.0) -> float:
     """Fast enough that the longest window fills within ``target_s``, and at least 60×."""
     longest = 0.0
@@ -237,7 +258,10 @@ def demo_speed(models: dict[str, LoadedModel], target_s: float = 25.0) -> float:
 
 
 async def run_demo(
-    args: argparse.Namespace, config: Config, models: dict[str, LoadedModel]
+    args: argparse.Namespace,
+    config: Config,
+    models: dict[str, LoadedModel],
+    launched: float | None = None,
 ) -> dict[str, Any]:
     from devices.simulate import SimConfig, Simulator
 
@@ -245,12 +269,11 @@ async def run_demo(
     broker = EmbeddedBroker(port, args.broker, "0.0.0.0" if args.mqtt_port else "127.0.0.1")
     await broker.start()
     url = f"mqtt://127.0.0.1:{port}"
-    mqtt = config.mqtt.model_copy(update={"url": url, "protocol": "3.1.1" if broker.kind == "amqtt" else "5"})
-    config = config.model_copy(update={"mqtt": mqtt})
+    speed = args.speed or demo_speed(models)
+    config = demo_config(config, url, speed, "3.1.1" if broker.kind == "amqtt" else "5")
     daemon = Daemon(config, models)
     labels = {name: list(p.spec.labels) for name, p in daemon.pipelines.items()}
     board = Board(labels)
-    speed = args.speed or demo_speed(models)
     sim = Simulator(SimConfig(speed=speed, devices=args.devices, seed=args.seed))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -264,6 +287,8 @@ async def run_demo(
     daemon_task = asyncio.create_task(daemon.run(), name="daemon")
     await asyncio.wait_for(daemon.ready.wait(), 20)
     watch_task = asyncio.create_task(watch(url, board, config.mqtt.base_topic), name="watch")
+    await asyncio.sleep(0.2)  # let the view subscribe before the first prediction can come
+    board.started = time.monotonic()
     sim_task = asyncio.create_task(sim.run(url, None), name="simulate")
     live = None
     if not args.no_ui and sys.stdout.isatty():
@@ -305,6 +330,8 @@ async def run_demo(
         "broker": broker.kind,
         "speed": speed,
         "seconds": round(time.monotonic() - started, 1),
+        # from the command's start until the simulated home began publishing (broker, models, daemon)
+        "startup_s": None if launched is None else round(board.started - launched, 1),
         "pipelines": {},
     }
     for name in sorted(daemon.pipelines):
@@ -315,6 +342,10 @@ async def run_demo(
             "devices": len(devices),
             "accuracy_vs_truth": None if not judged else round(correct / judged, 3),
             "judged": judged,
+            # seconds from the simulator's start to this pipeline's first prediction
+            "first_prediction_s": (
+                round(board.first[name] - board.started, 1) if name in board.first else None
+            ),
         }
     return summary
 
@@ -337,6 +368,7 @@ def cli_demo(argv: Sequence[str]) -> int:
     parser.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live table")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
+    launched = time.monotonic()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, "mqtt://127.0.0.1:1883")
@@ -345,7 +377,7 @@ def cli_demo(argv: Sequence[str]) -> int:
         print(f"edge-infer demo: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(run_demo(args, config, models))
+        summary = asyncio.run(run_demo(args, config, models, launched))
     except RuntimeError as exc:
         print(f"edge-infer demo: {exc}", file=sys.stderr)
         return 1
@@ -354,9 +386,12 @@ def cli_demo(argv: Sequence[str]) -> int:
     else:
         print(
             f"\nsummary after {summary['seconds']} s "
-            f"({summary['broker']} broker, simulated time ×{summary['speed']:g}):"
+            f"({summary['broker']} broker, simulated time ×{summary['speed']:g}, "
+            f"started in {summary['startup_s']} s):"
         )
         for name, info in summary["pipelines"].items():
+            first = info["first_prediction_s"]
+            first_text = "none yet" if first is None else f"first after {first} s"
             accuracy = (
                 ""
                 if info["accuracy_vs_truth"] is None
@@ -365,5 +400,8 @@ def cli_demo(argv: Sequence[str]) -> int:
                     f"({info['judged']} judged)"
                 )
             )
-            print(f"  {name}: {info['predictions']} predictions for {info['devices']} devices{accuracy}")
+            print(
+                f"  {name}: {info['predictions']} predictions for {info['devices']} devices "
+                f"({first_text}){accuracy}"
+            )
     return 0
