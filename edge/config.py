@@ -401,6 +401,21 @@ class _KeyedError(ValueError):
         self.message = message
 
 
+def dotted_key(parts: list[str]) -> str:
+    """``pipelines.room.source.topics.0``; a key that is not a plain name is quoted so the
+    path stays unambiguous: ``pipelines['a.b'].model``."""
+    out = ""
+    for part in parts:
+        if _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _format_validation(exc: ValidationError, source: str) -> ConfigError:
     first = exc.errors()[0]
     loc = [str(p) for p in first["loc"]]
@@ -410,7 +425,7 @@ def _format_validation(exc: ValidationError, source: str) -> ConfigError:
         if index > 0 and loc[index - 1] == "features" and part in ("window", "snapshot"):
             continue
         cleaned.append(part)
-    key = ".".join(cleaned)
+    key = dotted_key(cleaned)
     ctx = first.get("ctx") or {}
     inner = ctx.get("error")
     if isinstance(inner, _KeyedError):
