@@ -10,6 +10,7 @@ Secrets may come from a file or an environment variable and never appear in
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 from pathlib import Path

@@ -37,6 +37,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("dead_letter", c.DeadLetterConfig),
     ("homeassistant", c.HomeAssistantConfig),
     ("metrics", c.MetricsConfig),
+    ("cluster", c.ClusterConfig),
     ("reload", c.ReloadConfig),
 ]
 

@@ -28,9 +28,13 @@ from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
 from edge.mqtt import AckToken, MqttLink, Outgoing
 from edge.outputs import PostProcessor
+from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
+from edge.statefile import restore as restore_state
+from edge.statefile import snapshot as snapshot_state
+from edge.statefile import write as write_state
 
 log = logging.getLogger("edge.daemon")
 
@@ -96,7 +100,27 @@ class Daemon:
         self.pipelines = build_pipelines(config, self.models)
         base = config.mqtt.base_topic
         self.base = base
-        self.status_topic = f"{base}/status"
+        cluster = config.cluster
+        self.instance: str | None = cluster.resolved_instance() if cluster.enabled else None
+        self.membership: Membership | None = None
+        self.partitioner: Partitioner | None = None
+        self.instances_prefix = f"{base}/instances"
+        if self.instance is not None:
+            static = tuple(cluster.members) if cluster.members is not None else None
+            self.membership = Membership(self.instance, static)
+            self.partitioner = Partitioner(self.instance, self.membership.members())
+            self.status_topic = f"{self.instances_prefix}/{self.instance}/status"
+            self.info_topic = f"{self.instances_prefix}/{self.instance}/bridge/info"
+        else:
+            self.status_topic = f"{base}/status"
+            self.info_topic = f"{base}/bridge/info"
+        self._leaving = False  # stopping: shared subscriptions are dropped
+        self._left = False  # stopping, own offline seen: partition subscriptions are dropped too
+        self._left_seen = asyncio.Event()
+        self._member_info: dict[str, dict[str, Any]] = {}
+        self._own_info: dict[str, Any] = {}
+        self._was_leader = False
+        self._bind_partitions(self.pipelines)
         self.started = time.time()
         self.ratelog = RateLimitedLogger(log, config.log_interval_s)
         self.metrics = DaemonMetrics()
@@ -104,13 +128,15 @@ class Daemon:
         self.liveness = Liveness()
         self.liveness.add_check(self._models_alive)
         self.link = MqttLink(
-            config.mqtt,
+            config.instance_mqtt(),
             subscriptions=self.subscriptions,
             on_message=self.on_message,
             on_connected=self._on_connected,
             status_topic=self.status_topic,
         )
-        self.discovery = Discovery(config, self.link.publish, self._current_pipelines)
+        self.discovery = Discovery(
+            config, self.link.publish, self._current_pipelines, is_leader=self.is_leader
+        )
         self.discovery.on_ha_online = self._republish_states
         self.discovery.warn_unsupported()
         self.batchers: dict[str, Batcher] = {}
@@ -138,6 +164,136 @@ class Daemon:
     def _current_pipelines(self) -> Iterable[Pipeline]:
         return self.pipelines.values()
 
+    # ------------------------------------------------------------------ scale-out
+
+    def _bind_partitions(self, pipelines: dict[str, Pipeline]) -> None:
+        """Partition pipelines keep only the devices this instance owns (see edge.partition)."""
+        if self.membership is None or self.partitioner is None:
+            return
+        membership, partitioner = self.membership, self.partitioner
+        for name, pipeline in pipelines.items():
+            if self.config.scale_out(name) == "partition" and not isinstance(pipeline.decoder, OwnedDecoder):
+                pipeline.decoder = OwnedDecoder(pipeline.decoder, partitioner.owns, lambda: membership.active)
+
+    def _partitioned(self) -> list[Pipeline]:
+        return [p for p in self.pipelines.values() if isinstance(p.decoder, OwnedDecoder)]
+
+    def is_leader(self) -> bool:
+        """Outside a cluster always; in one, the live instance with the smallest id."""
+        if self.membership is None:
+            return True
+        return self.membership.leader() == self.instance
+
+    def _on_instance_message(self, topic: str, payload: bytes) -> None:
+        assert self.membership is not None
+        instance = instance_from_topic(topic, self.instances_prefix, "status")
+        if instance is not None:
+            if instance == self.instance and self._leaving and payload.strip() != b"online":
+                self._left_seen.set()
+            self._membership_changed(self.membership.observe(instance, payload))
+            return
+        instance = instance_from_topic(topic, self.instances_prefix, "bridge/info")
+        if instance is not None:
+            try:
+                info = json.loads(payload) if payload else None
+            except ValueError:
+                info = None
+            if isinstance(info, dict):
+                self._member_info[instance] = info
+            else:
+                self._member_info.pop(instance, None)
+
+    def _membership_changed(self, change: MembershipChange) -> None:
+        assert self.membership is not None
+        assert self.partitioner is not None
+        if change.joined:
+            log.info("cluster: instance %s joined; owning its share from now on", self.instance)
+        if change.left:
+            log.info("cluster: instance %s left; owning no devices from now on", self.instance)
+        if change.members_changed:
+            self.partitioner.set_members(change.new)
+            moved = self._restart_moved()
+            log.info(
+                "cluster: members %s -> %s; %d devices moved away (their windows restart at the new owner)",
+                ",".join(change.old) or "-",
+                ",".join(change.new) or "-",
+                moved,
+            )
+        leader = self.is_leader()
+        if leader and (change.members_changed or not self._was_leader) and self.link.connected.is_set():
+            self.publish_cluster_info()
+            self.discovery.replan()
+        self._was_leader = leader
+
+    def _restart_moved(self) -> int:
+        """Forget every device this instance no longer owns: windows, joins, publish state."""
+        assert self.partitioner is not None
+        owns = self.partitioner.owns
+        moved = 0
+        for pipeline in self._partitioned():
+            for device in [d for d in pipeline.store.states if not owns(d)]:
+                del pipeline.store.states[device]
+                pipeline.policy.states.pop(device, None)
+                pipeline.last_published.pop(device, None)
+                pipeline.availability.pop(device, None)
+                moved += 1
+        return moved
+
+    def cluster_info(self) -> dict[str, Any]:
+        """``<base>/bridge/info`` of the whole cluster, published by the leader: the members'
+        own bridge/info figures added up (version and uptime are the leader's)."""
+        assert self.membership is not None
+        members = sorted(self.membership.online | ({self.instance} if self.instance else set()))
+        infos = {m: self._member_info.get(m, {}) for m in members}
+        if self.instance is not None:
+            infos[self.instance] = self._own_info
+        latencies = [i["latency_ms"] for i in infos.values() if isinstance(i.get("latency_ms"), int | float)]
+
+        def total(key: str) -> float:
+            return sum(float(i.get(key) or 0) for i in infos.values())
+
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "messages_per_s": round(total("messages_per_s"), 3),
+            "drops": int(total("drops")),
+            "latency_ms": round(max(latencies), 3) if latencies else None,
+            "leader": self.instance,
+            "members": members,
+            "partition_members": list(self.membership.members()),
+        }
+
+    def publish_cluster_info(self) -> None:
+        """The leader keeps ``<base>/status`` (availability of the shared entities) and
+        ``<base>/bridge/info`` (the cluster's figures)."""
+        self.link.publish(Outgoing(f"{self.base}/status", b"online", 1, True))
+        info = json.dumps(self.cluster_info()).encode()
+        self.link.publish(Outgoing(f"{self.base}/bridge/info", info, 1, True))
+
+    async def _leave(self) -> None:
+        """A clean stop in a cluster, before intake closes; nothing is lost or answered twice.
+
+        1. Unsubscribe the shared subscriptions: the broker gives new messages to the others.
+        2. Publish this instance's ``offline`` and keep answering until it comes back: every
+           message the broker routed to this instance before it has then arrived, and every other
+           member moves this instance's devices to itself at that same message.
+        3. With a discovered member set, unsubscribe the partition filters too (a static member
+           keeps them, so its persistent session queues its devices' messages until it is back).
+        """
+        if self.membership is None or not self.link.connected.is_set():
+            return
+        self._leaving = True
+        was_leader = self.is_leader()
+        await self.link.update_subscriptions()
+        self.link.publish(Outgoing(self.status_topic, b"offline", 1, True))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._left_seen.wait(), self.config.shutdown_timeout_s / 2)
+        if self.membership.dynamic:
+            self._left = True
+            await self.link.update_subscriptions()
+        if was_leader and not (self.membership.online - {self.instance}):
+            self.link.publish(Outgoing(f"{self.base}/status", b"offline", 1, True))
+
     def _rebuild_routes(self) -> None:
         self._routes = [(TopicPattern(f), p) for p in self.pipelines.values() for f in p.filters]
         self._route_cache = {}
@@ -162,11 +318,23 @@ class Daemon:
 
     def subscriptions(self) -> list[tuple[str, int]]:
         subs: dict[str, int] = {}
-        for pipeline in self.pipelines.values():
+        for name, pipeline in self.pipelines.items():
+            mode = self.config.scale_out(name)
             group = pipeline.cfg.source.shared_group
+            if mode == "shared":
+                group = group or self.config.cluster.shared_group
+                if self._leaving:
+                    continue
+            elif mode == "partition":
+                group = None  # every instance sees every message and keeps its own devices
+                if self._left:
+                    continue
             for f in pipeline.filters:
                 topic = f"$share/{group}/{f}" if group else f
                 subs[topic] = max(subs.get(topic, 0), pipeline.cfg.source.qos)
+        if self.membership is not None:
+            subs[f"{self.instances_prefix}/+/status"] = 1
+            subs[f"{self.instances_prefix}/+/bridge/info"] = 1
         for topic, qos in self.discovery.subscriptions():
             subs[topic] = max(subs.get(topic, 0), qos)
         return sorted(subs.items())
@@ -196,7 +364,9 @@ class Daemon:
             return
         pipelines = self._route(topic)
         if not pipelines:
-            if self.discovery.handles(topic):
+            if self.membership is not None and topic.startswith(self.instances_prefix):
+                self._on_instance_message(topic, payload)
+            elif self.discovery.handles(topic):
                 self.discovery.on_message(topic, payload)
             else:
                 self.unrouted += 1
@@ -342,6 +512,8 @@ class Daemon:
                     "latency_ms": round((done - item.received) * 1000.0, 3),
                     "ts": _iso(item.ts),
                 }
+                if self.instance is not None:
+                    body["instance"] = self.instance
                 encoded = json.dumps(body).encode()
                 pipeline.last_published[item.device] = encoded
                 self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
@@ -351,6 +523,10 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_connected(self) -> None:
+        if self.membership is not None and self.membership.dynamic and self.membership.active:
+            # The broker published this instance's will (or its offline) while it was away and the
+            # others took its devices: it rejoins at its own 'online', which is on its way.
+            self._membership_changed(self.membership.observe(self.instance or "", b"offline"))
         self.publish_bridge_info()
         self._background(self.discovery.connected(), "discovery")
         if not self.ready.is_set():
@@ -439,15 +615,55 @@ class Daemon:
                 }
                 for name, m in self.models.items()
             },
-            "pipelines": {
-                name: {"model": p.cfg.model, "devices": len(p.store.states), **p.stats.as_dict()}
-                for name, p in self.pipelines.items()
+            "pipelines": {name: self._pipeline_info(name, p) for name, p in self.pipelines.items()},
+            **self._cluster_fields(),
+        }
+
+    def _pipeline_info(self, name: str, p: Pipeline) -> dict[str, Any]:
+        info: dict[str, Any] = {"model": p.cfg.model, "devices": len(p.store.states), **p.stats.as_dict()}
+        if self.membership is not None:
+            info["scale_out"] = self.config.scale_out(name)
+        if isinstance(p.decoder, OwnedDecoder):
+            info["not_owned"] = p.decoder.skipped
+            info["not_member"] = p.decoder.inactive
+        return info
+
+    def _cluster_fields(self) -> dict[str, Any]:
+        if self.membership is None:
+            return {}
+        return {
+            "instance": self.instance,
+            "cluster": {
+                "members": list(self.membership.members()),
+                "online": sorted(self.membership.online),
+                "leader": self.membership.leader(),
+                "active": self.membership.active,
+                "static": self.membership.static is not None,
             },
         }
 
     def publish_bridge_info(self) -> None:
-        payload = json.dumps(self.bridge_info()).encode()
-        self.link.publish(Outgoing(f"{self.base}/bridge/info", payload, 1, True))
+        info = self.bridge_info()
+        self._own_info = info
+        self.link.publish(Outgoing(self.info_topic, json.dumps(info).encode(), 1, True))
+        if self.membership is not None and self.is_leader() and self.link.connected.is_set():
+            self.publish_cluster_info()
+
+    async def save_state(self) -> None:
+        """Write the state file (if configured): the snapshot on the loop, the write off it."""
+        path = self.config.state.file
+        if path is None:
+            return
+        try:
+            await asyncio.to_thread(write_state, path, snapshot_state(self.pipelines))
+        except OSError as exc:
+            self.state_write_errors += 1
+            log.warning("could not write the state file %s: %s", path, exc)
+
+    async def _keep_state(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.state.interval_s)
+            await self.save_state()
 
     async def _every(self, seconds: float, action: Any) -> None:
         while True:
@@ -464,10 +680,13 @@ class Daemon:
         """Runs in a worker thread: new config, new models loaded and warmed up, pipelines checked."""
         config = self.config
         if self.config_path is not None:
-            config = load_config(self.config_path, self.mqtt_url)
+            config = load_config(self.config_path, self.mqtt_url, self.config.cluster.instance)
             if config.mqtt != self.config.mqtt:
                 log.warning("reload: changes under 'mqtt' take effect at the next restart")
                 config = config.model_copy(update={"mqtt": self.config.mqtt})
+            if config.cluster != self.config.cluster:
+                log.warning("reload: changes under 'cluster' take effect at the next restart")
+                config = config.model_copy(update={"cluster": self.config.cluster})
         models = load_models(config, reuse=self.models)
         pipelines = build_pipelines(config, models, reuse=self.pipelines)
         return config, models, pipelines
@@ -517,6 +736,7 @@ class Daemon:
         self.config = config
         self.models = models
         self.pipelines = pipelines
+        self._bind_partitions(pipelines)
         self._rebuild_routes()
         for name, model in models.items():
             if old_models.get(name) is not model:
@@ -586,6 +806,8 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    state_write_errors = 0
+
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect."""
         for name, model in self.models.items():
@@ -608,13 +830,17 @@ class Daemon:
             )
             await server.start()
             self.metrics_port = server.port
+        if self.config.state.file is not None:
+            restore_state(self.config.state.file, self.pipelines)
+            tasks.append(asyncio.create_task(self._keep_state(), name="state"))
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if link_task in done:
                 link_task.result()  # an unexpected end of the link is an error
-            self.notifier.stopping("stopping: flushing in-flight batches")
+            self.notifier.stopping("stopping: handing over and flushing in-flight batches")
+            await self._leave()
             self.intake_open = False
             timeout = self.config.shutdown_timeout_s
             with contextlib.suppress(TimeoutError):
@@ -622,6 +848,7 @@ class Daemon:
                     asyncio.gather(*(b.drained() for b in self.batchers.values())), timeout / 2
                 )
             self.publish_bridge_info()
+            await self.save_state()
             self.link.stop()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link_task), timeout / 2)
@@ -653,6 +880,9 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-c", "--config", required=True, type=Path, help="YAML configuration file")
     parser.add_argument("--mqtt-url", help="broker URL, overrides mqtt.url (also EDGE_INFER_MQTT_URL)")
+    parser.add_argument(
+        "--instance", help="cluster instance id, overrides cluster.instance (also EDGE_INFER_INSTANCE)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -662,10 +892,10 @@ def _setup_logging(level: str) -> None:
 
 
 def prepare(
-    config_path: Path, mqtt_url: str | None
+    config_path: Path, mqtt_url: str | None, instance: str | None = None
 ) -> tuple[Config, dict[str, LoadedModel], dict[str, Pipeline]]:
     """Load config and models and build pipelines; raises ConfigError or ModelLoadError."""
-    config = load_config(config_path, mqtt_url)
+    config = load_config(config_path, mqtt_url, instance)
     for warning in config_warnings(config, config_path):
         log.warning("%s", warning)
     models = load_models(config)
@@ -676,11 +906,18 @@ def prepare(
 def describe_plan(config: Config, models: dict[str, LoadedModel], pipelines: dict[str, Pipeline]) -> str:
     lines = [
         f"broker: {config.mqtt.url} "
-        f"(client id {config.mqtt.resolved_client_id()}, MQTT {config.mqtt.protocol})"
+        f"(client id {config.instance_mqtt().resolved_client_id()}, MQTT {config.mqtt.protocol})"
     ]
-    lines.append(
-        f"status: {config.mqtt.base_topic}/status, bridge info: {config.mqtt.base_topic}/bridge/info"
-    )
+    base = config.mqtt.base_topic
+    cluster = config.cluster
+    if cluster.enabled:
+        instance = cluster.resolved_instance()
+        members = (
+            ", ".join(cluster.members) if cluster.members else f"discovered from {base}/instances/+/status"
+        )
+        lines.append(f"cluster: instance {instance}; members: {members}")
+        base = f"{base}/instances/{instance}"
+    lines.append(f"status: {base}/status, bridge info: {base}/bridge/info")
     lines.append("models:")
     for name, model in models.items():
         spec = model.spec
@@ -694,6 +931,11 @@ def describe_plan(config: Config, models: dict[str, LoadedModel], pipelines: dic
     for name, p in pipelines.items():
         fcfg = p.cfg.features
         lines.append(f"  {name}: profile {p.cfg.source.profile} -> {fcfg.type} -> model {p.cfg.model}")
+        mode = config.scale_out(name)
+        if mode != "none":
+            group = p.cfg.source.shared_group or cluster.shared_group
+            how = f"shared subscription $share/{group}/" if mode == "shared" else "partition by device hash"
+            lines.append(f"    scale-out: {how}")
         for f in p.filters:
             lines.append(f"    in:  {f} (qos {p.cfg.source.qos})")
         lines.append("    readings: " + ", ".join(f"{k}<-{v}" for k, v in p.readings.items()))
@@ -708,7 +950,7 @@ def cli_check(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        config, models, pipelines = prepare(args.config, args.mqtt_url)
+        config, models, pipelines = prepare(args.config, args.mqtt_url, args.instance)
     except (ConfigError, ModelLoadError) as exc:
         print(f"edge-infer: config error: {exc}", file=sys.stderr)
         return 2
@@ -723,7 +965,7 @@ def cli_run(argv: Sequence[str]) -> int:
     args = _parser("edge-infer run", "Run the inference daemon.").parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        config, models, _ = prepare(args.config, args.mqtt_url)
+        config, models, _ = prepare(args.config, args.mqtt_url, args.instance)
     except (ConfigError, ModelLoadError) as exc:
         print(f"edge-infer: config error: {exc}", file=sys.stderr)
         return 2
