@@ -31,6 +31,8 @@ from pydantic import (
 from edge.decode import TopicPattern
 
 ENV_MQTT_URL = "EDGE_INFER_MQTT_URL"
+ENV_INSTANCE = "EDGE_INFER_INSTANCE"
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class ConfigError(ValueError):
@@ -316,6 +318,12 @@ class PipelineConfig(_Model):
     devices: list[str] | None = Field(None, description="Only these device ids (default: any).")
     enabled: bool = True
     homeassistant: EntityConfig = Field(default_factory=EntityConfig)
+    scale_out: Literal["auto", "shared", "partition"] = Field(
+        "auto",
+        description="With cluster.enabled: 'shared' (MQTT 5 shared subscription, stateless), "
+        "'partition' (each instance owns a hash share of the devices), 'auto' (window: partition, "
+        "snapshot: shared). See docs/scale-out.md.",
+    )
 
 
 class DeadLetterConfig(_Model):
@@ -345,6 +353,59 @@ class HomeAssistantConfig(_Model):
     )
 
 
+class ClusterConfig(_Model):
+    """Several instances sharing the load through the broker (see docs/scale-out.md)."""
+
+    enabled: bool = Field(False, description="Run as one member of a group of instances.")
+    instance: str | None = Field(
+        None,
+        description="This instance's id ([A-Za-z0-9_-]); default: --instance, $EDGE_INFER_INSTANCE, "
+        "else the host name. Status moves to <base>/instances/<id>/.",
+    )
+    members: list[str] | None = Field(
+        None,
+        description="Static member set for partition pipelines; default: discovered from the "
+        "retained <base>/instances/+/status topics.",
+    )
+    shared_group: str = Field(
+        "edge-infer", description="$share group of shared pipelines (a source's shared_group wins)."
+    )
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, value: str | None) -> str | None:
+        if value is not None and not _INSTANCE_ID.match(value):
+            raise ValueError("must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one member, or leave it out for discovery")
+            for member in value:
+                if not _INSTANCE_ID.match(member):
+                    raise ValueError(f"member {member!r}: 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
+            if len(set(value)) != len(value):
+                raise ValueError("a member is listed twice")
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if not value or any(c in value for c in "/+#\0"):
+            raise ValueError("a share group name cannot be empty or contain '/', '+' or '#'")
+        return value
+
+    def resolved_instance(self) -> str:
+        """The instance id: configured, else the host name made into a valid id."""
+        if self.instance:
+            return self.instance
+        host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname()).strip("-")[:64]
+        return host or "edge-infer"
+
+
 class MetricsConfig(_Model):
     """The optional HTTP listener with /metrics (Prometheus) and /healthz."""
 
@@ -360,6 +421,17 @@ class ReloadConfig(_Model):
     interval_s: float = Field(2.0, gt=0, description="How often model files are checked.")
 
 
+class StateConfig(_Model):
+    """The optional state file: per-device windows and joins survive a daemon restart."""
+
+    file: Path | None = Field(
+        None,
+        description="Where windows are kept across restarts (relative to the config file); "
+        "unset: they start empty after a restart. systemd: /var/lib/edge-infer/state.json.",
+    )
+    interval_s: float = Field(60.0, gt=0, description="How often it is written; also at every clean stop.")
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -371,7 +443,9 @@ class Config(_Model):
     dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     bridge_info_interval_s: float = Field(60.0, gt=0, description="How often bridge/info is refreshed.")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="Bound on the flush at shutdown.")
     log_interval_s: float = Field(60.0, gt=0, description="Repeated problems are logged at most this often.")
@@ -390,7 +464,45 @@ class Config(_Model):
                 raise _KeyedError(f"pipelines.{name}.model", f"no model {pipeline.model!r} (models: {known})")
             if any(c in name for c in "/+#") or not name:
                 raise _KeyedError(f"pipelines.{name}", "a pipeline name cannot contain '/', '+' or '#'")
+        cluster = self.cluster
+        if cluster.enabled:
+            instance = cluster.resolved_instance()
+            if cluster.members is not None and instance not in cluster.members:
+                raise _KeyedError(
+                    "cluster.members", f"this instance ({instance!r}) is not one of {cluster.members}"
+                )
+            if instance == self.homeassistant.instance_id:
+                raise _KeyedError(
+                    "cluster.instance",
+                    f"{instance!r} is homeassistant.instance_id, which names the shared entities; "
+                    "give the instance another id",
+                )
         return self
+
+    def scale_out(self, pipeline: str) -> Literal["none", "shared", "partition"]:
+        """How a pipeline is spread over the instances: 'none' outside a cluster."""
+        cfg = self.pipelines[pipeline]
+        if not self.cluster.enabled:
+            return "none"
+        if cfg.scale_out != "auto":
+            return cfg.scale_out
+        return "partition" if isinstance(cfg.features, WindowFeatures) else "shared"
+
+    def instance_mqtt(self) -> MqttConfig:
+        """The connection settings of this instance: in a cluster the client id names the instance.
+
+        ``{instance}`` in ``mqtt.client_id`` is replaced by the instance id; without a client id a
+        cluster member connects as ``edge-infer-<hostname>-<instance>``.
+        """
+        mqtt = self.mqtt
+        if not self.cluster.enabled:
+            return mqtt
+        instance = self.cluster.resolved_instance()
+        if mqtt.client_id:
+            client_id = mqtt.client_id.replace("{instance}", instance)
+        else:
+            client_id = f"edge-infer-{socket.gethostname()}-{instance}"
+        return mqtt.model_copy(update={"client_id": client_id})
 
 
 class _KeyedError(ValueError):
@@ -460,11 +572,16 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
             for name, m in config.models.items()
         }
         config = config.model_copy(update={"models": models})
+        state = config.state.file
+        if state is not None and not state.is_absolute():
+            moved = config.state.model_copy(update={"file": base_dir / state})
+            config = config.model_copy(update={"state": moved})
     return config
 
 
-def load_config(path: str | Path, mqtt_url: str | None = None) -> Config:
-    """Read, validate and apply the URL override (argument, else ``EDGE_INFER_MQTT_URL``)."""
+def load_config(path: str | Path, mqtt_url: str | None = None, instance: str | None = None) -> Config:
+    """Read, validate and apply the overrides: the broker URL (argument, else
+    ``EDGE_INFER_MQTT_URL``) and the cluster instance id (argument, else ``EDGE_INFER_INSTANCE``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -481,6 +598,12 @@ def load_config(path: str | Path, mqtt_url: str | None = None) -> Config:
         mqtt = dict(data.get("mqtt") or {})
         mqtt["url"] = url
         data["mqtt"] = mqtt
+    instance = instance or os.environ.get(ENV_INSTANCE)
+    if instance and isinstance(data, dict):
+        cluster = data.get("cluster")
+        cluster = dict(cluster) if isinstance(cluster, dict) else {}
+        cluster["instance"] = instance
+        data["cluster"] = cluster
     return parse_config(data, str(path), path.resolve().parent)
 
 

@@ -39,6 +39,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("metrics", c.MetricsConfig),
     ("cluster", c.ClusterConfig),
     ("reload", c.ReloadConfig),
+    ("state", c.StateConfig),
 ]
 
 
