@@ -65,6 +65,49 @@ def snapshot_classifier(
     return _save(graph, path, manifest if with_manifest else None)
 
 
+def slow_classifier(
+    path: Path,
+    features: list[str],
+    labels: list[str],
+    *,
+    width: int = 1024,
+    depth: int = 16,
+    name: str = "slow",
+) -> Path:
+    """A snapshot classifier that costs width² × depth multiply-adds per item (about 16 M by default):
+    for tests that need a model slower than its inputs. One shared weight keeps the file small."""
+    rng = np.random.default_rng(7)
+    w_in = rng.normal(size=(len(features), width)).astype(np.float32) / np.sqrt(len(features))
+    w_mid = (rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32)
+    w_out = rng.normal(size=(width, len(labels))).astype(np.float32) / np.sqrt(width)
+    nodes = [helper.make_node("MatMul", ["x", "W_in"], ["h0"])]
+    for i in range(depth):
+        nodes += [
+            helper.make_node("MatMul", [f"h{i}", "W_mid"], [f"m{i}"]),
+            helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("MatMul", [f"h{depth}", "W_out"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", len(features)])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", len(labels)])],
+        [numpy_helper.from_array(a, n) for a, n in ((w_in, "W_in"), (w_mid, "W_mid"), (w_out, "W_out"))],
+    )
+    manifest = Manifest(
+        name=name,
+        version="1.0.0",
+        task="classification",
+        input=InputSpec(name="x", layout="snapshot", features=features),
+        output=OutputSpec(name="probs", kind="probabilities"),
+        labels=labels,
+    )
+    return _save(graph, path, manifest)
+
+
 def window_classifier(
     path: Path, channels: list[str], window: int, labels: list[str], *, seed: int = 1, name: str = "win"
 ) -> Path:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.broker import Mosquitto, free_port
 from tests.harness import Collector, DaemonThread, Publisher, make_config, spawn_daemon, write_config
-from tests.onnx_models import snapshot_classifier
+from tests.onnx_models import slow_classifier, snapshot_classifier, window_classifier
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -297,3 +297,139 @@ def test_least_privilege_acl(tmp_path: Path, topic_prefix: str) -> None:
     assert connected
     # The tester may read everything: nothing the ACL forbids the daemon ever reached the broker's topics.
     assert not [m for m in out.messages if m.topic.startswith(f"{p}/elsewhere/")]
+
+
+def _window_config(url: str, prefix: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    window_classifier(tmp_path / "w.onnx", ["power"], 4, ["off", "on"], name="w")
+    return {
+        "mqtt": {
+            "url": url,
+            "base_topic": f"{prefix}/ei",
+            "client_id": f"ei-{prefix}",
+            "keepalive": 5,
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 1.0,
+        },
+        "models": {"w": {"path": "w.onnx"}},
+        "pipelines": {
+            "plug": {
+                "model": "w",
+                "source": {"topics": [f"{prefix}/plug/{{device}}"], "qos": 1},
+                "inputs": {"power": "power"},
+                "features": {"type": "window", "size": 4, "hop": 1},
+                "output": {"qos": 1},
+            }
+        },
+        "homeassistant": {"enabled": False},
+        **extra,
+    }
+
+
+def _samples(pub: Publisher, prefix: str, device: str, values: list[float]) -> None:
+    for v in values:
+        pub.send(f"{prefix}/plug/{device}", {"power": v}, qos=1)
+
+
+@pytest.mark.parametrize("state_file", [True, False])
+def test_windows_survive_a_daemon_restart_with_the_state_file(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, state_file: bool
+) -> None:
+    p = topic_prefix
+    extra = {"state": {"file": "state/edge-infer.json", "interval_s": 3600}} if state_file else {}
+    path = write_config(_window_config(mosquitto.url, p, tmp_path, **extra), tmp_path / "c.yaml")
+    out = Collector(mosquitto.url, f"{p}/ei/plug/+")
+    pub = Publisher(mosquitto.url)
+    proc = spawn_daemon(path)
+    try:
+        _wait_online(mosquitto.url, p)
+        _samples(pub, p, "kettle", [1.0, 2.0, 3.0, 4.0, 5.0])  # two predictions, window full
+        _samples(pub, p, "tv", [7.0, 8.0])  # half a window
+        out.wait_count(f"{p}/ei/plug/kettle", 2)
+        time.sleep(0.5)  # the tv samples reached the daemon
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert (tmp_path / "state" / "edge-infer.json").exists() == state_file
+        proc = spawn_daemon(path)
+        _wait_online(mosquitto.url, p)
+        _samples(pub, p, "kettle", [6.0])
+        _samples(pub, p, "tv", [9.0, 10.0])
+        if state_file:  # one more sample completes each window, as if there had been no restart
+            out.wait_count(f"{p}/ei/plug/kettle", 3)
+            out.wait_count(f"{p}/ei/plug/tv", 1)
+        else:
+            time.sleep(2.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        pub.close()
+        out.close()
+    kettle = [m for m in out.messages if m.topic == f"{p}/ei/plug/kettle"]
+    tv = [m for m in out.messages if m.topic == f"{p}/ei/plug/tv"]
+    assert (len(kettle), len(tv)) == ((3, 1) if state_file else (2, 0))
+
+
+def test_windows_survive_a_broker_restart(fresh_broker: Mosquitto, topic_prefix: str, tmp_path: Path) -> None:
+    """The broker is killed (no persistence: the session is gone) and comes back; the daemon
+    re-subscribes and its windows, held in memory, carry on where they were."""
+    p = topic_prefix
+    fresh_broker.start()
+    cfg = make_config(_window_config(fresh_broker.url, p, tmp_path), tmp_path)
+    with DaemonThread(cfg) as runner:
+        out = Collector(fresh_broker.url, f"{p}/ei/plug/+")
+        pub = Publisher(fresh_broker.url)
+        _samples(pub, p, "kettle", [1.0, 2.0, 3.0])
+        deadline = time.monotonic() + 10
+        while runner.call(lambda: len(runner.daemon.pipelines["plug"].store.states)) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        out.close()
+        pub.close()
+        fresh_broker.stop(kill=True)
+        down = time.monotonic()
+        time.sleep(1.0)
+        fresh_broker.start()
+        while not runner.call(lambda: runner.daemon.link.connected.is_set()):
+            assert time.monotonic() - down < 20, "daemon did not reconnect"
+            time.sleep(0.05)
+        recovered = time.monotonic() - down
+        out = Collector(fresh_broker.url, f"{p}/ei/plug/+")
+        pub = Publisher(fresh_broker.url)
+        _samples(pub, p, "kettle", [4.0])  # completes the window kept across the outage
+        _samples(pub, p, "fresh", [1.0, 1.0, 1.0, 1.0])
+        out.wait_count(f"{p}/ei/plug/kettle", 1)
+        out.wait_count(f"{p}/ei/plug/fresh", 1)
+        out.close()
+        pub.close()
+    assert recovered < 10, f"reconnect took {recovered:.1f}s after the broker came back"
+
+
+def test_slow_model_gets_back_pressure_not_unbounded_memory(
+    fresh_broker: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A model slower than the inputs: QoS 1 inputs stay unacknowledged until answered, so the
+    broker stops at the daemon's receive maximum and holds the rest; nothing is lost, and the
+    daemon's queue never holds more than that window."""
+    p = topic_prefix
+    fresh_broker.start()
+    slow_classifier(tmp_path / "m.onnx", ["temperature", "humidity"], ["a", "b"], name="m")
+    data = _config(fresh_broker.url, p, tmp_path)
+    data["models"]["m"]["max_batch"] = 8
+    cfg = make_config(data, tmp_path)
+    n = 3000
+    with DaemonThread(cfg) as runner:
+        out = Collector(fresh_broker.url, f"{p}/ei/room/+")
+        pub = Publisher(fresh_broker.url)
+        _publish(pub, p, range(n))
+        peak = 0
+        deadline = time.monotonic() + 120
+        while len(_answered(out, p)) < n:
+            assert time.monotonic() < deadline, f"{len(_answered(out, p))}/{n} answered"
+            peak = max(peak, runner.call(lambda: len(runner.daemon.batchers["m"].queue)))
+            time.sleep(0.02)
+        stats = runner.call(lambda: runner.daemon.pipelines["room"].stats.as_dict())
+        pub.close()
+        out.close()
+    assert sorted(_answered(out, p)) == list(range(n))
+    assert 200 < peak <= 1000, f"queue peaked at {peak}: no back-pressure, or no slow model"
+    assert not stats["dropped"], stats
