@@ -159,11 +159,13 @@ def test_main_unit_settings() -> None:
 def test_template_matches_the_main_unit() -> None:
     main = _service_section("edge-infer.service")
     tmpl = _service_section("edge-infer@.service")
-    differs = {"ExecStart", "SyslogIdentifier", "CacheDirectory"}
+    differs = {"ExecStart", "SyslogIdentifier", "CacheDirectory", "Environment"}
     assert {k: v for k, v in main.items() if k not in differs} == {
         k: v for k, v in tmpl.items() if k not in differs
     }
     assert tmpl["ExecStart"] == [f"{EXEC} run -c /etc/edge-infer/%i.yaml"]
+    # The template adds the instance id of a cluster member (docs/scale-out.md) and nothing else.
+    assert tmpl["Environment"] == [*main["Environment"], "EDGE_INFER_INSTANCE=%i"]
 
 
 def test_jetson_dropin_opens_only_gpu_nodes() -> None:
