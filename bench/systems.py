@@ -42,6 +42,7 @@ class System:
     workdir: Path | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # extra environment (A/B experiments)
+    cwd: Path = ROOT  # where it runs: an A/B variant runs from its own tree (bench/ab.py)
     proc: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
     ready_s: float | None = None
@@ -65,7 +66,7 @@ class System:
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=self.cwd,
             env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
         )
         log.close()

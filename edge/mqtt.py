@@ -19,6 +19,8 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -29,7 +31,10 @@ log = logging.getLogger("edge.mqtt")
 
 
 AckToken = tuple[int, int, int]  # (connection generation, message id, QoS)
-READ_BURST = 64  # packets read per socket wake-up at most
+READ_CHUNK = 65536  # bytes read per socket wake-up at most (a few hundred small messages)
+WRITE_CHUNK = 65536  # QoS 0 answers coalesced into one socket write, bytes
+OUT_PACKETS_MAX = 256  # paho's unwritten packets before the sender waits for the socket to drain
+_PUBLISH = 0x30
 
 
 @dataclass(slots=True)
@@ -259,6 +264,21 @@ class MqttLink:
             self._confirmed(mid)
 
         raw.on_publish = on_publish
+        # On the loop thread now: register the socket for writing directly. aiomqtt's callback
+        # goes through call_soon_threadsafe (it may be called from its connect thread), which
+        # lands after the flush that asked for it has already written everything.
+        aiomqtt_register_write = raw.on_socket_register_write
+        loop = asyncio.get_running_loop()
+        disconnected = client._disconnected
+
+        def writable() -> None:
+            try:
+                raw.loop_write()
+            except Exception as exc:  # as aiomqtt's writer: a broken connection ends the session
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        raw.on_socket_register_write = lambda _c, _u, sock: loop.add_writer(sock.fileno(), writable)
         receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
         sender = asyncio.create_task(self._send(client), name="mqtt-send")
         stopper = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
@@ -278,6 +298,7 @@ class MqttLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raw.on_publish = aiomqtt_on_publish
+            raw.on_socket_register_write = aiomqtt_register_write
             # Acknowledgements for this connection are void now: the broker sends those inputs
             # again (paho resends the unconfirmed answers itself when the session is resumed).
             self._held.clear()
@@ -338,47 +359,214 @@ class MqttLink:
         raise aiomqtt.MqttError("Disconnected during message iteration") from cause
 
     def _read_in_bursts(self, client: aiomqtt.Client) -> None:
-        """Replace aiomqtt's socket reader (one packet per event-loop turn) by one that reads
-        what the socket holds, up to :data:`READ_BURST` packets per turn: one epoll wake-up then
-        serves many messages, and the batcher sees them together (see docs/performance.md)."""
+        """Replace aiomqtt's socket reader by one that frames MQTT packets itself.
+
+        paho reads a packet with three or four ``recv`` calls (command byte, each byte of the
+        remaining length, the rest), and builds an ``MQTTMessage`` with a threading lock, and in
+        MQTT 5 a ``Properties`` object, per PUBLISH; aiomqtt reads one packet per event-loop turn.
+        This reader takes what the socket holds (up to :data:`READ_CHUNK` bytes) in one ``recv``
+        and splits it into packets. A QoS 0/1 PUBLISH without properties (what sensors send) goes
+        straight to ``on_message`` with the same acknowledgement token as before (the input is
+        still acknowledged only once answered, see :meth:`ack`); every other packet (PUBACK,
+        SUBACK, PINGRESP, QoS 2, a PUBLISH with MQTT 5 properties, ...) is handed to paho's own
+        packet handler unchanged. See docs/performance.md.
+        """
         raw = client._client
         sock = raw.socket()
         if sock is None:
             return
         loop = asyncio.get_running_loop()
+        on_message = self._on_message
+        generation = self._generation
+        v5 = raw._protocol == paho.MQTTv5
+        buffer = bytearray()
+        disconnected = client._disconnected
 
-        def read_burst() -> None:
+        def paho_handles(command: int, body: bytearray) -> int:
+            raw._in_packet = {
+                "command": command,
+                "have_remaining": 1,
+                "remaining_count": [],
+                "remaining_mult": 1,
+                "remaining_length": len(body),
+                "packet": body,
+                "to_process": 0,
+                "pos": 0,
+            }
             try:
-                for _ in range(READ_BURST):
-                    if raw._sock is None:
-                        return
+                rc = int(raw._packet_handle())
+            except MalformedPacket:
+                rc = int(paho.MQTT_ERR_PROTOCOL)
+            raw._in_packet = {
+                "command": 0,
+                "have_remaining": 0,
+                "remaining_count": [],
+                "remaining_mult": 1,
+                "remaining_length": 0,
+                "packet": bytearray(b""),
+                "to_process": 0,
+                "pos": 0,
+            }
+            return rc
+
+        def split() -> int:
+            """Handle every complete packet in ``buffer``; 0 or paho's error code."""
+            data = buffer
+            size = len(data)
+            pos = 0
+            rc = 0
+            while size - pos >= 2:
+                command = data[pos]
+                length = 0
+                shift = 0
+                i = pos + 1
+                complete = False
+                while i < size:
+                    byte = data[i]
+                    length |= (byte & 127) << shift
+                    i += 1
+                    if byte < 128:
+                        complete = True
+                        break
+                    shift += 7
+                    if shift > 21:
+                        return int(paho.MQTT_ERR_PROTOCOL)  # more than 4 length bytes
+                end = i + length
+                if not complete or end > size:
+                    break  # the rest of this packet is still on its way
+                qos = (command >> 1) & 3
+                if command & 0xF0 == _PUBLISH and qos < 2 and length >= 2:
+                    topic_end = i + 2 + ((data[i] << 8) | data[i + 1])
+                    at = topic_end + 2 if qos else topic_end
+                    # the fast path: a topic (no MQTT 5 topic alias) and no MQTT 5 properties
+                    if topic_end > i + 2 and at <= end and (not v5 or (at < end and data[at] == 0)):
+                        try:
+                            topic = data[i + 2 : topic_end].decode()
+                        except UnicodeDecodeError:
+                            topic = ""  # paho reports it
+                        if topic:
+                            token = (
+                                (generation, (data[topic_end] << 8) | data[topic_end + 1], qos)
+                                if qos
+                                else None
+                            )
+                            on_message(topic, bytes(data[at + v5 : end]), token)
+                            pos = end
+                            continue
+                rc = paho_handles(command, data[i:end])
+                pos = end
+                if rc:
+                    break
+            if pos:
+                del data[:pos]
+            return rc
+
+        def read() -> None:
+            try:
+                sock_now = raw._sock
+                if sock_now is None:
+                    return
+                if raw._in_packet["command"]:
+                    # aiomqtt's reader left a packet half read at the hand-over: let paho finish it
                     rc = raw._packet_read()
                     if rc == paho.MQTT_ERR_AGAIN:
-                        break  # the socket is empty
+                        return
                     if rc != paho.MQTT_ERR_SUCCESS:
                         raw._loop_rc_handle(rc)
                         return
-                pending = getattr(raw._sock, "pending", None)
+                try:
+                    data = sock_now.recv(READ_CHUNK)
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    return
+                except ssl.SSLWantWriteError:
+                    raw._call_socket_register_write()
+                    return
+                except OSError as exc:
+                    log.debug("socket read failed: %s", exc)
+                    raw._loop_rc_handle(paho.MQTT_ERR_CONN_LOST)
+                    return
+                if not data:
+                    raw._loop_rc_handle(paho.MQTT_ERR_CONN_LOST)
+                    return
+                raw._last_bytes_received = paho.time_func()  # keepalive: the broker is alive
+                buffer.extend(data)
+                error = split()
+                if error:
+                    raw._loop_rc_handle(MQTTErrorCode(error))
+                    return
+                pending = getattr(sock_now, "pending", None)
                 if pending is not None and pending() > 0:
-                    loop.call_soon(read_burst)  # TLS bytes already decrypted: epoll will not say so
+                    loop.call_soon(read)  # TLS bytes already decrypted: epoll will not say so
             except Exception as exc:  # as aiomqtt's reader: a broken connection ends the session
-                if not client._disconnected.done():
-                    client._disconnected.set_exception(exc)
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
 
         loop.remove_reader(sock.fileno())
-        loop.add_reader(sock.fileno(), read_burst)
+        loop.add_reader(sock.fileno(), read)
 
     async def _send(self, client: aiomqtt.Client) -> None:
         raw = client._client  # the paho client: publishing without awaiting each ack batches writes
-        queue = self.queue
         while True:
+            if self.queue:
+                if raw._sock is None:
+                    raise aiomqtt.MqttCodeError(paho.MQTT_ERR_NO_CONN, "not connected")
+                if len(raw._out_packet) > OUT_PACKETS_MAX or not self._flush(raw):
+                    raw.loop_write()
+                    await asyncio.sleep(0.005)  # paho's queue is full: let the socket drain
+                    continue
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def _flush(self, raw: paho.Client) -> bool:
+        """Hand the queue to paho and write what the socket takes; False when paho's queue is full.
+
+        QoS 0 answers are coalesced into one PUBLISH buffer of up to :data:`WRITE_CHUNK` bytes
+        (one ``send`` and one confirmation for all of them, instead of a ``send``, an
+        ``MQTTMessageInfo`` with its locks and, in MQTT 5, a ``Properties`` object each). The
+        buffer counts as one unconfirmed answer from the moment it is opened, so an input
+        acknowledged after one of its answers still waits until that buffer is written.
+        """
+        queue = self.queue
+        v5 = raw._protocol == paho.MQTTv5
+        chunk: bytearray | None = None
+        chunk_mid = 0
+        full = False
+        try:
             while queue:
                 item = queue[0]
                 if not item.topic:
                     queue.popleft()
                     self._ack_after_answers(item.ack)
                     continue
-                info = raw.publish(item.topic, item.payload, item.qos, item.retain)
+                topic = item.topic.encode()
+                payload = item.payload
+                if item.qos == 0 and topic and b"+" not in topic and b"#" not in topic and len(topic) < 65536:
+                    if chunk is None:
+                        chunk_mid = raw._mid_generate()
+                        self._handed += 1
+                        self._unconfirmed[chunk_mid] = self._handed
+                        chunk = bytearray()
+                    queue.popleft()
+                    length = 2 + len(topic) + len(payload) + v5
+                    chunk.append(_PUBLISH | item.retain)
+                    while length > 127:
+                        chunk.append((length & 127) | 128)
+                        length >>= 7
+                    chunk.append(length)
+                    chunk += len(topic).to_bytes(2, "big")
+                    chunk += topic
+                    if v5:
+                        chunk.append(0)  # no properties
+                    chunk += payload
+                    self._ack_after_answers(item.ack)
+                    if len(chunk) >= WRITE_CHUNK:
+                        self._queue_chunk(raw, chunk, chunk_mid)
+                        chunk = None
+                    continue
+                if chunk is not None:
+                    self._queue_chunk(raw, chunk, chunk_mid)
+                    chunk = None
+                info = raw.publish(item.topic, payload, item.qos, item.retain)
                 if info.rc == paho.MQTT_ERR_SUCCESS:
                     queue.popleft()
                     self._handed += 1
@@ -387,11 +575,30 @@ class MqttLink:
                     self._ack_after_answers(item.ack)
                     continue
                 if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
-                    await asyncio.sleep(0.005)  # paho's own queue is full: let the socket drain
-                    continue
+                    full = True
+                    break
                 raise aiomqtt.MqttCodeError(info.rc, f"could not publish to {item.topic!r}")
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        finally:
+            if chunk is not None:
+                self._queue_chunk(raw, chunk, chunk_mid)
+        raw.loop_write()  # what the socket takes now; paho registers a writer for the rest
+        return not full
+
+    @staticmethod
+    def _queue_chunk(raw: paho.Client, chunk: bytearray, mid: int) -> None:
+        # One entry of paho's write queue: written in order with its own packets (PUBACKs of
+        # inputs, QoS 1 answers), and confirmed by one on_publish(mid) once fully written.
+        raw._out_packet.append(
+            {
+                "command": _PUBLISH,
+                "mid": mid,
+                "qos": 0,
+                "pos": 0,
+                "to_process": len(chunk),
+                "packet": chunk,
+                "info": paho.MQTTMessageInfo(mid),
+            }
+        )
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         """At shutdown: hand the queue to paho, then wait until paho has written it all."""
