@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+MATCH_CACHE = 50_000  # topics whose rule match a decoder remembers
+
 # Reasons are metric label values: keep the set small and stable.
 REASONS = (
     "oversized",
@@ -186,6 +188,10 @@ def compile_path(path: str) -> Callable[[Any], Any]:
 
 def to_float(value: Any, what: str) -> float:
     """A finite float from a JSON value (numbers, numeric strings, booleans), else DecodeError."""
+    if type(value) is float:  # the common case first: a JSON number with a fraction
+        if value - value == 0.0:  # finite (inf - inf and nan - nan are nan)
+            return value
+        raise DecodeError("not_finite", f"{what} is {value}")
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):
@@ -388,6 +394,11 @@ class RuleDecoder:
     """A decoder made of topic rules; the first rule whose pattern matches decodes."""
 
     rules: list[TopicRule]
+    # topic -> its rule and captured segments (None: no rule matches); bounded like the daemon's
+    # route cache. Matching splits the topic and walks the segments: once per topic is enough.
+    _matched: dict[str, tuple[TopicRule, dict[str, str]] | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def filters(self) -> list[str]:
@@ -396,12 +407,25 @@ class RuleDecoder:
             seen.setdefault(rule.pattern.filter, None)
         return list(seen)
 
-    def decode(self, topic: str, payload: bytes) -> list[Event]:
+    def _match(self, topic: str) -> tuple[TopicRule, dict[str, str]] | None:
         for rule in self.rules:
             captured = rule.pattern.match(topic)
             if captured is not None:
-                return rule.decode(topic, captured, payload)
-        return []
+                return rule, captured
+        return None
+
+    def decode(self, topic: str, payload: bytes) -> list[Event]:
+        matched = self._matched
+        try:
+            found = matched[topic]
+        except KeyError:
+            if len(matched) >= MATCH_CACHE:
+                matched.clear()
+            found = matched[topic] = self._match(topic)
+        if found is None:
+            return []
+        rule, captured = found
+        return rule.decode(topic, captured, payload)
 
 
 def json_rules(

@@ -37,58 +37,65 @@ class DeviceState(Protocol):
 
 @dataclass
 class SnapshotJoin:
-    """The latest value of each reading with its time; ready when all are present and fresh."""
+    """The latest value of each reading with its time; ready when all are present and fresh.
+
+    Plain Python lists, not numpy arrays: a join holds a handful of readings, and numpy's
+    per-element assignment and ``min`` cost more than the work itself (docs/performance.md).
+    """
 
     names: Sequence[str]
     max_age_s: float
-    values: npt.NDArray[np.float64] = field(init=False)
-    times: npt.NDArray[np.float64] = field(init=False)
+    values: list[float] = field(init=False)
+    times: list[float] = field(init=False)
     _index: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.values = np.full(len(self.names), np.nan)
-        self.times = np.full(len(self.names), -math.inf)
+        self.values = [math.nan] * len(self.names)
+        self.times = [-math.inf] * len(self.names)
         self._index = {name: i for i, name in enumerate(self.names)}
 
     def update(self, values: dict[str, float], ts: float) -> FloatArray | None:
+        index = self._index
+        times = self.times
+        current = self.values
         touched = False
         for name, value in values.items():
-            i = self._index.get(name)
+            i = index.get(name)
             if i is None:
                 continue
-            if ts < self.times[i]:
+            if ts < times[i]:
                 raise DecodeError("out_of_order", f"reading {name!r} at {ts:.3f} is older than the last one")
-            self.values[i] = value
-            self.times[i] = ts
+            current[i] = value
+            times[i] = ts
             touched = True
         if not touched:
             return None
-        oldest = float(self.times.min())
+        oldest = min(times)
         if oldest == -math.inf:
             return None  # still waiting for a first value of some reading: not an error
         if ts - oldest > self.max_age_s:
-            stale = [n for n, t in zip(self.names, self.times, strict=True) if ts - t > self.max_age_s]
+            stale = [n for n, t in zip(self.names, times, strict=True) if ts - t > self.max_age_s]
             raise DecodeError(
                 "stale", f"reading(s) {', '.join(stale)} older than max_age_s={self.max_age_s:g}"
             )
-        return self.values.astype(np.float32)
+        return np.array(current, dtype=np.float32)
 
     def missing(self) -> list[str]:
         return [n for n, t in zip(self.names, self.times, strict=True) if t == -math.inf]
 
     def reset(self) -> None:
-        self.values[:] = np.nan
-        self.times[:] = -math.inf
+        self.values[:] = [math.nan] * len(self.values)
+        self.times[:] = [-math.inf] * len(self.times)
 
     def nbytes(self) -> int:
-        return int(self.values.nbytes + self.times.nbytes)
+        return 16 * len(self.values)  # two float64 per reading, as the numpy version counted
 
     def to_state(self) -> dict[str, Any]:
-        return {"values": self.values.tolist(), "times": self.times.tolist()}
+        return {"values": list(self.values), "times": list(self.times)}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.values[:] = state["values"]
-        self.times[:] = state["times"]
+        self.values[:] = [float(v) for v in state["values"]]
+        self.times[:] = [float(t) for t in state["times"]]
 
 
 @dataclass

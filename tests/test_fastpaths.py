@@ -1,0 +1,84 @@
+"""The daemon's fast paths give the same results as the plain ones: the event-loop choice,
+the decoder's per-topic match cache, the float fast path of to_float, the list-based join."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import math
+
+import pytest
+
+from edge import decode
+from edge.cli import event_loop
+from edge.decode import DecodeError, RuleDecoder, json_rules, to_float
+from edge.features import SnapshotJoin
+
+
+@pytest.fixture
+def restore_policy() -> object:
+    policy = asyncio.get_event_loop_policy()
+    yield policy
+    asyncio.set_event_loop_policy(policy)
+
+
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch, restore_policy: object) -> None:
+    assert event_loop("asyncio") == "asyncio"
+    monkeypatch.setenv("EDGE_INFER_LOOP", "asyncio")
+    assert event_loop() == "asyncio"
+    has_uvloop = importlib.util.find_spec("uvloop") is not None
+    assert event_loop("auto") == ("uvloop" if has_uvloop else "asyncio")
+    if has_uvloop:
+        loop = asyncio.new_event_loop()
+        try:
+            assert type(loop).__module__.startswith("uvloop")
+        finally:
+            loop.close()
+
+
+def test_event_loop_falls_back_without_uvloop(
+    monkeypatch: pytest.MonkeyPatch, restore_policy: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_uvloop(name: str, *args: object, **kwargs: object) -> object:
+        if name == "uvloop":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_uvloop)
+    assert event_loop("uvloop") == "asyncio"
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_to_float_fast_path_keeps_the_checks() -> None:
+    assert to_float(2.5, "x") == 2.5
+    assert to_float(3, "x") == 3.0
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(DecodeError, match="not_finite"):
+            to_float(bad, "x")
+
+
+def test_decoder_match_cache_is_bounded_and_transparent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode, "MATCH_CACHE", 3)
+    decoder = RuleDecoder(json_rules(["home/{device}/state"], {"t": "temp"}))
+    for i in range(10):
+        events = decoder.decode(f"home/d{i}/state", b'{"temp": 1.5}')
+        assert [(e.device, e.values) for e in events] == [(f"d{i}", {"t": 1.5})]  # type: ignore[union-attr]
+        assert decoder.decode("other/topic", b"{}") == []
+        assert len(decoder._matched) <= 3
+
+
+def test_snapshot_join_state_round_trip() -> None:
+    join = SnapshotJoin(["a", "b"], max_age_s=5)
+    join.update({"a": 1.0}, 10.0)
+    state = join.to_state()
+    other = SnapshotJoin(["a", "b"], max_age_s=5)
+    other.load_state(state)
+    assert other.missing() == ["b"]
+    vector = other.update({"b": 2.0}, 11.0)
+    assert vector is not None and vector.dtype.name == "float32" and vector.tolist() == [1.0, 2.0]
+    other.reset()
+    assert other.missing() == ["a", "b"] and other.nbytes() == 32
