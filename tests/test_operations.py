@@ -204,3 +204,63 @@ def test_metrics_endpoint_parses_and_counts(mosquitto: Mosquitto, topic_prefix: 
     assert samples[("edge_infer_dropped_total", (("pipeline", "room"), ("reason", "malformed_json")))] == 1
     assert samples[("edge_infer_broker_connected", ())] == 1
     assert samples[("edge_infer_batch_size_count", (("model", "m"),))] >= 1
+
+
+def test_a_stalled_inference_stops_the_watchdog_pings(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inference call that hangs (a wedged GPU driver, a deadlocked provider) must make systemd
+    restart the service: the daemon stops its WATCHDOG=1 pings once the call has run longer than
+    watchdog_stall_s, and resumes them when the call returns."""
+    p = topic_prefix
+    snapshot_classifier(tmp_path / "model.onnx", FEATURES, ["a", "b"], name="m")
+    sock, path = _notify_socket(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # pings every 0.2 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    cfg = make_config(_config(mosquitto.url, p, tmp_path, watchdog_stall_s=0.5), tmp_path)
+    pings: list[float] = []
+
+    def drain(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                if "WATCHDOG=1" in sock.recv(4096).decode():
+                    pings.append(time.monotonic())
+
+    release = threading.Event()
+    runner = DaemonThread(cfg).start()
+    model = runner.daemon.models["m"]  # type: ignore[union-attr]
+
+    class HangingSession:  # the real session behind a call that blocks until released
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            release.wait(30)
+            return self.inner.run(*args, **kwargs)
+
+    model.session = HangingSession(model.session)  # type: ignore[assignment]
+    out = Collector(mosquitto.url, f"{p}/ei/room/+")
+    pub = Publisher(mosquitto.url)
+    try:
+        drain(1.0)
+        pub.send(f"{p}/in/a", {"temperature": 20, "humidity": 50})
+        hung_at = time.monotonic()
+        drain(2.0)
+        release.set()
+        resumed_at = time.monotonic()
+        out.wait_count(f"{p}/ei/room/a", 1)
+        drain(1.0)
+    finally:
+        release.set()
+        runner.stop()
+        sock.close()
+        pub.close()
+        out.close()
+    before = [t for t in pings if t < hung_at]
+    silent = [t for t in pings if hung_at + 0.5 + 0.3 < t < resumed_at]
+    after = [t for t in pings if t > resumed_at]
+    assert len(before) >= 3, pings
+    assert silent == [], f"pings went on {len(silent)} times while inference hung"
+    assert len(after) >= 2, "pings did not resume after the call returned"
