@@ -5,11 +5,13 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench models install install-demo mosquitto clean help
+.PHONY: demo test test-arm64 test-ha lint bench models install install-demo mosquitto clean help
 
 help:
 	@echo "make demo      embedded broker + simulated home + bundled models, live predictions"
 	@echo "make test      install everything the tests need and run them"
+	@echo "make test-arm64  the daemon and the int8 zoo under arm64 emulation (docs/arm64.md)"
+	@echo "make test-ha   the discovery against a real Home Assistant Core (docs/homeassistant.md)"
 	@echo "make lint      ruff + mypy"
 	@echo "make bench     benchmark suite against a local Mosquitto"
 	@echo "make models    rebuild the bundled model zoo (needs the train extra)"
@@ -41,6 +43,19 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-all mosquitto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# arm64 (Raspberry Pi 4/5) under qemu-user: sysroot and aarch64 wheels cached in $(ARM64_CACHE).
+ARM64_CACHE ?= .cache/arm64
+ARM64_CPU ?= cortex-a72
+ARM64_ARGS ?=
+test-arm64: $(VENV)/.installed-all mosquitto
+	ARM64_CACHE=$(ARM64_CACHE) ARM64_CPU=$(ARM64_CPU) PYTHON=$(BIN)/python scripts/arm64/test.sh $(ARM64_ARGS)
+
+# A real Home Assistant Core in its own virtual environment (Python 3.13), built once.
+HA_VENV ?= .cache/ha-venv
+test-ha: $(VENV)/.installed-all mosquitto
+	test -x $(HA_VENV)/bin/hass || tests/ha/setup_ha_venv.sh $(HA_VENV)
+	EDGE_INFER_HA_VENV=$(HA_VENV) $(BIN)/python -m pytest -q tests/test_ha_real.py
+
 lint: $(VENV)/.installed-all
 	$(BIN)/ruff check .
 	$(BIN)/mypy edge devices exporters
@@ -52,4 +67,4 @@ models: $(VENV)/.installed-all
 	$(BIN)/python -m exporters.zoo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache build *.egg-info
