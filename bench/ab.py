@@ -56,7 +56,10 @@ class Variant:
 def _system(
     variant: Variant, bench: Bench, workdir: Path, *, pipeline: str, devices: int, profile: Path | None
 ) -> System:
-    if pipeline == "snapshot":
+    specs: list[PipelineSpec]
+    if pipeline == "zoo-all":  # memory: every zoo model in a pipeline of its own
+        specs = [PipelineSpec(n, p, f, w, max(1, devices // 3)) for n, (p, f, w) in zoo_models().items()]
+    elif pipeline == "snapshot":
         spec = PipelineSpec("snap", bench.ff, tuple(models.FF_FEATURES), None, devices)
     elif pipeline == "window":
         spec = PipelineSpec("win", bench.win, tuple(models.WINDOW_CHANNELS), models.WINDOW_SIZE, devices)
@@ -67,8 +70,10 @@ def _system(
             raise SystemExit(f"bench.ab: no zoo model {name!r} (have {', '.join(zoo) or 'none'})")
         path, features, window = zoo[name]
         spec = PipelineSpec(name, path, features, window, devices)
+    if pipeline != "zoo-all":
+        specs = [spec]
     system = edge_infer(
-        f"ab-{variant.name}", variant.name, bench.run_id, workdir, port=bench.port, pipelines=[spec]
+        f"ab-{variant.name}", variant.name, bench.run_id, workdir, port=bench.port, pipelines=specs
     )
     # The variant's edge/ first: run from its tree (python -m puts the working folder first).
     system.env = {"PYTHONPATH": f"{variant.tree}:{ROOT}", **variant.env}
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--devices", type=int, default=100)
-    parser.add_argument("--pipeline", default="snapshot", help="snapshot, window or zoo-<name>")
+    parser.add_argument("--pipeline", default="snapshot", help="snapshot, window, zoo-<name> or zoo-all")
     parser.add_argument("--offered", type=int, nargs="*", default=[], help="paced loads (msg/s), 10 s each")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile each variant into DIR/NAME.prof")
@@ -184,11 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         offered=tuple(opts.offered),
         profile=opts.profile,
     )
-    print(f"\n{'variant':<16} {'msg/s (median)':>15} {'× first':>8} {'CPU s/1000':>11} {'CPU ×':>6}  lost")
+    print(
+        f"\n{'variant':<16} {'msg/s (median)':>15} {'× first':>8} {'CPU s/1000':>11} {'CPU ×':>6}"
+        f" {'peak RSS MB':>12}  lost"
+    )
     for name, row in result["results"].items():
         print(
             f"{name:<16} {row['msg_s_median']:>15,.0f} {row['ratio_median']:>8.3f} "
-            f"{row['cpu_s_per_1000_median']:>11.4f} {row['cpu_ratio_median']:>6.3f}  {row['lost']}"
+            f"{row['cpu_s_per_1000_median']:>11.4f} {row['cpu_ratio_median']:>6.3f}"
+            f" {row['loads']['peak_rss_mb']:>12.1f}  {row['lost']}"
         )
     out = opts.out or default_out_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,11 @@ inference call in the model's worker thread. While a call runs, new items
 queue up, so the batch grows with the load: at low load every message is
 inferred alone and at once; at high load one call serves many. A partial batch
 waits at most ``max_delay_ms`` for more only while messages keep arriving.
+
+Unless ``models.<name>.max_batch`` is set, a batch holds at most :data:`INPUT_BUDGET` input
+values: ONNX Runtime keeps the activations of the largest batch it ran, so a model over long
+windows (the appliance CNN's 1460 samples) at batch 64 holds far more memory than the whole
+rest of the daemon, for little gain in speed (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -23,7 +29,18 @@ from edge.runtime import LoadedModel
 
 log = logging.getLogger("edge.batcher")
 
+INPUT_BUDGET = 8_192  # input values (float32) per inference call when max_batch is not configured
+
 Sink = Callable[[list[WorkItem], npt.NDArray[np.float32] | None, float, Exception | None], None]
+
+
+def batch_cap(model: LoadedModel) -> int:
+    """The largest batch for ``model``: ``max_batch`` as configured, else capped by input size."""
+    cfg = model.config
+    if "max_batch" in cfg.model_fields_set:
+        return cfg.max_batch
+    per_item = max(1, math.prod(model.spec.sample_shape))
+    return max(1, min(cfg.max_batch, INPUT_BUDGET // per_item))
 
 
 class Batcher:
@@ -32,7 +49,7 @@ class Batcher:
     def __init__(self, model: LoadedModel, sink: Sink, max_queue: int = 100_000) -> None:
         self.model = model
         self.sink = sink
-        self.max_batch = model.config.max_batch
+        self.max_batch = batch_cap(model)
         self.max_delay = model.config.max_delay_ms / 1000.0
         self.max_queue = max_queue
         self.queue: collections.deque[WorkItem] = collections.deque()

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from edge import decode
+from edge.batcher import INPUT_BUDGET, batch_cap
 from edge.cli import event_loop
+from edge.config import ModelConfig
 from edge.decode import DecodeError, RuleDecoder, json_rules, to_float
 from edge.features import SnapshotJoin
 
@@ -82,3 +87,17 @@ def test_snapshot_join_state_round_trip() -> None:
     assert vector is not None and vector.dtype.name == "float32" and vector.tolist() == [1.0, 2.0]
     other.reset()
     assert other.missing() == ["a", "b"] and other.nbytes() == 32
+
+
+def test_batch_cap_by_input_size_unless_configured(tmp_path: Path) -> None:
+    def model(shape: tuple[int, ...], **cfg: Any) -> Any:
+        config = ModelConfig(path=tmp_path / "m.onnx", **cfg)
+        return SimpleNamespace(config=config, spec=SimpleNamespace(sample_shape=shape))
+
+    assert batch_cap(model((8,))) == 64  # small inputs: the default max_batch
+    assert batch_cap(model((16, 3))) == 64
+    assert batch_cap(model((1460, 1))) == INPUT_BUDGET // 1460  # the appliance CNN: 5
+    assert batch_cap(model((100, 6))) == INPUT_BUDGET // 600
+    assert batch_cap(model((100_000,))) == 1
+    assert batch_cap(model((1460, 1), max_batch=64)) == 64  # configured: taken as is
+    assert batch_cap(model((8,), max_batch=16)) == 16
