@@ -482,10 +482,15 @@ class Simulator:
                 await asyncio.sleep(0)
         finally:
             if announce:
-                with contextlib.suppress(Exception):
+
+                async def goodbye() -> None:
                     for dev in self.devices:
                         topic, _, off = dev.online_payload
                         await pub(topic, off, retain=True, family=dev.family)
+
+                # bounded: a broker that stopped reading must not hold up a cancelled simulator
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(goodbye(), 5)
         return self.counts
 
 

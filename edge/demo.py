@@ -109,8 +109,8 @@ class EmbeddedBroker:
             if self._process.poll() is None:
                 self._process.kill()
         if self._amqtt is not None:
-            with contextlib.suppress(Exception):
-                await self._amqtt.shutdown()
+            with contextlib.suppress(Exception):  # TimeoutError included: never hang the exit
+                await asyncio.wait_for(self._amqtt.shutdown(), 5)
         if self._dir is not None:
             self._dir.cleanup()
 
@@ -313,7 +313,9 @@ async def run_demo(
             elif now - last_line >= 5:
                 last_line = now
                 counts = ", ".join(f"{p}: {n}" for p, n in sorted(board.per_pipeline.items())) or "waiting"
-                print(f"[{now - started:5.0f}s] predictions {counts}", flush=True)
+                # with --json, stdout carries only the summary
+                out = sys.stderr if args.json else sys.stdout
+                print(f"[{now - started:5.0f}s] predictions {counts}", file=out, flush=True)
             if args.duration is not None and now - started >= args.duration:
                 break
     finally:
@@ -321,7 +323,8 @@ async def run_demo(
             live.stop()
         sim_task.cancel()
         watch_task.cancel()
-        await asyncio.gather(sim_task, watch_task, return_exceptions=True)
+        # the simulator says goodbye (devices offline); a congested broker must not hold the exit
+        await asyncio.wait([sim_task, watch_task], timeout=5)
         daemon.request_stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(daemon_task, 15)
