@@ -297,6 +297,18 @@ class Daemon:
     def _rebuild_routes(self) -> None:
         self._routes = [(TopicPattern(f), p) for p in self.pipelines.values() for f in p.filters]
         self._route_cache = {}
+        # Topics that are never sensor data, whatever a source's wildcard says: this daemon's own
+        # status and bridge topics, the cluster's, Home Assistant's status and its discovery
+        # prefix (an ESPHome source's '+/status' also matches 'edge-infer/status' and
+        # 'homeassistant/status').
+        base = self.config.mqtt.base_topic
+        ha = self.config.homeassistant
+        self._not_sources = (f"{base}/status", ha.status_topic)
+        self._not_source_prefixes = (
+            f"{base}/bridge/",
+            f"{base}/instances/",
+            f"{ha.discovery_prefix}/",
+        )
 
     def _start_batcher(self, name: str, model: LoadedModel) -> None:
         batcher = Batcher(model, functools.partial(self._sink, model))
@@ -343,7 +355,8 @@ class Daemon:
         routed = self._route_cache.get(topic)
         if routed is None:
             routed = []
-            for pattern, pipeline in self._routes:
+            own = topic in self._not_sources or topic.startswith(self._not_source_prefixes)
+            for pattern, pipeline in () if own else self._routes:
                 if pipeline not in routed and pattern.match(topic) is not None:
                     routed.append(pipeline)
             if len(self._route_cache) > 50_000:
@@ -453,11 +466,31 @@ class Daemon:
         self.link.publish(Outgoing(dl_topic, json.dumps(body).encode(), 0, False))
 
     def _availability(self, pipeline: Pipeline, device: str, online: bool) -> None:
+        """A source device said it is offline or online (or sent data after saying offline)."""
+        if device not in pipeline.last_published:
+            # Never answered by this pipeline (a device of the same family that another pipeline
+            # serves, or one still filling its window): it has no entity and no output to mark.
+            # 'offline' is remembered, so its data counts as its return; its first answer marks
+            # it online.
+            if online:
+                pipeline.availability.pop(device, None)
+            elif len(pipeline.availability) < 4 * pipeline.cfg.max_devices:
+                pipeline.availability[device] = False
+            return
         if pipeline.availability.get(device) is online:
             return
         pipeline.availability[device] = online
         topic = pipeline.output_topic(device) + "/availability"
         self.link.publish(Outgoing(topic, b"online" if online else b"offline", 1, True))
+
+    def _first_answer(self, pipeline: Pipeline, device: str) -> None:
+        """A device's first answer from a pipeline: its output goes online and Home Assistant
+        learns of it (once per device and pipeline, whatever its availability said before)."""
+        if pipeline.availability.get(device) is not True:
+            pipeline.availability[device] = True
+            topic = pipeline.output_topic(device) + "/availability"
+            self.link.publish(Outgoing(topic, b"online", 1, True))
+        self.discovery.device_seen()
 
     # ------------------------------------------------------------------ inference out
 
@@ -502,9 +535,8 @@ class Daemon:
                 if not pipeline.policy.should_publish(item.device, prediction, wall):
                     self._settle(item)
                     continue
-                if pipeline.availability.get(item.device) is None:
-                    self._availability(pipeline, item.device, True)
-                    self.discovery.device_seen()
+                if item.device not in pipeline.last_published:
+                    self._first_answer(pipeline, item.device)
                 body = {
                     **prediction.fields,
                     "model": spec.name,

@@ -220,7 +220,7 @@ class Discovery:
             if not pipeline.cfg.homeassistant.enabled:
                 continue
             known = {sanitise_segment(d): d for d in self._learned.get(pipeline.name, ())}
-            known.update({sanitise_segment(d): d for d in pipeline.availability})
+            known.update({sanitise_segment(d): d for d in pipeline.last_published})
             for device in known.values():
                 by_device.setdefault(device, []).append((pipeline, output_entity(pipeline, device)))
         for device, entries in sorted(by_device.items()):

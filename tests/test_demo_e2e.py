@@ -187,13 +187,6 @@ def test_simulated_home_through_the_example_config(fresh_broker: Mosquitto, tmp_
     assert code == 0, daemon_log.read_text()[-3000:]
 
 
-@pytest.mark.xfail(
-    reason="daemon/discovery bug: a device whose availability arrives before its first prediction "
-    "(retained LWT/availability, the normal case) is never announced until a later replan; and every "
-    "pipeline announces every device seen on its availability topics (zigbee2mqtt plugs get an "
-    "occupancy entity, edge-infer/status becomes an ESPHome device 'edge-infer')",
-    strict=False,
-)
 def test_every_simulated_device_is_announced_once_with_its_own_entity(
     fresh_broker: Mosquitto, tmp_path: Path
 ) -> None:
