@@ -9,6 +9,7 @@ first variant (paired, same minute), next to the medians of msg/s and CPU s per 
 
     python -m bench.ab base=/tmp/variants/head new=. --reps 7
     python -m bench.ab asyncio=.,EDGE_INFER_LOOP=asyncio uvloop=.,EDGE_INFER_LOOP=uvloop
+    python -m bench.ab v5=. v311=.,mqtt.protocol=3.1.1
 
 Writes ``bench/results/ab-<date>-<names>.json`` (``--out`` for another folder).
 """
@@ -25,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench import models
 from bench.runner import Bench, Settings, default_out_dir, machine
 from bench.systems import ROOT, PipelineSpec, System, edge_infer, zoo_models
@@ -35,10 +38,11 @@ class Variant:
     name: str
     tree: Path
     env: dict[str, str] = field(default_factory=dict)
+    mqtt: dict[str, str] = field(default_factory=dict)  # overrides of the config's mqtt section
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """``NAME=TREE[,KEY=VALUE...]``."""
+        """``NAME=TREE[,KEY=VALUE...]``: environment variables, or ``mqtt.KEY=VALUE`` for the config."""
         name, _, rest = text.partition("=")
         if not name or not rest:
             raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=TREE[,KEY=VALUE...]")
@@ -46,11 +50,15 @@ class Variant:
         tree = (ROOT if tree_text == "." else Path(tree_text)).resolve()
         if not (tree / "edge" / "__init__.py").is_file():
             raise argparse.ArgumentTypeError(f"variant {name}: {tree} holds no edge/ package")
-        env = {}
+        env: dict[str, str] = {}
+        mqtt: dict[str, str] = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
-            env[key] = value
-        return cls(name, tree, env)
+            if key.startswith("mqtt."):
+                mqtt[key.removeprefix("mqtt.")] = value
+            else:
+                env[key] = value
+        return cls(name, tree, env, mqtt)
 
 
 def _system(
@@ -78,6 +86,11 @@ def _system(
     # The variant's edge/ first: run from its tree (python -m puts the working folder first).
     system.env = {"PYTHONPATH": f"{variant.tree}:{ROOT}", **variant.env}
     system.cwd = variant.tree
+    if variant.mqtt:
+        config_path = Path(system.argv[system.argv.index("-c") + 1])
+        config = yaml.safe_load(config_path.read_text())
+        config["mqtt"].update(variant.mqtt)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     if profile is not None:  # cProfile of the event-loop thread, written when the daemon stops
         profile.mkdir(parents=True, exist_ok=True)
         out = profile / f"{variant.name}.prof"
@@ -110,7 +123,7 @@ def run_ab(
         "devices": devices,
         "burst": burst,
         "reps": reps,
-        "variants": {v.name: {"tree": str(v.tree), "env": v.env} for v in variants},
+        "variants": {v.name: {"tree": str(v.tree), "env": v.env, "mqtt": v.mqtt} for v in variants},
     }
     try:
         for system in systems:

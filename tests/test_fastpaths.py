@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge import decode
@@ -18,6 +21,7 @@ from edge.cli import event_loop
 from edge.config import ModelConfig
 from edge.decode import DecodeError, RuleDecoder, json_rules, to_float
 from edge.features import SnapshotJoin
+from edge.outputs import PostProcessor, iso_ms, softmax
 
 
 @pytest.fixture
@@ -101,3 +105,53 @@ def test_batch_cap_by_input_size_unless_configured(tmp_path: Path) -> None:
     assert batch_cap(model((100_000,))) == 1
     assert batch_cap(model((1460, 1), max_batch=64)) == 64  # configured: taken as is
     assert batch_cap(model((8,), max_batch=16)) == 16
+
+
+def _old_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_iso_ms_is_datetime_to_the_character() -> None:
+    rng = np.random.default_rng(7)
+    values = [0.0, 0.0005, 0.9995, 0.9999996, 1.0000004, 1764486000.0, 1764486000.9994999]
+    values += rng.uniform(0, 4e9, 20_000).tolist()
+    values += (1764486000 + rng.integers(0, 10**6, 5_000) / 1e6).tolist()  # microsecond grid
+    values += (1764486000 + (rng.integers(0, 2000, 5_000) + 0.5) / 1e6).tolist()  # half-way cases
+    for ts in values:
+        assert iso_ms(ts) == _old_iso(ts), ts
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+@pytest.mark.parametrize("instance", [None, "pi-2"])
+def test_answers_are_byte_identical_to_json_dumps(top_k: int, instance: str | None) -> None:
+    spec = SimpleNamespace(
+        name="ff", version="1.2.0", task="classification", output_kind="logits", labels=("idle", "hé", 'x"y')
+    )
+    output = SimpleNamespace(top_k=top_k, min_confidence=0.5)
+    post = PostProcessor(spec, output)  # type: ignore[arg-type]
+    rng = np.random.default_rng(3)
+    raw = (rng.normal(size=(500, 3)) * rng.choice([0.1, 1, 30], size=(500, 1))).astype(np.float32)
+    raw[7] = [np.nan, 0, 0]
+    raw[8] = [1, 1, 1]  # ties
+    predictions = post(raw)
+    for n, prediction in enumerate(predictions):
+        row = softmax(raw[n : n + 1])[0]
+        best = int(np.argsort(-row)[0])
+        confidence = float(row[best])
+        fields: dict[str, Any] = {
+            "label": spec.labels[best] if confidence >= 0.5 else None,
+            "confidence": round(confidence, 4),
+        }
+        if top_k:
+            fields["top_k"] = [
+                {"label": spec.labels[int(i)], "p": round(float(row[int(i)]), 4)}
+                for i in np.argsort(-row)[:top_k]
+            ]
+        assert prediction.fields == fields or math.isnan(confidence)
+        latency = float(rng.uniform(0, 50)) if n != 9 else math.nan
+        ts = float(1764486000 + rng.uniform(0, 1e5))
+        body = {**prediction.fields, "model": "ff", "model_version": "1.2.0", "latency_ms": round(latency, 3)}
+        body["ts"] = _old_iso(ts)
+        if instance is not None:
+            body["instance"] = instance
+        assert post.answer(prediction, latency, ts, instance) == json.dumps(body).encode()

@@ -1,0 +1,90 @@
+"""``python -m bench.micro``: in-process A/B of one hot-path step, old code against new, interleaved.
+
+CPU time per message of a step measured on its own, for changes whose end-to-end gain drowns in
+the noise of a shared machine. Each repetition times both variants back to back (order
+alternating); the verdict is the median over repetitions.
+
+* ``answers``: post-processing and the answer's JSON for batches of 64 (``json.dumps`` of a dict
+  per answer, as edge/daemon.py did, against :meth:`edge.outputs.PostProcessor.answer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from edge.outputs import PostProcessor, softmax
+
+
+def _old_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _old_classify(post: PostProcessor, raw: np.ndarray) -> list[dict[str, Any]]:
+    probs = softmax(raw)
+    top = np.argsort(-probs, axis=1)[:, :1]
+    results = []
+    for row, order in zip(probs, top, strict=True):
+        best = int(order[0])
+        confidence = float(row[best])
+        label = post.labels[best] if confidence >= 0.0 else None
+        results.append({"label": label, "confidence": round(confidence, 4)})
+    return results
+
+
+def answers(batch: int = 64, batches: int = 200) -> dict[str, Callable[[], float]]:
+    spec = SimpleNamespace(
+        name="ff", version="1.0.0", task="classification", output_kind="logits", labels=("a", "b", "c", "d")
+    )
+    post = PostProcessor(spec, SimpleNamespace(top_k=0, min_confidence=0.0))  # type: ignore[arg-type]
+    rng = np.random.default_rng(1)
+    raws = [rng.normal(size=(batch, 4)).astype(np.float32) for _ in range(batches)]
+    now = time.time()
+
+    def old() -> float:
+        began = time.process_time()
+        for raw in raws:
+            for fields in _old_classify(post, raw):
+                body = {**fields, "model": "ff", "model_version": "1.0.0", "latency_ms": round(1.2345678, 3)}
+                body["ts"] = _old_iso(now)
+                json.dumps(body).encode()
+        return (time.process_time() - began) / (batch * batches)
+
+    def new() -> float:
+        began = time.process_time()
+        for raw in raws:
+            for prediction in post(raw):
+                post.answer(prediction, 1.2345678, now, None)
+        return (time.process_time() - began) / (batch * batches)
+
+    return {"old": old, "new": new}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=["answers"])
+    parser.add_argument("--reps", type=int, default=15)
+    opts = parser.parse_args(argv)
+    variants = {"answers": answers}[opts.step]()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(opts.reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(variants[name]())
+    base = statistics.median(times[names[0]])
+    for name in names:
+        median = statistics.median(times[name])
+        print(f"{opts.step} {name}: {median * 1e6:.2f} µs CPU per message (x{median / base:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
