@@ -537,16 +537,9 @@ class Daemon:
                     continue
                 if item.device not in pipeline.last_published:
                     self._first_answer(pipeline, item.device)
-                body = {
-                    **prediction.fields,
-                    "model": spec.name,
-                    "model_version": spec.version,
-                    "latency_ms": round((done - item.received) * 1000.0, 3),
-                    "ts": _iso(item.ts),
-                }
-                if self.instance is not None:
-                    body["instance"] = self.instance
-                encoded = json.dumps(body).encode()
+                # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from pieces
+                # the post-processor prepared for the whole batch (edge/outputs.py)
+                encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
                 pipeline.last_published[item.device] = encoded
                 self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
                 pipeline.stats.published += 1
