@@ -4,8 +4,9 @@ CPU time per message of a step measured on its own, for changes whose end-to-end
 the noise of a shared machine. Each repetition times both variants back to back (order
 alternating); the verdict is the median over repetitions.
 
-* ``answers``: post-processing and the answer's JSON for batches of 64 (``json.dumps`` of a dict
-  per answer, as edge/daemon.py did, against :meth:`edge.outputs.PostProcessor.answer`).
+* ``answers``: post-processing and the answer's JSON for batches of 64, classification with the
+  default ``top_k: 3`` (``json.dumps`` of a dict per answer, as edge/daemon.py did, against
+  :meth:`edge.outputs.PostProcessor.answer`); ``--top-k 0`` for label and confidence only.
 """
 
 from __future__ import annotations
@@ -28,23 +29,29 @@ def _old_iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _old_classify(post: PostProcessor, raw: np.ndarray) -> list[dict[str, Any]]:
+def _old_classify(post: PostProcessor, raw: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    """edge/outputs.py before the change."""
     probs = softmax(raw)
-    top = np.argsort(-probs, axis=1)[:, :1]
+    top = np.argsort(-probs, axis=1)[:, : max(1, top_k)]
     results = []
     for row, order in zip(probs, top, strict=True):
         best = int(order[0])
         confidence = float(row[best])
         label = post.labels[best] if confidence >= 0.0 else None
-        results.append({"label": label, "confidence": round(confidence, 4)})
+        fields: dict[str, Any] = {"label": label, "confidence": round(confidence, 4)}
+        if top_k:
+            fields["top_k"] = [
+                {"label": post.labels[int(i)], "p": round(float(row[int(i)]), 4)} for i in order
+            ]
+        results.append(fields)
     return results
 
 
-def answers(batch: int = 64, batches: int = 200) -> dict[str, Callable[[], float]]:
+def answers(batch: int = 64, batches: int = 200, top_k: int = 3) -> dict[str, Callable[[], float]]:
     spec = SimpleNamespace(
         name="ff", version="1.0.0", task="classification", output_kind="logits", labels=("a", "b", "c", "d")
     )
-    post = PostProcessor(spec, SimpleNamespace(top_k=0, min_confidence=0.0))  # type: ignore[arg-type]
+    post = PostProcessor(spec, SimpleNamespace(top_k=top_k, min_confidence=0.0))  # type: ignore[arg-type]
     rng = np.random.default_rng(1)
     raws = [rng.normal(size=(batch, 4)).astype(np.float32) for _ in range(batches)]
     now = time.time()
@@ -52,7 +59,7 @@ def answers(batch: int = 64, batches: int = 200) -> dict[str, Callable[[], float
     def old() -> float:
         began = time.process_time()
         for raw in raws:
-            for fields in _old_classify(post, raw):
+            for fields in _old_classify(post, raw, top_k):
                 body = {**fields, "model": "ff", "model_version": "1.0.0", "latency_ms": round(1.2345678, 3)}
                 body["ts"] = _old_iso(now)
                 json.dumps(body).encode()
@@ -72,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["answers"])
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--top-k", type=int, default=3)
     opts = parser.parse_args(argv)
-    variants = {"answers": answers}[opts.step]()
+    variants = answers(top_k=opts.top_k)
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for rep in range(opts.reps):

@@ -44,6 +44,35 @@ def iso_ms(ts: float) -> str:
     return f"{prefix}.{micros // 1000:03d}Z"
 
 
+_P4_TEXTS: list[str | None] = [None] * 10_001  # repr(k / 10000), filled as values occur
+
+
+def _p4_text(k: int) -> str:
+    text = _P4_TEXTS[k]
+    if text is None:
+        text = _P4_TEXTS[k] = repr(k / 10000)
+    return text
+
+
+def _ten_thousandths(values: npt.NDArray[Any]) -> list[list[int] | None] | None:
+    """Per row, ``round(v, 4)`` of each value as an integer count of ten-thousandths, or None for a
+    row with a value outside [0, 1] or not finite; None when ``values`` is not float32.
+
+    Exact: a float32 times 10,000 fits a float64 without rounding (24 + 14 bits), ``rint`` rounds
+    half to even as ``round`` does on the exact value, and ``k / 10000`` is the double nearest
+    to k/10^4, which is what ``round(v, 4)`` returns. Tested against ``round`` itself.
+    """
+    if values.dtype != np.float32:
+        return None
+    scaled = np.rint(values.astype(np.float64) * 10000.0)
+    good: npt.NDArray[np.bool_] = np.asarray(
+        ((scaled >= 0.0) & (scaled <= 10000.0)).all(axis=1)
+    )  # NaN: False
+    ks = np.where(good[:, None], scaled, 0.0).astype(np.int64).tolist()
+    flags: list[bool] = good.tolist()
+    return [k if ok else None for k, ok in zip(ks, flags, strict=True)]
+
+
 @dataclass(slots=True)
 class Prediction:
     """One device's post-processed result; ``key`` is what 'changed' compares.
@@ -66,6 +95,7 @@ class PostProcessor:
         self.output = output
         self.labels = list(spec.labels)
         self._label_heads = ['{"label": ' + json.dumps(label) + ', "confidence": ' for label in self.labels]
+        self._alternatives = ['{"label": ' + json.dumps(label) + ', "p": ' for label in self.labels]
         self._tail = (
             f', "model": {json.dumps(spec.name)}, "model_version": {json.dumps(spec.version)}, "latency_ms": '
         )
@@ -109,27 +139,46 @@ class PostProcessor:
     def _classify(self, raw: npt.NDArray[np.float32]) -> list[Prediction]:
         probs = raw if self.spec.output_kind == "probabilities" else softmax(raw)
         top = np.argsort(-probs, axis=1)[:, : max(1, self.output.top_k)]
-        # Whole-batch numpy, then plain Python floats: no numpy scalar per row.
-        best_of = top[:, 0].tolist()
-        confidences = np.take_along_axis(probs, top[:, :1], axis=1)[:, 0].tolist()
+        # Whole-batch numpy, then plain Python ints and floats: no numpy scalar per row.
+        orders = top.tolist()
+        picked = np.take_along_axis(probs, top, axis=1)
+        confidences = picked[:, 0].tolist()
+        tenths = _ten_thousandths(picked)
         labels = self.labels
         heads = self._label_heads
+        alternatives = self._alternatives
         minimum = self.output.min_confidence
         top_k = self.output.top_k
-        rows = probs.tolist() if top_k else None
+        values = picked.tolist()
         results: list[Prediction] = []
-        for n, (best, raw_confidence) in enumerate(zip(best_of, confidences, strict=True)):
-            confidence = round(raw_confidence, 4)
+        for n, (order, raw_confidence) in enumerate(zip(orders, confidences, strict=True)):
+            best = order[0]
             sure = raw_confidence >= minimum
             label = labels[best] if sure else None
-            fields: dict[str, Any] = {"label": label, "confidence": confidence}
-            head = None
-            if rows is not None:
-                row = rows[n]
-                fields["top_k"] = [{"label": labels[i], "p": round(row[i], 4)} for i in top[n].tolist()]
-            elif confidence - confidence == 0.0:  # finite: json.dumps writes repr()
-                head = (heads[best] if sure else '{"label": null, "confidence": ') + repr(confidence)
-            results.append(Prediction(fields, label, None, head))
+            ks = tenths[n] if tenths is not None else None
+            if ks is not None:  # every rounded value and its JSON text from the table
+                confidence = ks[0] / 10000
+                head = (heads[best] if sure else '{"label": null, "confidence": ') + _p4_text(ks[0])
+                fields: dict[str, Any] = {"label": label, "confidence": confidence}
+                if top_k:
+                    fields["top_k"] = [
+                        {"label": labels[i], "p": k / 10000} for i, k in zip(order, ks, strict=True)
+                    ]
+                    head += (
+                        ', "top_k": ['
+                        + "}, ".join([alternatives[i] + _p4_text(k) for i, k in zip(order, ks, strict=True)])
+                        + "}]"
+                    )
+                results.append(Prediction(fields, label, None, head))
+                continue
+            # Not finite or not in [0, 1]: as json.dumps of the fields (NaN, Infinity, ...).
+            confidence = round(raw_confidence, 4)
+            fields = {"label": label, "confidence": confidence}
+            if top_k:
+                fields["top_k"] = [
+                    {"label": labels[i], "p": round(p, 4)} for i, p in zip(order, values[n], strict=True)
+                ]
+            results.append(Prediction(fields, label, None, None))
         return results
 
     def _regress(self, raw: npt.NDArray[np.float32]) -> list[Prediction]:

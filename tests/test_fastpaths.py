@@ -121,7 +121,7 @@ def test_iso_ms_is_datetime_to_the_character() -> None:
         assert iso_ms(ts) == _old_iso(ts), ts
 
 
-@pytest.mark.parametrize("top_k", [0, 2])
+@pytest.mark.parametrize("top_k", [0, 1, 2, 3, 5])
 @pytest.mark.parametrize("instance", [None, "pi-2"])
 def test_answers_are_byte_identical_to_json_dumps(top_k: int, instance: str | None) -> None:
     spec = SimpleNamespace(
@@ -155,3 +155,41 @@ def test_answers_are_byte_identical_to_json_dumps(top_k: int, instance: str | No
         if instance is not None:
             body["instance"] = instance
         assert post.answer(prediction, latency, ts, instance) == json.dumps(body).encode()
+
+
+def test_ten_thousandths_equal_round() -> None:
+    from edge.outputs import _ten_thousandths
+
+    rng = np.random.default_rng(11)
+    values = np.concatenate(
+        [
+            rng.uniform(0, 1, 200_000),
+            np.arange(1, 32, 2) / 32,  # exact ties at the 5th decimal: 0.03125, ...
+            [0.0, 1.0, 0.00005, 0.99995, 1e-9, 0.5],
+        ]
+    ).astype(np.float32)
+    rows = _ten_thousandths(values.reshape(-1, 1))
+    assert rows is not None
+    for value, row in zip(values.tolist(), rows, strict=True):
+        assert row is not None and row[0] / 10000 == round(value, 4), value
+    odd = np.array([[0.5, 1.5], [-0.1, 0.2], [np.nan, 0.1], [np.inf, 0.0]], dtype=np.float32)
+    assert _ten_thousandths(odd) == [None, None, None, None]
+    assert _ten_thousandths(odd.astype(np.float64)) is None
+
+
+def test_probability_outputs_out_of_range_fall_back_to_json_dumps() -> None:
+    spec = SimpleNamespace(
+        name="m", version="1", task="classification", output_kind="probabilities", labels=("a", "b")
+    )
+    post = PostProcessor(spec, SimpleNamespace(top_k=2, min_confidence=0.0))  # type: ignore[arg-type]
+    raw = np.array([[0.25, 0.75], [1.5, -0.5], [np.inf, 0.0]], dtype=np.float32)
+    for prediction, row in zip(post(raw), raw.tolist(), strict=True):
+        order = sorted(range(2), key=lambda i: -row[i])
+        fields = {
+            "label": spec.labels[order[0]],
+            "confidence": round(row[order[0]], 4),
+            "top_k": [{"label": spec.labels[i], "p": round(row[i], 4)} for i in order],
+        }
+        assert prediction.fields == fields
+        body = {**fields, "model": "m", "model_version": "1", "latency_ms": 1.5, "ts": _old_iso(1e9)}
+        assert post.answer(prediction, 1.5, 1e9) == json.dumps(body).encode()
