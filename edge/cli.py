@@ -8,6 +8,7 @@ imported by the subcommands that need them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import os
 import sys
@@ -64,6 +65,17 @@ def event_loop(choice: str | None = None) -> str:
     return "uvloop"
 
 
+def tune_gc() -> None:
+    """For the daemon: what is loaded by now (modules, code, settings) lives as long as the
+    process, so keep it out of the collector's scans (``gc.freeze``), and collect the young
+    generation every 10,000 net allocations instead of 700: a message makes a few dozen short-lived
+    objects that reference counting frees anyway. About 7 % less CPU per message
+    (docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     lines = [
@@ -100,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[list[str]], int] = getattr(module, func_name)
     if name == "run":
         event_loop()
+        tune_gc()
     return func(rest)
 
 
