@@ -144,6 +144,7 @@ class Daemon:
         self._routes: list[tuple[TopicPattern, Pipeline]] = []
         self._route_cache: dict[str, list[Pipeline]] = {}
         self._rebuild_routes()
+        self._intake_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -421,7 +422,8 @@ class Daemon:
             for _, item in ready:
                 item.ack = pending
         for pipeline, item in ready:
-            if not self.batchers[pipeline.cfg.model].put(item):
+            batcher = self.batchers[pipeline.cfg.model]
+            if not batcher.put(item):
                 self._reject(
                     pipeline,
                     topic,
@@ -429,6 +431,33 @@ class Daemon:
                     DecodeError("inference_failed", f"model {pipeline.cfg.model!r} queue is full"),
                 )
                 self._settle(item)
+            elif len(batcher.queue) >= self.config.limits.max_queued_inputs:
+                self._pause_intake()
+
+    def _pause_intake(self) -> None:
+        """Back-pressure: a model's queue is at limits.max_queued_inputs. Stop reading the broker
+        (QoS 1 inputs wait there, unacknowledged) until the queues are down to half. Reading
+        resumes for a moment at least every keepalive/3 s, so the broker's ping answers are read
+        and the connection is not taken for dead."""
+        link = self.link
+        if link.intake_paused:
+            return
+        link.pause_intake()
+        loop = asyncio.get_running_loop()
+        if self._intake_timer is not None:
+            self._intake_timer.cancel()
+        self._intake_timer = loop.call_later(self.config.mqtt.keepalive / 3, self._resume_intake)
+
+    def _resume_intake(self) -> None:
+        if self._intake_timer is not None:
+            self._intake_timer.cancel()
+            self._intake_timer = None
+        self.link.resume_intake()
+
+    def _maybe_resume_intake(self) -> None:
+        low = self.config.limits.max_queued_inputs // 2
+        if all(len(b.queue) <= low for b in self.batchers.values()):
+            self._resume_intake()
 
     def _settle(self, item: WorkItem) -> None:
         """One answer of an input is done; the last one acknowledges the input."""
@@ -503,6 +532,8 @@ class Daemon:
         error: Exception | None,
     ) -> None:
         name = model.name
+        if self.link.intake_paused:
+            self._maybe_resume_intake()
         if outputs is None:
             self.failed_batches += 1
             self.metrics.predictions_failed.labels(model=name).inc()
@@ -628,6 +659,7 @@ class Daemon:
             "unrouted": self.unrouted,
             "publish_queue": len(self.link.queue),
             "publish_dropped": self.link.dropped,
+            "intake_pauses": self.link.intake_pauses,
             "failed_batches": self.failed_batches,
             "models": {
                 name: {

@@ -115,6 +115,10 @@ class MqttLink:
         self._handed = 0
         self._unconfirmed: dict[int, int] = {}
         self._held: collections.deque[tuple[int, AckToken]] = collections.deque()
+        # The socket reader of the live connection, so intake can pause (back-pressure).
+        self._reader: tuple[int, Callable[[], None]] | None = None
+        self.intake_paused = False
+        self.intake_pauses = 0
         self._client = self._make_client()
 
     def _make_client(self) -> aiomqtt.Client:
@@ -195,6 +199,30 @@ class MqttLink:
         if token is None or token[0] != self._generation or self._live is None:
             return  # from an earlier connection: the broker sends it again, unacknowledged
         self._live._client.ack(token[1], token[2])
+
+    def pause_intake(self) -> None:
+        """Stop reading the socket: inputs wait in the broker (and in TCP buffers) until
+        :meth:`resume_intake`. Answers keep going out; their confirmations are read on resume."""
+        if self._reader is None or self.intake_paused:
+            return
+        asyncio.get_running_loop().remove_reader(self._reader[0])
+        self.intake_paused = True
+        self.intake_pauses += 1
+
+    def resume_intake(self) -> None:
+        if not self.intake_paused:
+            return
+        self.intake_paused = False
+        if self._reader is None:
+            return
+        fd, read = self._reader
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, read)
+        loop.call_soon(self._read_unless_paused, read)  # bytes may already wait in a TLS buffer
+
+    def _read_unless_paused(self, read: Callable[[], None]) -> None:
+        if not self.intake_paused and self._reader is not None and self._reader[1] is read:
+            read()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -298,6 +326,7 @@ class MqttLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raw.on_publish = aiomqtt_on_publish
+            self._reader = None
             raw.on_socket_register_write = aiomqtt_register_write
             # Acknowledgements for this connection are void now: the broker sends those inputs
             # again (paho resends the unconfirmed answers itself when the session is resumed).
@@ -502,6 +531,8 @@ class MqttLink:
                     disconnected.set_exception(exc)
 
         loop.remove_reader(sock.fileno())
+        self._reader = (sock.fileno(), read)
+        self.intake_paused = False  # a new connection starts reading; the daemon pauses it again
         loop.add_reader(sock.fileno(), read)
 
     async def _send(self, client: aiomqtt.Client) -> None:

@@ -8,13 +8,17 @@ session expiry) under a stable client id and acknowledges an input only once it 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from tests.broker import Mosquitto, free_port
@@ -103,6 +107,7 @@ def test_messages_published_while_daemon_is_down_are_answered(
     answered = _answered(out, p)
     assert sorted(answered) == list(range(500)), sorted(set(range(500)) - set(answered))[:20]
     duplicates = sum(1 for c in answered.values() if c > 1)
+    print(f"figure: daemon {how}: {len(answered)}/500 answered, {duplicates} answered twice")
     if how == "SIGTERM":
         assert duplicates == 0  # a clean stop answers or leaves for redelivery, never both
     out.close()
@@ -224,6 +229,9 @@ def test_half_open_connection_is_detected_by_keepalive(
             out.close()
     finally:
         proxy.close()
+    print(
+        f"figure: half-open (keepalive 5 s): detected after {detected:.1f} s, answers after {recovered:.1f} s"
+    )
     # keepalive 5 s: the client notices a missing PINGRESP within about 1.5 x keepalive.
     assert detected < 12, detected
     assert recovered < 30, recovered
@@ -401,35 +409,94 @@ def test_windows_survive_a_broker_restart(fresh_broker: Mosquitto, topic_prefix:
         out.wait_count(f"{p}/ei/plug/fresh", 1)
         out.close()
         pub.close()
+    print(f"figure: broker SIGKILL, back after 1 s: daemon reconnected {recovered:.1f} s after the kill")
     assert recovered < 10, f"reconnect took {recovered:.1f}s after the broker came back"
 
 
+def _flood(url: str, prefix: str, numbers: range) -> None:
+    """Publish QoS 1 inputs as fast as the broker takes them (no wait per message)."""
+    parts = urllib.parse.urlsplit(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(0)
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
+    infos = [
+        client.publish(f"{prefix}/in/n{i}", json.dumps({"temperature": i % 40, "humidity": 50}), qos=1)
+        for i in numbers
+    ]
+    for info in infos:
+        info.wait_for_publish(30)
+    client.loop_stop()
+    client.disconnect()
+
+
+def _queue_depth(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return int(sum(float(v) for k, v in _samples_of(text, "edge_infer_queue_depth")))
+
+
+def _samples_of(text: str, name: str) -> list[tuple[str, str]]:
+    return [tuple(line.rsplit(" ", 1)) for line in text.splitlines() if line.startswith(name)]  # type: ignore[misc]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def test_slow_model_gets_back_pressure_not_unbounded_memory(
-    fresh_broker: Mosquitto, topic_prefix: str, tmp_path: Path
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
 ) -> None:
-    """A model slower than the inputs: QoS 1 inputs stay unacknowledged until answered, so the
-    broker stops at the daemon's receive maximum and holds the rest; nothing is lost, and the
-    daemon's queue never holds more than that window."""
+    """A flood of QoS 1 inputs for a model slower than the flood. The daemon's queue stays near
+    limits.max_queued_inputs whatever the size of the flood: it stops reading the broker there
+    (the inputs wait in the broker, unacknowledged) and reads on when half is answered. Nothing
+    is lost or dropped. (MQTT 5's Receive Maximum alone does not bound it: Mosquitto 2.0.11
+    sends past it, see docs/reliability.md.)"""
     p = topic_prefix
-    fresh_broker.start()
-    slow_classifier(tmp_path / "m.onnx", ["temperature", "humidity"], ["a", "b"], name="m")
-    data = _config(fresh_broker.url, p, tmp_path)
+    slow_classifier(tmp_path / "m.onnx", ["temperature", "humidity"], ["a", "b"], name="m", depth=8)
+    data = _config(mosquitto.url, p, tmp_path, keepalive=30)  # no keepalive read-through (keepalive/3)
     data["models"]["m"]["max_batch"] = 8
-    cfg = make_config(data, tmp_path)
-    n = 3000
-    with DaemonThread(cfg) as runner:
-        out = Collector(fresh_broker.url, f"{p}/ei/room/+")
-        pub = Publisher(fresh_broker.url)
-        _publish(pub, p, range(n))
-        peak = 0
-        deadline = time.monotonic() + 120
+    limit = 300
+    data["limits"] = {"max_queued_inputs": limit}
+    port = free_port()
+    data["metrics"] = {"enabled": True, "port": port}
+    path = write_config(data, tmp_path / "c.yaml")
+    out = Collector(mosquitto.url, f"{p}/ei/room/+")
+    info = Collector(mosquitto.url, f"{p}/ei/bridge/info")
+    n = 6000
+    proc = spawn_daemon(path)
+    try:
+        _wait_online(mosquitto.url, p)
+        rss_before = _rss_kib(proc.pid)
+        flood = threading.Thread(target=_flood, args=(mosquitto.url, p, range(n)))
+        started = time.monotonic()
+        flood.start()
+        peak, rss_peak = 0, rss_before
         while len(_answered(out, p)) < n:
-            assert time.monotonic() < deadline, f"{len(_answered(out, p))}/{n} answered"
-            peak = max(peak, runner.call(lambda: len(runner.daemon.batchers["m"].queue)))
+            assert time.monotonic() - started < 240, f"{len(_answered(out, p))}/{n} answered"
+            peak = max(peak, _queue_depth(port))
+            rss_peak = max(rss_peak, _rss_kib(proc.pid))
             time.sleep(0.02)
-        stats = runner.call(lambda: runner.daemon.pipelines["room"].stats.as_dict())
-        pub.close()
+        elapsed = time.monotonic() - started
+        flood.join()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
         out.close()
+    info.wait(lambda m: bool(m) and "intake_pauses" in m[-1].json(), timeout=10)
+    final = info.messages[-1].json()
+    info.close()
+    print(
+        f"figure: flood of {n} QoS 1 inputs, slow model, max_queued_inputs {limit}: answered in "
+        f"{elapsed:.1f} s, queue peak {peak}, {final['intake_pauses']} pauses, "
+        f"RSS {rss_before // 1024} -> {rss_peak // 1024} MiB"
+    )
     assert sorted(_answered(out, p)) == list(range(n))
-    assert 200 < peak <= 1000, f"queue peaked at {peak}: no back-pressure, or no slow model"
-    assert not stats["dropped"], stats
+    assert final["drops"] == 0, final
+    assert final["intake_pauses"] >= 1, final
+    # One socket read (64 KiB, at most ~1,300 of these ~50-byte inputs) may land beyond the limit;
+    # never the flood.
+    assert peak <= limit + 65536 // 50, f"queue peaked at {peak} with max_queued_inputs {limit}"
