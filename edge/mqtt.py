@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -404,6 +405,12 @@ class MqttLink:
         sock = raw.socket()
         if sock is None:
             return
+        # Answers go out coalesced (see _flush), so Nagle's algorithm has nothing left to merge;
+        # it would only hold a lone answer back until the broker's delayed ACK (up to 40 ms).
+        setsockopt = getattr(sock, "setsockopt", None)
+        if setsockopt is not None:
+            with contextlib.suppress(OSError):
+                setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
         on_message = self._on_message
         generation = self._generation
