@@ -19,7 +19,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -46,9 +46,16 @@ def batch_cap(model: LoadedModel) -> int:
 class Batcher:
     """Queue of work for one model and the loop that feeds its worker."""
 
-    def __init__(self, model: LoadedModel, sink: Sink, max_queue: int = 100_000) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        sink: Sink,
+        max_queue: int = 100_000,
+        room: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.model = model
         self.sink = sink
+        self.room = room  # awaited before each batch: back-pressure from the outgoing side
         self.max_batch = batch_cap(model)
         self.max_delay = model.config.max_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -90,6 +97,8 @@ class Batcher:
                         await asyncio.sleep(self.max_delay / 4)
                         if len(queue) == grown:
                             break
+            if self.room is not None:
+                await self.room()
             count = min(len(queue), self.max_batch)
             batch = [queue.popleft() for _ in range(count)]
             inputs = self._buffer[:count]

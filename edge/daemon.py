@@ -37,6 +37,7 @@ from edge.statefile import snapshot as snapshot_state
 from edge.statefile import write as write_state
 
 log = logging.getLogger("edge.daemon")
+INTAKE_CHECK_S = 0.05  # while intake is paused: how often the queues are looked at
 
 
 def load_models(config: Config, reuse: dict[str, LoadedModel] | None = None) -> dict[str, LoadedModel]:
@@ -145,6 +146,7 @@ class Daemon:
         self._route_cache: dict[str, list[Pipeline]] = {}
         self._rebuild_routes()
         self._intake_timer: asyncio.TimerHandle | None = None
+        self._paused_at = 0.0
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -312,7 +314,7 @@ class Daemon:
         )
 
     def _start_batcher(self, name: str, model: LoadedModel) -> None:
-        batcher = Batcher(model, functools.partial(self._sink, model))
+        batcher = Batcher(model, functools.partial(self._sink, model), room=self._outgoing_room)
         self.batchers[name] = batcher
         self._batcher_tasks[name] = asyncio.create_task(batcher.run(), name=f"batcher-{name}")
 
@@ -433,31 +435,49 @@ class Daemon:
                 self._settle(item)
             elif len(batcher.queue) >= self.config.limits.max_queued_inputs:
                 self._pause_intake()
+        if len(self.link.queue) >= self.config.mqtt.publish_queue // 2:
+            self._pause_intake()  # answers are made faster than the broker takes them
+
+    async def _outgoing_room(self) -> None:
+        """Before each batch: wait while the outgoing queue is over half full and the broker is
+        connected (it is draining), so answers are never made faster than the broker takes them
+        and then dropped; the model queues fill instead and pause the intake. While the broker is
+        away the queue fills up to mqtt.publish_queue and its policy drops (counted)."""
+        link = self.link
+        high = self.config.mqtt.publish_queue // 2
+        while len(link.queue) >= high and link.connected.is_set():  # noqa: ASYNC110 (paho has no event)
+            await asyncio.sleep(INTAKE_CHECK_S / 10)
 
     def _pause_intake(self) -> None:
-        """Back-pressure: a model's queue is at limits.max_queued_inputs. Stop reading the broker
-        (QoS 1 inputs wait there, unacknowledged) until the queues are down to half. Reading
-        resumes for a moment at least every keepalive/3 s, so the broker's ping answers are read
-        and the connection is not taken for dead."""
+        """Back-pressure: a model's queue is at limits.max_queued_inputs, or the outgoing queue
+        is half full (answers made faster than the broker takes them). Stop reading the broker
+        (QoS 1 inputs wait there, unacknowledged) until the model queues are down to half and
+        the outgoing queue to a quarter. Reading resumes for a moment at least every
+        keepalive/3 s, so the broker's ping answers are read and the connection is not taken
+        for dead."""
         link = self.link
-        if link.intake_paused:
+        if link.intake_paused or not link.connected.is_set():
             return
         link.pause_intake()
         loop = asyncio.get_running_loop()
-        if self._intake_timer is not None:
-            self._intake_timer.cancel()
-        self._intake_timer = loop.call_later(self.config.mqtt.keepalive / 3, self._resume_intake)
+        self._paused_at = loop.time()
+        if self._intake_timer is None:
+            self._intake_timer = loop.call_later(INTAKE_CHECK_S, self._intake_tick)
 
-    def _resume_intake(self) -> None:
-        if self._intake_timer is not None:
-            self._intake_timer.cancel()
-            self._intake_timer = None
-        self.link.resume_intake()
-
-    def _maybe_resume_intake(self) -> None:
+    def _intake_tick(self) -> None:
+        self._intake_timer = None
+        link = self.link
+        if not link.intake_paused:
+            return
+        loop = asyncio.get_running_loop()
         low = self.config.limits.max_queued_inputs // 2
-        if all(len(b.queue) <= low for b in self.batchers.values()):
-            self._resume_intake()
+        drained = all(len(b.queue) <= low for b in self.batchers.values()) and (
+            len(link.queue) <= self.config.mqtt.publish_queue // 4
+        )
+        if drained or loop.time() - self._paused_at >= self.config.mqtt.keepalive / 3:
+            link.resume_intake()  # on a read-through, the next full queue pauses it again
+            return
+        self._intake_timer = loop.call_later(INTAKE_CHECK_S, self._intake_tick)
 
     def _settle(self, item: WorkItem) -> None:
         """One answer of an input is done; the last one acknowledges the input."""
@@ -532,8 +552,6 @@ class Daemon:
         error: Exception | None,
     ) -> None:
         name = model.name
-        if self.link.intake_paused:
-            self._maybe_resume_intake()
         if outputs is None:
             self.failed_batches += 1
             self.metrics.predictions_failed.labels(model=name).inc()

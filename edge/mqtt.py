@@ -114,6 +114,7 @@ class MqttLink:
         # answer could still die with the process (paho holds QoS 1 publishes beyond its in-flight
         # window in memory, while a PUBACK for an input is written at once).
         self._handed = 0
+        self._session_present = False
         self._unconfirmed: dict[int, int] = {}
         self._held: collections.deque[tuple[int, AckToken]] = collections.deque()
         # The socket reader of the live connection, so intake can pause (back-pressure).
@@ -158,6 +159,19 @@ class MqttLink:
         # Acknowledge QoS 1/2 inputs only once they are answered (see MqttLink.ack): a daemon
         # killed mid-batch gets them again from the broker. paho 2 reads this flag per message.
         client._client._manual_ack = True
+        aiomqtt_on_connect = client._client.on_connect
+
+        def on_connect(c: paho.Client, u: Any, flags: Any, rc: ReasonCode, props: Any = None) -> None:
+            self._session_present = bool(getattr(flags, "session_present", False))
+            if v5:
+                # Answers in flight at once: what the broker accepts (its Receive Maximum, 65,535
+                # when it sends none; Mosquitto's max_inflight_messages, 20 by default), at most
+                # 1000. paho keeps 20 unless told, and cannot be told while connected.
+                receive_maximum = getattr(props, "ReceiveMaximum", 65535)
+                c._max_inflight_messages = max(1, min(int(receive_maximum), 1000))
+            aiomqtt_on_connect(c, u, flags, rc, props)  # type: ignore[misc,arg-type,call-arg]
+
+        client._client.on_connect = on_connect
         return client
 
     def publish(self, item: Outgoing) -> None:
@@ -262,29 +276,12 @@ class MqttLink:
                 await asyncio.wait_for(self._stopping.wait(), wait)
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        subs = list(self._subscriptions())
-        # A persistent session keeps subscriptions a reload removed: drop them on the broker too.
-        stale = [t for t in self._subscribed if t not in dict(subs)]
-        if stale:
-            await client.unsubscribe(stale)
-        if subs:
-            await client.subscribe([(topic, qos) for topic, qos in subs])
-        self._subscribed = dict(subs)
+        # A resumed session may be flooded with queued inputs right after the CONNACK (Mosquitto
+        # 2.0 sends past the Receive Maximum), so nothing here waits for a broker round trip
+        # before the session's own reader has taken over: an awaited SUBACK or PUBACK would sit
+        # behind thousands of PUBLISH packets read one per loop turn and time out, every time.
         self._live = client
         self._generation += 1
-        await client.publish(self.status_topic, b"online", qos=1, retain=True)
-        log.info(
-            "connected to %s:%s as %s; %d subscriptions",
-            self.cfg.host,
-            self.cfg.port,
-            self.cfg.resolved_client_id(),
-            len(subs),
-        )
-        self.last_error = None
-        self.connected.set()
-        self.ever_connected.set()
-        if self._on_connected is not None:
-            await self._on_connected()
         raw = client._client
         aiomqtt_on_publish = raw.on_publish
 
@@ -293,6 +290,20 @@ class MqttLink:
             self._confirmed(mid)
 
         raw.on_publish = on_publish
+        # Subscriptions are sent without waiting for their SUBACK (below): aiomqtt, which has no
+        # future for them, must not complain about the ids.
+        aiomqtt_on_subscribe, aiomqtt_on_unsubscribe = raw.on_subscribe, raw.on_unsubscribe
+
+        def on_subscribe(c: paho.Client, u: Any, mid: int, *rest: Any) -> None:
+            if mid in client._pending_subscribes:
+                aiomqtt_on_subscribe(c, u, mid, *rest)  # type: ignore[misc]
+
+        def on_unsubscribe(c: paho.Client, u: Any, mid: int, *rest: Any) -> None:
+            if mid in client._pending_unsubscribes:
+                aiomqtt_on_unsubscribe(c, u, mid, *rest)  # type: ignore[misc]
+
+        raw.on_subscribe = on_subscribe
+        raw.on_unsubscribe = on_unsubscribe
         # On the loop thread now: register the socket for writing directly. aiomqtt's callback
         # goes through call_soon_threadsafe (it may be called from its connect thread), which
         # lands after the flush that asked for it has already written everything.
@@ -307,12 +318,44 @@ class MqttLink:
                 if not disconnected.done():
                     disconnected.set_exception(exc)
 
-        raw.on_socket_register_write = lambda _c, _u, sock: loop.add_writer(sock.fileno(), writable)
+        def register_write(_c: Any, _u: Any, sock: Any) -> None:
+            try:
+                loop.add_writer(sock.fileno(), writable)
+            except (OSError, ValueError, RuntimeError) as exc:
+                # The socket closed under paho (a reset while it queued a packet; uvloop raises on
+                # a closed poll handle): the session ends through the reader, never the process.
+                if not disconnected.done():
+                    disconnected.set_exception(aiomqtt.MqttError(f"socket closed: {exc}"))
+
+        raw.on_socket_register_write = register_write
         receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
         sender = asyncio.create_task(self._send(client), name="mqtt-send")
         stopper = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
         tasks = {receiver, sender, stopper}
         try:
+            await asyncio.sleep(0)  # the receiver takes over the socket
+            subs = list(self._subscriptions())
+            # A persistent session keeps subscriptions a reload removed: drop them on the broker too.
+            stale = [t for t in self._subscribed if t not in dict(subs)]
+            if stale:
+                self._check(raw.unsubscribe(stale)[0], "unsubscribe")
+            if subs and not (self._session_present and self._subscribed == dict(subs)):
+                self._check(raw.subscribe([(topic, qos) for topic, qos in subs])[0], "subscribe")
+            self._subscribed = dict(subs)
+            self._check(raw.publish(self.status_topic, b"online", 1, True).rc, "publish status")
+            log.info(
+                "connected to %s:%s as %s; %d subscriptions%s",
+                self.cfg.host,
+                self.cfg.port,
+                self.cfg.resolved_client_id(),
+                len(subs),
+                " (session resumed)" if self._session_present else "",
+            )
+            self.last_error = None
+            self.connected.set()
+            self.ever_connected.set()
+            if self._on_connected is not None:
+                await self._on_connected()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             receiver.cancel()
             if stopper in done:
@@ -327,12 +370,18 @@ class MqttLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raw.on_publish = aiomqtt_on_publish
+            raw.on_subscribe, raw.on_unsubscribe = aiomqtt_on_subscribe, aiomqtt_on_unsubscribe
             self._reader = None
             raw.on_socket_register_write = aiomqtt_register_write
             # Acknowledgements for this connection are void now: the broker sends those inputs
             # again (paho resends the unconfirmed answers itself when the session is resumed).
             self._held.clear()
             self._unconfirmed.clear()
+
+    @staticmethod
+    def _check(rc: int, what: str) -> None:
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(rc, f"could not {what}")
 
     async def update_subscriptions(self) -> None:
         """Apply a changed subscription list on the live connection (the next connect does it anyway)."""
