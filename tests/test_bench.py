@@ -47,3 +47,29 @@ def test_cli_bench_help(capsys: pytest.CaptureFixture[str]) -> None:
         cli_bench(["--help"])
     assert exc.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_ab_variant_parsing(tmp_path: Path) -> None:
+    import argparse
+
+    from bench.ab import Variant
+    from bench.systems import ROOT
+
+    v = Variant.parse("new=.,EDGE_INFER_LOOP=asyncio,mqtt.protocol=3.1.1")
+    assert (v.name, v.tree, v.env, v.mqtt) == (
+        "new",
+        ROOT,
+        {"EDGE_INFER_LOOP": "asyncio"},
+        {"protocol": "3.1.1"},
+    )
+    for bad in ("new", "=.", f"old={tmp_path}"):  # no tree, no name, a folder without edge/
+        with pytest.raises(argparse.ArgumentTypeError):
+            Variant.parse(bad)
+
+
+def test_micro_answers_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.micro import main
+
+    assert main(["answers", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "answers old:" in out and "answers new:" in out
