@@ -24,6 +24,17 @@ def _save(graph: onnx.GraphProto, path: Path, manifest: Manifest | None) -> Path
     return path
 
 
+def _snapshot_manifest(name: str, features: list[str], labels: list[str]) -> Manifest:
+    return Manifest(
+        name=name,
+        version="1.0.0",
+        task="classification",
+        input=InputSpec(name="x", layout="snapshot", features=features),
+        output=OutputSpec(name="probs", kind="probabilities"),
+        labels=labels,
+    )
+
+
 def weights(features: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return (
@@ -54,14 +65,7 @@ def snapshot_classifier(
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", len(labels)])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
-    manifest = Manifest(
-        name=name,
-        version="1.0.0",
-        task="classification",
-        input=InputSpec(name="x", layout="snapshot", features=features),
-        output=OutputSpec(name="probs", kind="probabilities"),
-        labels=labels,
-    )
+    manifest = _snapshot_manifest(name, features, labels)
     return _save(graph, path, manifest if with_manifest else None)
 
 
@@ -97,14 +101,7 @@ def slow_classifier(
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", len(labels)])],
         [numpy_helper.from_array(a, n) for a, n in ((w_in, "W_in"), (w_mid, "W_mid"), (w_out, "W_out"))],
     )
-    manifest = Manifest(
-        name=name,
-        version="1.0.0",
-        task="classification",
-        input=InputSpec(name="x", layout="snapshot", features=features),
-        output=OutputSpec(name="probs", kind="probabilities"),
-        labels=labels,
-    )
+    manifest = _snapshot_manifest(name, features, labels)
     return _save(graph, path, manifest)
 
 
