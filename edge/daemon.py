@@ -450,11 +450,10 @@ class Daemon:
 
     def _pause_intake(self) -> None:
         """Back-pressure: a model's queue is at limits.max_queued_inputs, or the outgoing queue
-        is half full (answers made faster than the broker takes them). Stop reading the broker
-        (QoS 1 inputs wait there, unacknowledged) until the model queues are down to half and
-        the outgoing queue to a quarter. Reading resumes for a moment at least every
-        keepalive/3 s, so the broker's ping answers are read and the connection is not taken
-        for dead."""
+        is half full (answers made faster than the broker takes them). Inputs are held back
+        (MqttLink.pause_intake: a few thousand in the link, then in the broker and TCP buffers,
+        unacknowledged) until the model queues are down to half and the outgoing queue to a
+        quarter."""
         link = self.link
         if link.intake_paused or not link.connected.is_set():
             return
@@ -474,9 +473,16 @@ class Daemon:
         drained = all(len(b.queue) <= low for b in self.batchers.values()) and (
             len(link.queue) <= self.config.mqtt.publish_queue // 4
         )
-        if drained or loop.time() - self._paused_at >= self.config.mqtt.keepalive / 3:
-            link.resume_intake()  # on a read-through, the next full queue pauses it again
+        if drained:
+            link.resume_intake()  # hands the held inputs over; a full queue pauses it again
             return
+        now = loop.time()
+        answers_waiting = len(link.queue) >= self.config.mqtt.publish_queue // 2
+        if answers_waiting or now - self._paused_at >= self.config.mqtt.keepalive / 3:
+            # Once HOLD_MAX inputs are held the socket is no longer read: read once for the
+            # PUBACKs the answers wait for and the PINGRESP that keeps the connection alive.
+            link.read_through()
+            self._paused_at = now
         self._intake_timer = loop.call_later(INTAKE_CHECK_S, self._intake_tick)
 
     def _settle(self, item: WorkItem) -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger("edge.mqtt")
 
 
 AckToken = tuple[int, int, int]  # (connection generation, message id, QoS)
+HOLD_MAX = 2000  # inputs held while intake is paused before the socket is no longer read
 READ_CHUNK = 65536  # bytes read per socket wake-up at most (a few hundred small messages)
 WRITE_CHUNK = 65536  # QoS 0 answers coalesced into one socket write, bytes
 OUT_PACKETS_MAX = 256  # paho's unwritten packets before the sender waits for the socket to drain
@@ -93,7 +94,8 @@ class MqttLink:
     ) -> None:
         self.cfg = cfg
         self._subscriptions = subscriptions
-        self._on_message = on_message
+        self._consumer = on_message
+        self._on_message = self._gate  # every input passes the intake gate (pause_intake)
         self._on_connected = on_connected
         self.status_topic = status_topic
         self.queue: collections.deque[Outgoing] = collections.deque()
@@ -121,6 +123,10 @@ class MqttLink:
         self._reader: tuple[int, Callable[[], None]] | None = None
         self.intake_paused = False
         self.intake_pauses = 0
+        # Inputs read while intake is paused, in order; the socket stays read (so PUBACKs of
+        # answers and PINGRESPs are handled) until HOLD_MAX of them wait.
+        self._held_in: collections.deque[tuple[str, bytes, AckToken | None]] = collections.deque()
+        self._reading_stopped = False
         self._client = self._make_client()
 
     def _make_client(self) -> aiomqtt.Client:
@@ -215,28 +221,56 @@ class MqttLink:
             return  # from an earlier connection: the broker sends it again, unacknowledged
         self._live._client.ack(token[1], token[2])
 
-    def pause_intake(self) -> None:
-        """Stop reading the socket: inputs wait in the broker (and in TCP buffers) until
-        :meth:`resume_intake`. Answers keep going out; their confirmations are read on resume."""
-        if self._reader is None or self.intake_paused:
+    def _gate(self, topic: str, payload: bytes, token: AckToken | None) -> None:
+        if not self.intake_paused and not self._held_in:
+            self._consumer(topic, payload, token)
             return
-        asyncio.get_running_loop().remove_reader(self._reader[0])
+        self._held_in.append((topic, payload, token))
+        if len(self._held_in) >= HOLD_MAX:
+            self._stop_reading()
+
+    def pause_intake(self) -> None:
+        """Hold inputs back from the daemon until :meth:`resume_intake`. The socket is still
+        read, so the broker's PUBACKs for answers and its PINGRESPs are handled (the answers
+        drain, the connection stays alive); once HOLD_MAX inputs wait, reading stops too and
+        further inputs wait in the broker and in TCP buffers."""
+        if self.intake_paused:
+            return
         self.intake_paused = True
         self.intake_pauses += 1
 
     def resume_intake(self) -> None:
-        if not self.intake_paused:
+        """Hand the held inputs over in order (until the daemon pauses again), and read on."""
+        if not self.intake_paused and not self._held_in and not self._reading_stopped:
             return
         self.intake_paused = False
-        if self._reader is None:
+        held = self._held_in
+        while held and not self.intake_paused:
+            self._consumer(*held.popleft())
+        if len(held) < HOLD_MAX // 2:
+            self._start_reading()
+
+    def read_through(self) -> None:
+        """While reading is stopped: one read, for the PUBACKs and PINGRESP queued behind inputs."""
+        if self._reading_stopped and self._reader is not None:
+            self._reader[1]()
+
+    def _stop_reading(self) -> None:
+        if self._reader is not None and not self._reading_stopped:
+            asyncio.get_running_loop().remove_reader(self._reader[0])
+            self._reading_stopped = True
+
+    def _start_reading(self) -> None:
+        if self._reader is None or not self._reading_stopped:
             return
+        self._reading_stopped = False
         fd, read = self._reader
         loop = asyncio.get_running_loop()
         loop.add_reader(fd, read)
-        loop.call_soon(self._read_unless_paused, read)  # bytes may already wait in a TLS buffer
+        loop.call_soon(self._read_if_reading, read)  # bytes may already wait in a TLS buffer
 
-    def _read_unless_paused(self, read: Callable[[], None]) -> None:
-        if not self.intake_paused and self._reader is not None and self._reader[1] is read:
+    def _read_if_reading(self, read: Callable[[], None]) -> None:
+        if not self._reading_stopped and self._reader is not None and self._reader[1] is read:
             read()
 
     def stop(self) -> None:
@@ -372,6 +406,7 @@ class MqttLink:
             raw.on_publish = aiomqtt_on_publish
             raw.on_subscribe, raw.on_unsubscribe = aiomqtt_on_subscribe, aiomqtt_on_unsubscribe
             self._reader = None
+            self._held_in.clear()  # unacknowledged: the broker sends them again
             raw.on_socket_register_write = aiomqtt_register_write
             # Acknowledgements for this connection are void now: the broker sends those inputs
             # again (paho resends the unconfirmed answers itself when the session is resumed).
@@ -589,6 +624,7 @@ class MqttLink:
         loop.remove_reader(sock.fileno())
         self._reader = (sock.fileno(), read)
         self.intake_paused = False  # a new connection starts reading; the daemon pauses it again
+        self._reading_stopped = False
         loop.add_reader(sock.fileno(), read)
 
     async def _send(self, client: aiomqtt.Client) -> None:
