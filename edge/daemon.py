@@ -147,6 +147,7 @@ class Daemon:
         self._rebuild_routes()
         self._intake_timer: asyncio.TimerHandle | None = None
         self._paused_at = 0.0
+        self.state_write_errors = 0
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -684,6 +685,7 @@ class Daemon:
             "publish_queue": len(self.link.queue),
             "publish_dropped": self.link.dropped,
             "intake_pauses": self.link.intake_pauses,
+            "state_write_errors": self.state_write_errors,
             "failed_batches": self.failed_batches,
             "models": {
                 name: {
@@ -886,8 +888,6 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    state_write_errors = 0
 
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect."""

@@ -7,6 +7,7 @@ session expiry) under a stable client id and acknowledges an input only once it 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -531,3 +532,17 @@ def test_restart_with_a_large_backlog_connects_and_answers_everything(
     print(f"figure: restart with a backlog of {n}: all answered {elapsed:.1f} s after the start")
     assert sorted(_answered(out, p)) == list(range(n))
     assert "timed out" not in log.lower() and "Traceback" not in log, log[-2000:]
+
+
+def test_an_unwritable_state_file_is_counted_and_survived(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    (tmp_path / "taken").mkdir()  # a directory where the file should go: every write fails
+    data = _window_config(mosquitto.url, p, tmp_path, state={"file": "taken", "interval_s": 3600})
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        asyncio.run_coroutine_threadsafe(runner.daemon.save_state(), runner.loop).result(10)  # type: ignore[union-attr]
+        info = runner.call(lambda: runner.daemon.bridge_info())
+        connected = runner.call(lambda: runner.daemon.link.connected.is_set())
+    assert info["state_write_errors"] == 1, info
+    assert connected
