@@ -62,7 +62,7 @@ import yaml
 
 from bench import models
 from bench.runner import default_out_dir, machine
-from tests.broker import MOSQUITTO_HINT, find_mosquitto, free_port, wait_port
+from tests.broker import MOSQUITTO_HINT, FaultProxy, Mosquitto, find_mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CTX = mp.get_context("fork")  # the helpers are forked before the parent starts any thread
@@ -182,161 +182,6 @@ def message(n: int, kind: int, devices: int, t0: int, values: str) -> tuple[str,
     else:  # pragma: no cover
         raise ValueError(name)
     return topic, body.encode()
-
-
-# ---------------------------------------------------------------------- the broker
-
-
-@dataclass
-class Broker:
-    """Mosquitto with persistence (autosave every second) and queues big enough for the soak."""
-
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    def config(self) -> Path:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            f"log_dest file {self.workdir / 'mosquitto.log'}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "connection_messages true",
-            "persistence true",
-            f"persistence_location {self.workdir}/",
-            f"autosave_interval {AUTOSAVE_S}",
-            # Per client: QoS 1 messages queued beyond those in flight. Mosquitto drops (silently,
-            # counted in $SYS) what does not fit; 1,000,000 is far above any outage's backlog here.
-            "max_queued_messages 1000000",
-            "max_inflight_messages 1000",
-            # Dead letters are QoS 0: keep them for the (persistent) subscriber while it reconnects.
-            "queue_qos0_messages true",
-            "set_tcp_nodelay true",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        path = self.workdir / "mosquitto.conf"
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    def start(self) -> None:
-        binary = find_mosquitto()
-        if binary is None:
-            raise RuntimeError(MOSQUITTO_HINT)
-        conf = self.config()
-        self.process = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(self.port, timeout=20)
-        self.starts += 1
-
-    def stop(self, kill: bool = False) -> None:
-        if self.process is None:
-            return
-        if kill:
-            self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-
-# ---------------------------------------------------------------------- the proxy
-
-
-class FaultProxy:
-    """A loopback TCP proxy in front of the broker that can reset or black-hole its connections.
-
-    ``cut`` resets every open connection (RST to both sides); ``stall`` black-holes the open
-    connections (bytes are read and dropped, nothing is closed: a half-open link), while new
-    connections pass normally, as after a NAT or Wi-Fi hiccup.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self.target = target_port
-        self.accepted: list[float] = []  # time.time() of each connection that reached the broker
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self._server.settimeout(0.2)
-        self._closing = threading.Event()
-        self._lock = threading.Lock()
-        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
-        self._thread = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._server.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=2)
-                upstream.settimeout(None)
-            except OSError:  # the broker is down: the client sees its connection closed
-                _reset(client)
-                continue
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            stalled = threading.Event()
-            with self._lock:
-                self._pairs.append((client, upstream, stalled))
-                self.accepted.append(time.time())
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b, stalled), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, stalled: threading.Event) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if stalled.is_set():
-                    continue  # black-holed: neither side is told
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.close()
-            with self._lock:
-                self._pairs = [p for p in self._pairs if p[0] is not src and p[1] is not src]
-
-    def cut(self) -> int:
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for client, upstream, _ in pairs:
-            _reset(client)
-            _reset(upstream)
-        return len(pairs)
-
-    def stall(self) -> int:
-        with self._lock:
-            for _, _, stalled in self._pairs:
-                stalled.set()
-            return len(self._pairs)
-
-    def close(self) -> None:
-        self._closing.set()
-        self.cut()
-        self._server.close()
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the peer gets a TCP RST (connection reset), not a polite FIN."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 # ---------------------------------------------------------------------- publisher and subscriber
@@ -751,7 +596,17 @@ def faultsoak(plan: Plan, out_dir: Path | None, log: Any = print) -> dict[str, A
     run = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="edge-faultsoak-"))
     t0 = t0_of(began)
-    broker = Broker(workdir / "mosquitto")
+    broker = Mosquitto(
+        workdir / "mosquitto",
+        persistence=True,
+        autosave_interval_s=AUTOSAVE_S,
+        # Per client: QoS 1 messages queued beyond those in flight. Mosquitto drops (silently,
+        # counted in $SYS) what does not fit; 1,000,000 is far above any outage's backlog here.
+        max_queued_messages=1_000_000,
+        # Dead letters are QoS 0: keep them for the (persistent) subscriber while it reconnects.
+        extra_config="max_inflight_messages 1000\nqueue_qos0_messages true\nset_tcp_nodelay true",
+        log_information=False,
+    )
     broker.start()
     models.feed_forward(workdir / "ff.onnx")
     sub = Helper(_subscriber, broker.port, plan, t0, run)
@@ -858,7 +713,7 @@ def faultsoak(plan: Plan, out_dir: Path | None, log: Any = print) -> dict[str, A
 
 
 def inject(
-    kind: str, planned: float, *, broker: Broker, proxy: FaultProxy, daemon: Daemon, log: Any, start: float
+    kind: str, planned: float, *, broker: Mosquitto, proxy: FaultProxy, daemon: Daemon, log: Any, start: float
 ) -> Fault:
     rng = random.Random(f"{kind}-{planned}")
     link_fault = kind in ("proxy_cut", "proxy_stall", "broker_kill")

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,9 @@ class Mosquitto:
     tls: TlsFiles | None = None
     require_client_cert: bool = False
     persistence: bool = False
+    autosave_interval_s: int = 1
+    max_queued_messages: int = 100_000
+    log_information: bool = True
     extra_config: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -166,15 +170,19 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
             "log_type notice",
-            "log_type information",
+            *(["log_type information"] if self.log_information else []),
             "connection_messages true",
-            "max_queued_messages 100000",
+            f"max_queued_messages {self.max_queued_messages}",
         ]
         if os.geteuid() == 0:
             # As root Mosquitto drops to the 'mosquitto' user, which cannot read the test's private files.
             lines.append("user root")
         if self.persistence:
-            lines += ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
+            lines += [
+                "persistence true",
+                f"persistence_location {self.workdir}/",
+                f"autosave_interval {self.autosave_interval_s}",
+            ]
         if self.users is not None:
             pwfile = self.workdir / "passwd"
             pwfile.write_text("")
@@ -242,3 +250,98 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FaultProxy:
+    """A loopback TCP proxy in front of the broker that can reset or black-hole its connections.
+
+    ``cut`` resets every open connection (RST to both sides); ``stall`` black-holes the open
+    connections (bytes are read and dropped, nothing is closed: a half-open link), while new
+    connections pass normally, as after a NAT or Wi-Fi hiccup.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target = target_port
+        self.accepted: list[float] = []  # time.time() of each connection that reached the broker
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.2)
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._thread = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._server.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=2)
+                upstream.settimeout(None)
+            except OSError:  # the broker is down: the client sees its connection closed
+                _reset(client)
+                continue
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stalled = threading.Event()
+            with self._lock:
+                self._pairs.append((client, upstream, stalled))
+                self.accepted.append(time.time())
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b, stalled), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, stalled: threading.Event) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if stalled.is_set():
+                    continue  # black-holed: neither side is told
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+            with self._lock:
+                self._pairs = [p for p in self._pairs if p[0] is not src and p[1] is not src]
+
+    def cut(self) -> int:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, upstream, _ in pairs:
+            _reset(client)
+            _reset(upstream)
+        return len(pairs)
+
+    def stall(self) -> int:
+        with self._lock:
+            for _, _, stalled in self._pairs:
+                stalled.set()
+            return len(self._pairs)
+
+    def close(self) -> None:
+        self._closing.set()
+        self.cut()
+        self._server.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST (connection reset), not a polite FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST (connection reset), not a polite FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with contextlib.suppress(OSError):
+        sock.close()
