@@ -340,7 +340,7 @@ class LimitsConfig(_Model):
     max_payload_bytes: int = Field(65536, ge=16, description="Larger payloads are dropped (oversized).")
     max_window_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Memory for all windows together.")
     max_queued_inputs: int = Field(
-        5000,
+        1000,
         ge=1,
         description="Rows waiting for one model beyond which the daemon stops reading the broker until "
         "half have been answered (back-pressure; QoS 1 inputs wait in the broker meanwhile).",

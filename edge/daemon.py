@@ -478,7 +478,7 @@ class Daemon:
             link.resume_intake()  # hands the held inputs over; a full queue pauses it again
             return
         now = loop.time()
-        answers_waiting = len(link.queue) >= self.config.mqtt.publish_queue // 2
+        answers_waiting = len(link.queue) >= self.config.mqtt.publish_queue // 2 or link.answers_held_back()
         if answers_waiting or now - self._paused_at >= self.config.mqtt.keepalive / 3:
             # Once HOLD_MAX inputs are held the socket is no longer read: read once for the
             # PUBACKs the answers wait for and the PINGRESP that keeps the connection alive.

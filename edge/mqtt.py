@@ -32,7 +32,8 @@ log = logging.getLogger("edge.mqtt")
 
 
 AckToken = tuple[int, int, int]  # (connection generation, message id, QoS)
-HOLD_MAX = 2000  # inputs held while intake is paused before the socket is no longer read
+ANSWER_WINDOW_SLACK = 256  # answers paho queues beyond those in flight (the rest wait in MqttLink.queue)
+HOLD_MAX = 500  # inputs held while intake is paused before the socket is no longer read
 READ_CHUNK = 65536  # bytes read per socket wake-up at most (a few hundred small messages)
 WRITE_CHUNK = 65536  # QoS 0 answers coalesced into one socket write, bytes
 OUT_PACKETS_MAX = 256  # paho's unwritten packets before the sender waits for the socket to drain
@@ -175,10 +176,26 @@ class MqttLink:
                 # 1000. paho keeps 20 unless told, and cannot be told while connected.
                 receive_maximum = getattr(props, "ReceiveMaximum", 65535)
                 c._max_inflight_messages = max(1, min(int(receive_maximum), 1000))
+            # Answers paho holds: those in flight and ANSWER_WINDOW_SLACK more, ready to go as
+            # PUBACKs come back. Further answers wait in the link's queue (an Outgoing each) and
+            # not as paho messages (a message, its info with a Condition and lock, and in MQTT 5
+            # a Properties each: about 2 KB): after an outage the backlog's answers would park
+            # thousands of those, and the memory they took stays with the process.
+            c._max_queued_messages = c._max_inflight_messages + ANSWER_WINDOW_SLACK
             aiomqtt_on_connect(c, u, flags, rc, props)  # type: ignore[misc,arg-type,call-arg]
 
         client._client.on_connect = on_connect
         return client
+
+    def answers_held_back(self) -> bool:
+        """Answers wait in the queue because paho holds all it may (ANSWER_WINDOW_SLACK): only
+        the broker's PUBACKs let them go, so the socket must be read even while intake is
+        paused (the PUBACKs may queue behind inputs)."""
+        live = self._live
+        if not self.queue or live is None:
+            return False
+        raw = live._client
+        return 0 < raw._max_queued_messages <= len(raw._out_messages)
 
     def publish(self, item: Outgoing) -> None:
         """Queue a message; never blocks. When the queue is full, the policy drops one (counted)."""
@@ -376,7 +393,11 @@ class MqttLink:
             if subs and not (self._session_present and self._subscribed == dict(subs)):
                 self._check(raw.subscribe([(topic, qos) for topic, qos in subs])[0], "subscribe")
             self._subscribed = dict(subs)
-            self._check(raw.publish(self.status_topic, b"online", 1, True).rc, "publish status")
+            cap, raw._max_queued_messages = raw._max_queued_messages, 0  # answers of a resumed
+            try:  # session that paho still holds must not refuse the status
+                self._check(raw.publish(self.status_topic, b"online", 1, True).rc, "publish status")
+            finally:
+                raw._max_queued_messages = cap
             log.info(
                 "connected to %s:%s as %s; %d subscriptions%s",
                 self.cfg.host,
@@ -726,6 +747,7 @@ class MqttLink:
     async def _drain(self, client: aiomqtt.Client) -> None:
         """At shutdown: hand the queue to paho, then wait until paho has written it all."""
         raw = client._client
+        raw._max_queued_messages = 0  # everything to paho now: nothing may be refused at the end
         while self.queue:
             item = self.queue.popleft()
             if item.topic:

@@ -175,3 +175,45 @@ def test_sender_coalesces_qos0_and_keeps_order_and_flags(
     late.close()
     assert [(t, pl, r) for t, pl, _, r in late.messages] == [(f"{p}/out/{(count - 1) % 3}", b"2999", True)]
     assert links[0].dropped == 0
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_paho_holds_only_the_in_flight_window_the_rest_waits_in_the_link(
+    mosquitto: Mosquitto, topic_prefix: str, protocol: str
+) -> None:
+    """3,000 QoS 1 answers handed over at once: paho (whose messages cost about 2 KB each) holds
+    at most the broker's in-flight window plus ANSWER_WINDOW_SLACK, the rest waits in the link's
+    queue, and every answer arrives, in order, none dropped."""
+    p = topic_prefix
+    cfg = MqttConfig(url=mosquitto.url, client_id=f"win-{p}", protocol=protocol, persistent_session=False)
+    out = _Collector(mosquitto.url, f"{p}/out/#")
+    count = 3000
+    seen: dict[str, int] = {"paho_max": 0, "queue_max": 0, "cap": 0, "inflight": 0}
+
+    def make() -> MqttLink:
+        return MqttLink(cfg, subscriptions=lambda: [], on_message=lambda *_: None, status_topic=f"{p}/s")
+
+    async def body(link: MqttLink) -> None:
+        raw = link._client._client
+        seen["cap"] = raw._max_queued_messages
+        seen["inflight"] = raw._max_inflight_messages
+        for i in range(count):
+            link.publish(Outgoing(f"{p}/out/x", f"{i}".encode(), 1, retain=False))
+        while len(out.messages) < count:
+            seen["paho_max"] = max(seen["paho_max"], len(raw._out_messages))
+            seen["queue_max"] = max(seen["queue_max"], len(link.queue))
+            await asyncio.sleep(0.002)
+            assert len(out.messages) < count or not link.queue
+        assert link.dropped == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(_run_link(make, body), 60))
+    finally:
+        out.close()
+    # Mosquitto's default max_inflight_messages is 20: its Receive Maximum (MQTT 5), paho's own
+    # default window of 20 in 3.1.1.
+    assert seen["inflight"] == 20, seen
+    assert seen["cap"] == seen["inflight"] + edge_mqtt.ANSWER_WINDOW_SLACK, seen
+    assert 0 < seen["paho_max"] <= seen["cap"], seen
+    assert seen["queue_max"] >= count - seen["cap"] - 100, seen  # the rest did wait in the link
+    assert [pl for _, pl, _, _ in out.messages] == [f"{i}".encode() for i in range(count)]
