@@ -436,25 +436,25 @@ class Daemon:
                 self._settle(item)
             elif len(batcher.queue) >= self.config.limits.max_queued_inputs:
                 self._pause_intake()
-        if len(self.link.queue) >= self.config.mqtt.publish_queue // 2:
+        if self.link.outgoing_full():
             self._pause_intake()  # answers are made faster than the broker takes them
 
     async def _outgoing_room(self) -> None:
-        """Before each batch: wait while the outgoing queue is over half full and the broker is
-        connected (it is draining), so answers are never made faster than the broker takes them
-        and then dropped; the model queues fill instead and pause the intake. While the broker is
-        away the queue fills up to mqtt.publish_queue and its policy drops (counted)."""
+        """Before each batch: wait while the outgoing queue is full (MqttLink.outgoing_full) and
+        the broker is connected (it is draining), so answers are never made faster than the
+        broker takes them and then dropped or piled up in memory; the model queues fill instead
+        and pause the intake. While the broker is away the queue fills up to mqtt.publish_queue
+        and its policy drops (counted)."""
         link = self.link
-        high = self.config.mqtt.publish_queue // 2
-        while len(link.queue) >= high and link.connected.is_set():  # noqa: ASYNC110 (paho has no event)
+        while link.outgoing_full() and link.connected.is_set():  # noqa: ASYNC110 (paho has no event)
             await asyncio.sleep(INTAKE_CHECK_S / 10)
 
     def _pause_intake(self) -> None:
         """Back-pressure: a model's queue is at limits.max_queued_inputs, or the outgoing queue
-        is half full (answers made faster than the broker takes them). Inputs are held back
-        (MqttLink.pause_intake: a few thousand in the link, then in the broker and TCP buffers,
-        unacknowledged) until the model queues are down to half and the outgoing queue to a
-        quarter."""
+        is full (answers made faster than the broker takes them: MqttLink.outgoing_full). Inputs
+        are held back (MqttLink.pause_intake: a few hundred in the link, then in the broker and
+        TCP buffers, unacknowledged) until the model queues are down to half and the outgoing
+        queue has drained (MqttLink.outgoing_drained)."""
         link = self.link
         if link.intake_paused or not link.connected.is_set():
             return
@@ -471,14 +471,12 @@ class Daemon:
             return
         loop = asyncio.get_running_loop()
         low = self.config.limits.max_queued_inputs // 2
-        drained = all(len(b.queue) <= low for b in self.batchers.values()) and (
-            len(link.queue) <= self.config.mqtt.publish_queue // 4
-        )
+        drained = all(len(b.queue) <= low for b in self.batchers.values()) and link.outgoing_drained()
         if drained:
             link.resume_intake()  # hands the held inputs over; a full queue pauses it again
             return
         now = loop.time()
-        answers_waiting = len(link.queue) >= self.config.mqtt.publish_queue // 2 or link.answers_held_back()
+        answers_waiting = link.outgoing_full() or link.answers_held_back()
         if answers_waiting or now - self._paused_at >= self.config.mqtt.keepalive / 3:
             # Once HOLD_MAX inputs are held the socket is no longer read: read once for the
             # PUBACKs the answers wait for and the PINGRESP that keeps the connection alive.

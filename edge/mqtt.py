@@ -14,6 +14,7 @@ import logging
 import random
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ log = logging.getLogger("edge.mqtt")
 
 
 AckToken = tuple[int, int, int]  # (connection generation, message id, QoS)
+ANSWERS_IN_FLIGHT_MAX = 256  # QoS 1/2 answers awaiting PUBACK at once, whatever the broker allows
+ANSWERS_QUEUED_HIGH = 1024  # answers in the link's queue, while connected, that pause the intake
 ANSWER_WINDOW_SLACK = 256  # answers paho queues beyond those in flight (the rest wait in MqttLink.queue)
 HOLD_MAX = 500  # inputs held while intake is paused before the socket is no longer read
 READ_CHUNK = 65536  # bytes read per socket wake-up at most (a few hundred small messages)
@@ -81,6 +84,63 @@ def backoff_delays(minimum: float, maximum: float, rng: random.Random | None = N
     return next_delay
 
 
+class HeldInputs:
+    """Inputs held back while the intake is paused, in order, packed into one buffer.
+
+    A backlog after an outage can hold thousands of inputs here (the broker sends them whether or
+    not they are acknowledged). As Python objects (a tuple, a topic, a payload, a token each:
+    about 450 bytes) they would leave small-object arenas behind that the allocator keeps after
+    the backlog; packed they cost their own bytes and the buffer is freed as a whole.
+    """
+
+    _HEAD = struct.Struct("<iHBII")  # generation (-1: no token), message id, QoS, topic and payload lengths
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def append(self, item: tuple[str, bytes, AckToken | None]) -> None:
+        topic, payload, token = item
+        raw = topic.encode()
+        gen, mid, qos = token if token is not None else (-1, 0, 0)
+        self._buf += self._HEAD.pack(gen, mid, qos, len(raw), len(payload))
+        self._buf += raw
+        self._buf += payload
+        self._count += 1
+
+    def popleft(self) -> tuple[str, bytes, AckToken | None]:
+        if not self._count:
+            raise IndexError("no held inputs")
+        buf, pos = self._buf, self._pos
+        gen, mid, qos, topic_len, payload_len = self._HEAD.unpack_from(buf, pos)
+        pos += self._HEAD.size
+        topic = buf[pos : pos + topic_len].decode()
+        pos += topic_len
+        payload = bytes(buf[pos : pos + payload_len])
+        pos += payload_len
+        self._count -= 1
+        if not self._count:
+            self.clear()
+        else:
+            self._pos = pos
+            if pos > 1 << 20 and pos > len(buf) // 2:  # drop the consumed front now and then
+                del buf[:pos]
+                self._pos = 0
+        return topic, payload, (None if gen < 0 else (gen, mid, qos))
+
+    def clear(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._count = 0
+
+
 class MqttLink:
     """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called."""
 
@@ -126,7 +186,7 @@ class MqttLink:
         self.intake_pauses = 0
         # Inputs read while intake is paused, in order; the socket stays read (so PUBACKs of
         # answers and PINGRESPs are handled) until HOLD_MAX of them wait.
-        self._held_in: collections.deque[tuple[str, bytes, AckToken | None]] = collections.deque()
+        self._held_in = HeldInputs()
         self._reading_stopped = False
         self._client = self._make_client()
 
@@ -173,9 +233,11 @@ class MqttLink:
             if v5:
                 # Answers in flight at once: what the broker accepts (its Receive Maximum, 65,535
                 # when it sends none; Mosquitto's max_inflight_messages, 20 by default), at most
-                # 1000. paho keeps 20 unless told, and cannot be told while connected.
+                # ANSWERS_IN_FLIGHT_MAX (256 in flight keep up with 50,000 answers/s at a 5 ms
+                # round trip, and each costs memory). paho keeps 20 unless told, and cannot be
+                # told while connected.
                 receive_maximum = getattr(props, "ReceiveMaximum", 65535)
-                c._max_inflight_messages = max(1, min(int(receive_maximum), 1000))
+                c._max_inflight_messages = max(1, min(int(receive_maximum), ANSWERS_IN_FLIGHT_MAX))
             # Answers paho holds: those in flight and ANSWER_WINDOW_SLACK more, ready to go as
             # PUBACKs come back. Further answers wait in the link's queue (an Outgoing each) and
             # not as paho messages (a message, its info with a Condition and lock, and in MQTT 5
@@ -186,6 +248,18 @@ class MqttLink:
 
         client._client.on_connect = on_connect
         return client
+
+    def outgoing_full(self) -> bool:
+        """Answers are made faster than the broker takes them: the queue holds half of
+        mqtt.publish_queue, or (what counts while connected) ANSWERS_QUEUED_HIGH. The daemon then
+        stops making answers and pauses the intake until :meth:`outgoing_drained`, so a backlog
+        after an outage waits in the broker rather than as answers in memory."""
+        return len(self.queue) >= min(self.cfg.publish_queue // 2, ANSWERS_QUEUED_HIGH)
+
+    def outgoing_drained(self) -> bool:
+        """The outgoing queue is down to a quarter of mqtt.publish_queue and half of
+        ANSWERS_QUEUED_HIGH: intake may go on."""
+        return len(self.queue) <= min(self.cfg.publish_queue // 4, ANSWERS_QUEUED_HIGH // 2)
 
     def answers_held_back(self) -> bool:
         """Answers wait in the queue because paho holds all it may (ANSWER_WINDOW_SLACK): only
