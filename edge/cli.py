@@ -74,6 +74,9 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+    from edge import memory
+
+    memory.tune()  # large buffers get their own mappings, returned when freed (edge/memory.py)
 
 
 def _usage() -> str:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 import signal
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge import __version__
+from edge import __version__, memory
 from edge.batcher import Batcher
 from edge.config import Config, ConfigError, config_warnings, load_config
 from edge.decode import DecodeError, TopicPattern
@@ -38,6 +39,8 @@ from edge.statefile import write as write_state
 
 log = logging.getLogger("edge.daemon")
 INTAKE_CHECK_S = 0.05  # while intake is paused: how often the queues are looked at
+MEMORY_CHECK_S = 5.0  # how often to look whether a backlog was worked off (memory given back)
+QUIET_QUEUE = 16  # queued items below which a backlog counts as worked off
 
 
 def load_models(config: Config, reuse: dict[str, LoadedModel] | None = None) -> dict[str, LoadedModel]:
@@ -148,6 +151,8 @@ class Daemon:
         self._intake_timer: asyncio.TimerHandle | None = None
         self._paused_at = 0.0
         self.state_write_errors = 0
+        self.memory_trims = 0
+        self._memory_marker: tuple[int, int] = (0, 0)
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -684,6 +689,7 @@ class Daemon:
             "publish_dropped": self.link.dropped,
             "intake_pauses": self.link.intake_pauses,
             "state_write_errors": self.state_write_errors,
+            "memory_trims": self.memory_trims,
             "failed_batches": self.failed_batches,
             "models": {
                 name: {
@@ -750,6 +756,25 @@ class Daemon:
         while True:
             await asyncio.sleep(seconds)
             action()
+
+    def _memory_tick(self) -> None:
+        """Once a backlog is worked off (the intake paused or the link reconnected since the last
+        look, and every queue is nearly empty now), collect garbage and hand freed memory back
+        to the system (edge/memory.py); a few milliseconds, only after a backlog."""
+        link = self.link
+        marker = (link.intake_pauses, link.reconnects)
+        if marker == self._memory_marker:
+            return
+        if (
+            link.intake_paused
+            or len(link.queue) > QUIET_QUEUE
+            or any(len(b.queue) > QUIET_QUEUE for b in self.batchers.values())
+        ):
+            return  # still working it off: look again next time
+        self._memory_marker = marker
+        gc.collect()
+        if memory.trim():
+            self.memory_trims += 1
 
     def _bridge_tick(self) -> None:
         if self.link.connected.is_set():
@@ -899,6 +924,7 @@ class Daemon:
                 self._every(self.config.status_interval_s, lambda: self.notifier.status(self.status_text())),
                 name="status",
             ),
+            asyncio.create_task(self._every(MEMORY_CHECK_S, self._memory_tick), name="memory"),
             asyncio.create_task(self._watch_models(), name="watch-models"),
             asyncio.create_task(Watchdog(self.notifier, self.liveness).run(), name="watchdog"),
         ]
