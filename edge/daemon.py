@@ -773,7 +773,8 @@ class Daemon:
             return  # still working it off: look again next time
         self._memory_marker = marker
         gc.collect()
-        if memory.trim():
+        if memory.available():
+            memory.trim()  # False when nothing was free: still a look that was due
             self.memory_trims += 1
 
     def _bridge_tick(self) -> None:
