@@ -61,6 +61,7 @@ import numpy as np
 import yaml
 
 from bench import models
+from bench.loadgen import percentiles
 from bench.runner import default_out_dir, machine
 from tests.broker import MOSQUITTO_HINT, FaultProxy, Mosquitto, find_mosquitto, free_port
 
@@ -951,7 +952,7 @@ def analyse(
         "runtime_s": round(ended - began, 1),
         "publish_s": round(float(np.nanmax(sent_t) - np.nanmin(sent_t)), 1),
         "send_rate_msg_s": round(n / max(1e-9, float(np.nanmax(sent_t) - np.nanmin(sent_t))), 1),
-        "latency_ms": _percentiles(lat_ms),
+        "latency_ms": percentiles(lat_ms, (50, 99, 99.9), digits=2, mean=False),
         "accounting": accounting,
         "complete": accounting["unaccounted_unexplained"] == 0
         and accounting["answered_bad"] == 0
@@ -962,19 +963,6 @@ def analyse(
         "samples": samples,
         "progress": [(round(t - start, 1), a, d) for t, a, d in progress],
         "answers_per_s": sorted((math.floor(k - start), v) for k, v in received["per_second"].items()),
-    }
-
-
-def _percentiles(ms: np.ndarray) -> dict[str, float | int | None]:
-    if ms.size == 0:
-        return {"n": 0}
-    p50, p99, p999 = np.percentile(ms, [50, 99, 99.9])
-    return {
-        "n": int(ms.size),
-        "p50": round(float(p50), 2),
-        "p99": round(float(p99), 2),
-        "p99.9": round(float(p999), 2),
-        "max": round(float(ms.max()), 2),
     }
 
 

@@ -287,19 +287,27 @@ def match(
     )
 
 
+def percentiles(
+    ms: np.ndarray, quantiles: tuple[float, ...] = (50, 95, 99), *, digits: int = 3, mean: bool = True
+) -> dict[str, float | int | None]:
+    """Count, the given percentiles (keys ``p50``, ``p99.9``, ...), max and (optionally) mean of
+    values in milliseconds; None for each when there are none."""
+    keys = [f"p{q:g}" for q in quantiles]
+    tail = ["max", *(["mean"] if mean else [])]
+    if ms.size == 0:
+        return {"n": 0, **dict.fromkeys(keys + tail)}
+    out: dict[str, float | int | None] = {"n": int(ms.size)}
+    for key, value in zip(keys, np.percentile(ms, list(quantiles)), strict=True):
+        out[key] = round(float(value), digits)
+    out["max"] = round(float(ms.max()), digits)
+    if mean:
+        out["mean"] = round(float(ms.mean()), digits)
+    return out
+
+
 def percentiles_ms(latencies_s: np.ndarray) -> dict[str, float | int | None]:
-    if latencies_s.size == 0:
-        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-    ms = latencies_s * 1000.0
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {
-        "n": int(ms.size),
-        "p50": round(float(p50), 3),
-        "p95": round(float(p95), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(ms.max()), 3),
-        "mean": round(float(ms.mean()), 3),
-    }
+    """Latencies in seconds: count, p50/p95/p99, max and mean in milliseconds."""
+    return percentiles(latencies_s * 1000.0)
 
 
 def cdf_points(latencies_s: np.ndarray, points: int = 101) -> list[float]:

@@ -167,6 +167,20 @@ async def _call(func: Callable[[], Any]) -> Any:
     return func()
 
 
+def fast_mqtt(url: str, prefix: str, **extra: Any) -> dict[str, Any]:
+    """The daemon's mqtt settings for tests: a stable client id and a short keepalive and
+    backoff, so faults and reconnects show within seconds."""
+    return {
+        "url": url,
+        "base_topic": f"{prefix}/ei",
+        "client_id": f"ei-{prefix}",
+        "keepalive": 5,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+        **extra,
+    }
+
+
 def make_config(data: dict[str, Any], base_dir: Path) -> Config:
     return parse_config(data, "test", base_dir)
 

@@ -16,7 +16,15 @@ import onnxruntime as ort
 import pytest
 
 from tests.broker import Mosquitto, make_tls
-from tests.harness import Collector, DaemonThread, Publisher, make_config, spawn_daemon, write_config
+from tests.harness import (
+    Collector,
+    DaemonThread,
+    Publisher,
+    fast_mqtt,
+    make_config,
+    spawn_daemon,
+    write_config,
+)
 from tests.onnx_models import snapshot_classifier, window_classifier
 
 pytestmark = pytest.mark.broker
@@ -34,14 +42,7 @@ def base_config(url: str, prefix: str, tmp_path: Path, **extra: Any) -> dict[str
     snapshot_classifier(tmp_path / "snap.onnx", FEATURES, LABELS)
     window_classifier(tmp_path / "win.onnx", ["power"], 6, ["off", "fridge", "kettle"])
     config: dict[str, Any] = {
-        "mqtt": {
-            "url": url,
-            "base_topic": f"{prefix}/ei",
-            "client_id": f"ei-{prefix}",
-            "keepalive": 5,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 1.0,
-        },
+        "mqtt": fast_mqtt(url, prefix),
         "models": {"snap": {"path": "snap.onnx"}, "win": {"path": "win.onnx"}},
         "pipelines": {
             "room": {

@@ -23,29 +23,24 @@ import pytest
 from edge import memory
 from edge.daemon import MEMORY_CHECK_S
 from tests.broker import FaultProxy, Mosquitto, free_port
-from tests.harness import Collector, DaemonThread, Publisher, make_config, spawn_daemon, write_config
+from tests.harness import (
+    Collector,
+    DaemonThread,
+    Publisher,
+    fast_mqtt,
+    make_config,
+    spawn_daemon,
+    write_config,
+)
 from tests.onnx_models import slow_classifier, snapshot_classifier, window_classifier
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-def _mqtt(url: str, prefix: str, **mqtt: Any) -> dict[str, Any]:
-    """A stable client id and a short keepalive and backoff, so faults show within seconds."""
-    return {
-        "url": url,
-        "base_topic": f"{prefix}/ei",
-        "client_id": f"ei-{prefix}",
-        "keepalive": 5,
-        "reconnect_min_s": 0.2,
-        "reconnect_max_s": 1.0,
-        **mqtt,
-    }
-
-
 def _config(url: str, prefix: str, tmp_path: Path, **mqtt: Any) -> dict[str, Any]:
     snapshot_classifier(tmp_path / "m.onnx", ["temperature", "humidity"], ["a", "b"], name="m")
     return {
-        "mqtt": _mqtt(url, prefix, **mqtt),
+        "mqtt": fast_mqtt(url, prefix, **mqtt),
         "models": {"m": {"path": "m.onnx"}},
         "pipelines": {
             "room": {
@@ -262,7 +257,7 @@ def test_least_privilege_acl(tmp_path: Path, topic_prefix: str) -> None:
 def _window_config(url: str, prefix: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
     window_classifier(tmp_path / "w.onnx", ["power"], 4, ["off", "on"], name="w")
     return {
-        "mqtt": _mqtt(url, prefix),
+        "mqtt": fast_mqtt(url, prefix),
         "models": {"w": {"path": "w.onnx"}},
         "pipelines": {
             "plug": {
