@@ -250,10 +250,11 @@ class MqttLink:
         return client
 
     def outgoing_full(self) -> bool:
-        """Answers are made faster than the broker takes them: the queue holds half of
-        mqtt.publish_queue, or (what counts while connected) ANSWERS_QUEUED_HIGH. The daemon then
-        stops making answers and pauses the intake until :meth:`outgoing_drained`, so a backlog
-        after an outage waits in the broker rather than as answers in memory."""
+        """Answers are made faster than the broker takes them: the queue holds
+        ANSWERS_QUEUED_HIGH (or half of mqtt.publish_queue, if smaller). While connected the
+        daemon then stops making answers and pauses the intake until :meth:`outgoing_drained`,
+        so a backlog after an outage waits in the broker rather than as answers in memory; while
+        the broker is away the queue fills up to mqtt.publish_queue."""
         return len(self.queue) >= min(self.cfg.publish_queue // 2, ANSWERS_QUEUED_HIGH)
 
     def outgoing_drained(self) -> bool:

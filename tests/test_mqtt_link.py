@@ -188,7 +188,7 @@ def test_paho_holds_only_the_in_flight_window_the_rest_waits_in_the_link(
     cfg = MqttConfig(url=mosquitto.url, client_id=f"win-{p}", protocol=protocol, persistent_session=False)
     out = _Collector(mosquitto.url, f"{p}/out/#")
     count = 3000
-    seen: dict[str, int] = {"paho_max": 0, "queue_max": 0, "cap": 0, "inflight": 0}
+    seen: dict[str, int] = {"paho_max": 0, "queue_max": 0, "cap": 0, "inflight": 0, "held_back": 0}
 
     def make() -> MqttLink:
         return MqttLink(cfg, subscriptions=lambda: [], on_message=lambda *_: None, status_topic=f"{p}/s")
@@ -202,9 +202,12 @@ def test_paho_holds_only_the_in_flight_window_the_rest_waits_in_the_link(
         while len(out.messages) < count:
             seen["paho_max"] = max(seen["paho_max"], len(raw._out_messages))
             seen["queue_max"] = max(seen["queue_max"], len(link.queue))
+            # what tells the daemon to read on for PUBACKs while its intake is paused
+            seen["held_back"] += link.answers_held_back()
             await asyncio.sleep(0.002)
             assert len(out.messages) < count or not link.queue
         assert link.dropped == 0
+        assert not link.answers_held_back()  # all confirmed: nothing waits for a PUBACK
 
     try:
         asyncio.run(asyncio.wait_for(_run_link(make, body), 60))
@@ -216,4 +219,5 @@ def test_paho_holds_only_the_in_flight_window_the_rest_waits_in_the_link(
     assert seen["cap"] == seen["inflight"] + edge_mqtt.ANSWER_WINDOW_SLACK, seen
     assert 0 < seen["paho_max"] <= seen["cap"], seen
     assert seen["queue_max"] >= count - seen["cap"] - 100, seen  # the rest did wait in the link
+    assert seen["held_back"] > 0, seen
     assert [pl for _, pl, _, _ in out.messages] == [f"{i}".encode() for i in range(count)]
