@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from devices.roomsim import SCHEDULES, RoomConfig, simulate_room
+from edge.config import mask_url
 
 TRACES = Path(__file__).resolve().parent / "traces"
 FAMILIES = ("z2m_plug", "tasmota_plug", "wearable", "z2m_climate", "esphome_climate")
@@ -501,7 +502,7 @@ def client_kwargs(url: str) -> dict[str, Any]:
     """aiomqtt.Client arguments for ``mqtt://[user:pass@]host[:port]`` (``mqtts://`` for TLS)."""
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError(f"--mqtt-url {url!r}: use mqtt://host:port or mqtts://host:port")
+        raise ValueError(f"--mqtt-url {mask_url(url)!r}: use mqtt://host:port or mqtts://host:port")
     tls = parts.scheme in ("mqtts", "ssl")
     kwargs: dict[str, Any] = {
         "hostname": parts.hostname or "127.0.0.1",
@@ -560,13 +561,15 @@ def cli_simulate(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"edge-infer simulate: {exc}", file=sys.stderr)
         return 2
-    print(f"simulating {len(sim.devices)} devices at speed {args.speed} on {args.mqtt_url}", file=sys.stderr)
+    shown = mask_url(args.mqtt_url)
+    print(f"simulating {len(sim.devices)} devices at speed {args.speed} on {shown}", file=sys.stderr)
     try:
         counts = asyncio.run(sim.run(args.mqtt_url, args.duration))
     except KeyboardInterrupt:
         counts = sim.counts
     except Exception as exc:  # a broker that is not there, refused credentials
-        print(f"edge-infer simulate: {type(exc).__name__}: {exc}", file=sys.stderr)
+        text = str(exc).replace(args.mqtt_url, shown)
+        print(f"edge-infer simulate: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1
     for family, count in sorted(counts.items()):
         print(f"{family}: {count} messages")

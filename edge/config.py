@@ -9,6 +9,7 @@ Secrets may come from a file or an environment variable and never appear in
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -33,6 +34,77 @@ from edge.decode import TopicPattern
 ENV_MQTT_URL = "EDGE_INFER_MQTT_URL"
 ENV_INSTANCE = "EDGE_INFER_INSTANCE"
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Bounds on what is read at start-up (docs/operations.md, "Start-up checks").
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than 1 MiB is refused unread
+MAX_SECRET_BYTES = 64 * 1024  # password files
+MAX_YAML_DEPTH = 64  # nesting of mappings and sequences
+MAX_YAML_ALIASES = 100  # '*alias' references in one file
+MAX_YAML_NODES = 100_000  # values after aliases are expanded
+MAX_INT_DIGITS = 40  # an integer with more digits is refused
+MAX_MESSAGE_CHARS = 2000  # a config error message is cut here
+MQTT_STRING_BYTES = 65535  # an MQTT UTF-8 string (client id, user name, topic)
+# Topics the daemon builds append to mqtt.base_topic (instances/<id>/bridge/info, pipeline and
+# device segments): the base may take at most this much of the 65,535 bytes.
+MAX_BASE_TOPIC_BYTES = 32768
+SESSION_EXPIRY_MAX = 2**32 - 1
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for every message that shows a URL)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        password = None
+        parts = None
+    if parts is not None and password is not None:
+        user, _, rest = parts.netloc.rpartition("@")
+        name = user.split(":", 1)[0]
+        return parts._replace(netloc=f"{name}:***@{rest}").geturl()
+    # Not parseable (a bad port, say): mask anything between '//' and the last '@'.
+    return re.sub(r"(//[^/@:]*):[^/]*@", r"\1:***@", url)
+
+
+def _mqtt_string(value: str, what: str, limit: int = MQTT_STRING_BYTES) -> str:
+    """MQTT UTF-8 strings: at most ``limit`` bytes, no NUL, no C0/C1 controls, no surrogates or
+    non-characters (Mosquitto disconnects a client that sends them)."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 (a lone surrogate)") from None
+    if size > limit:
+        raise ValueError(f"{what} is {size} bytes of UTF-8; MQTT allows at most {limit}")
+    for index, char in enumerate(value):
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            raise ValueError(f"{what} contains the control character U+{code:04X} at position {index}")
+        if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+            raise ValueError(f"{what} contains the non-character U+{code:04X} at position {index}")
+    return value
+
+
+def read_limited(path: Path, key: str, limit: int, what: str) -> bytes:
+    """Read a regular file of at most ``limit`` bytes; anything else is a ConfigError on ``key``.
+
+    Special files (``/dev/zero``, FIFOs, devices) are refused before reading, and the read stops
+    after ``limit + 1`` bytes whatever the file claims its size is (``/proc`` files say 0).
+    """
+    try:
+        with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(key, f"{path} is not a regular file")
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ConfigError(key, f"{path} is larger than {limit} bytes; is it the right file?")
+    return data
+
+
+def _identity_hash(identity: str) -> str:
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 class ConfigError(ValueError):
@@ -76,7 +148,11 @@ class MqttConfig(_Model):
     password: SecretStr | None = Field(None, description="Password; prefer password_file or password_env.")
     password_file: Path | None = Field(None, description="File whose first line is the password.")
     password_env: str | None = Field(None, description="Environment variable holding the password.")
-    client_id: str | None = Field(None, description="Stable client id; default edge-infer-<hostname>.")
+    client_id: str | None = Field(
+        None,
+        description="Stable client id; default edge-infer-<hostname>-<8 hex digits of the config's "
+        "absolute path and base_topic> (docs/operations.md).",
+    )
     keepalive: int = Field(30, ge=5, le=65535, description="Seconds between pings; detects dead links.")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
     tls: TlsConfig | None = Field(None, description="TLS options (used with mqtts://).")
@@ -84,7 +160,9 @@ class MqttConfig(_Model):
     persistent_session: bool = Field(
         True, description="Keep the broker session (QoS 1 messages queue while the daemon restarts)."
     )
-    session_expiry_s: int = Field(86400, ge=0, description="MQTT 5 session expiry interval.")
+    session_expiry_s: int = Field(
+        86400, ge=0, le=SESSION_EXPIRY_MAX, description="MQTT 5 session expiry interval (at most 2^32-1)."
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to the max.")
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
     publish_queue: int = Field(10000, ge=1, description="Outputs held while the broker is away.")
@@ -102,23 +180,41 @@ class MqttConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
+        shown = mask_url(value)[:200]
+        try:
+            parts = urlsplit(value)
+        except ValueError as exc:
+            raise ValueError(f"{shown!r} is not a URL: {exc}") from None
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"scheme {parts.scheme!r} is not mqtt:// or mqtts://")
+            raise ValueError(f"scheme {parts.scheme[:20]!r} is not mqtt:// or mqtts://")
         if not parts.hostname:
-            raise ValueError(f"{value!r} has no host")
+            raise ValueError(f"{shown!r} has no host")
         try:
             _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"bad port in {value!r}: {exc}") from None
+        except ValueError:
+            raise ValueError(f"bad port in {shown!r}: give a number 0-65535") from None
         return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must not be empty (leave it out for the default)")
+            _mqtt_string(value, "the client id")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        return None if value is None else _mqtt_string(value, "the user name")
 
     @field_validator("base_topic")
     @classmethod
     def _base_topic(cls, value: str) -> str:
         if not value or any(c in value for c in "+#\0") or value.startswith("/") or value.endswith("/"):
             raise ValueError("must be a plain topic without wildcards or leading/trailing '/'")
-        return value
+        return _mqtt_string(value, "the base topic", MAX_BASE_TOPIC_BYTES)
 
     @model_validator(mode="after")
     def _secrets(self) -> MqttConfig:
@@ -149,21 +245,35 @@ class MqttConfig(_Model):
         return self.username or (unquote(url_user) if url_user else None)
 
     def resolved_password(self) -> str | None:
-        """The password from wherever it is configured. Reads files and env at call time."""
+        """The password from wherever it is configured. Reads files and env at call time;
+        a problem is a ConfigError naming the key (never the value)."""
         if self.password is not None:
             return self.password.get_secret_value()
         if self.password_file is not None:
+            data = read_limited(
+                self.password_file, "mqtt.password_file", MAX_SECRET_BYTES, "the password file"
+            )
             try:
-                return self.password_file.read_text().splitlines()[0].strip()
-            except (OSError, IndexError) as exc:
-                raise ConfigError("mqtt.password_file", f"cannot read a password from it: {exc}") from None
+                lines = data.decode("utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise ConfigError("mqtt.password_file", f"{self.password_file} is not UTF-8 text") from None
+            if not lines or not lines[0].strip():
+                raise ConfigError("mqtt.password_file", f"{self.password_file}: the first line is empty")
+            return self._checked_password(lines[0].strip(), "mqtt.password_file")
         if self.password_env is not None:
             value = os.environ.get(self.password_env)
             if value is None:
                 raise ConfigError("mqtt.password_env", f"environment variable {self.password_env} is not set")
-            return value
+            return self._checked_password(value, "mqtt.password_env")
         url_pw = urlsplit(self.url).password
         return unquote(url_pw) if url_pw else None
+
+    @staticmethod
+    def _checked_password(value: str, key: str) -> str:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MQTT_STRING_BYTES:
+            raise ConfigError(key, f"the password is {size} bytes; MQTT allows at most {MQTT_STRING_BYTES}")
+        return value
 
     def resolved_client_id(self) -> str:
         return self.client_id or f"edge-infer-{socket.gethostname()}"
@@ -233,6 +343,21 @@ class SourceConfig(_Model):
         for topic in value:
             TopicPattern(topic)
         return value
+
+    @model_validator(mode="after")
+    def _json_options(self) -> SourceConfig:
+        # The json profile is configured by the source's own keys; an option would be ignored.
+        if self.profile == "json" and self.options:
+            key = next(iter(self.options))
+            raise _KeyedError(
+                f"options.{key}" if _PLAIN_KEY.fullmatch(str(key)) else "options",
+                f"unknown option {str(key)[:80]!r} for the json profile, which takes none; give its "
+                "settings as source keys: " + ", ".join(JSON_SOURCE_KEYS),
+            )
+        return self
+
+
+JSON_SOURCE_KEYS = ("topics", "device_field", "timestamp_field", "format", "availability_topic")
 
 
 class SnapshotFeatures(_Model):
@@ -354,8 +479,9 @@ class HomeAssistantConfig(_Model):
     discovery_prefix: str = "homeassistant"
     status_topic: str = Field("homeassistant/status", description="Home Assistant's birth/will topic.")
     instance_id: str = Field(
-        "default",
-        description="Names this daemon's bridge device; give each instance its own when scaling out.",
+        "",
+        description="Names this daemon's bridge device; default: 8 hex digits of the config's absolute "
+        "path and mqtt.base_topic (as the client id), so each config on a host has its own.",
     )
 
 
@@ -485,6 +611,24 @@ class Config(_Model):
                 )
         return self
 
+    def with_identity(self, identity: str) -> Config:
+        """Fill the per-config defaults: the client id ``edge-infer-<hostname>-<hash>`` and the
+        Home Assistant ``instance_id`` ``<hash>``, where ``<hash>`` is 8 hex digits of sha256 of
+        ``identity`` (the config file's absolute path) and ``mqtt.base_topic``. Stable across
+        restarts of the same config; two configs on one host never share a broker session or
+        a bridge device. Explicit ``mqtt.client_id`` / ``homeassistant.instance_id`` win."""
+        digest = _identity_hash(f"{identity}\n{self.mqtt.base_topic}")
+        config = self
+        if self.mqtt.client_id is None:
+            host = _mqtt_string_safe(socket.gethostname())
+            # In a cluster, instance_mqtt() puts the instance id in the placeholder.
+            client_id = f"edge-infer-{host}-{digest}" + ("-{instance}" if self.cluster.enabled else "")
+            config = config.model_copy(update={"mqtt": self.mqtt.model_copy(update={"client_id": client_id})})
+        if not self.homeassistant.instance_id:
+            ha = self.homeassistant.model_copy(update={"instance_id": digest})
+            config = config.model_copy(update={"homeassistant": ha})
+        return config
+
     def scale_out(self, pipeline: str) -> Literal["none", "shared", "partition"]:
         """How a pipeline is spread over the instances: 'none' outside a cluster."""
         cfg = self.pipelines[pipeline]
@@ -509,6 +653,11 @@ class Config(_Model):
         else:
             client_id = f"edge-infer-{socket.gethostname()}-{instance}"
         return mqtt.model_copy(update={"client_id": client_id})
+
+
+def _mqtt_string_safe(text: str) -> str:
+    """A host name made fit for a client id (letters, digits, '-', '_', '.')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:64] or "host"
 
 
 class _KeyedError(ValueError):
@@ -548,7 +697,8 @@ def _format_validation(exc: ValidationError, source: str) -> ConfigError:
     ctx = first.get("ctx") or {}
     inner = ctx.get("error")
     if isinstance(inner, _KeyedError):
-        return ConfigError(inner.key, inner.message, source)
+        full = ".".join(k for k in (key, inner.key) if k) if not inner.key.startswith(key) else inner.key
+        return ConfigError(full, _bounded(inner.message), source)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key (check its spelling; see docs/configuration.md)"
@@ -558,31 +708,69 @@ def _format_validation(exc: ValidationError, source: str) -> ConfigError:
         message = message[len("Value error, ") :]
     if first["type"] != "missing" and "input" in first and not isinstance(first["input"], dict | list):
         shown = first["input"]
+        if key.endswith("url") and isinstance(shown, str):
+            shown = mask_url(shown)
         if "password" not in key:
-            message += f" (got {shown!r})"
+            text = repr(shown)
+            message += f" (got {text if len(text) <= 200 else text[:200] + '...'})"
     extra = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return ConfigError(key, message + extra, source)
+    return ConfigError(_bounded(key, 300), _bounded(message) + extra, source)
 
 
-def parse_config(data: Any, source: str = "config", base_dir: Path | None = None) -> Config:
-    """Validate a parsed YAML document; relative model paths resolve against ``base_dir``."""
+def _bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Error messages quote user input: a bounded part of it."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def parse_config(
+    data: Any, source: str = "config", base_dir: Path | None = None, identity: str | None = None
+) -> Config:
+    """Validate a parsed YAML document; relative model, state, password and TLS paths resolve
+    against ``base_dir``; ``identity`` (default ``source``) seeds the default client id and
+    Home Assistant instance id (:meth:`Config.with_identity`)."""
     if not isinstance(data, dict):
         raise ConfigError("", "the file must be a YAML mapping with 'models' and 'pipelines'", source)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise _format_validation(exc, source) from None
+    except RecursionError:  # pragma: no cover - load_config bounds the depth first
+        raise ConfigError("", "the document is nested too deeply", source) from None
     if base_dir is not None:
-        models = {
-            name: m.model_copy(update={"path": m.path if m.path.is_absolute() else base_dir / m.path})
-            for name, m in config.models.items()
-        }
-        config = config.model_copy(update={"models": models})
-        state = config.state.file
-        if state is not None and not state.is_absolute():
-            moved = config.state.model_copy(update={"file": base_dir / state})
-            config = config.model_copy(update={"state": moved})
+        config = _relative_to(config, base_dir)
+    config = config.with_identity(identity if identity is not None else source)
+    cluster = config.cluster
+    if cluster.enabled and cluster.resolved_instance() == config.homeassistant.instance_id:
+        raise ConfigError(
+            "cluster.instance",
+            f"{cluster.resolved_instance()!r} is homeassistant.instance_id, which names the shared "
+            "entities; give the instance another id",
+            source,
+        )
     return config
+
+
+def _relative_to(config: Config, base_dir: Path) -> Config:
+    """Relative model, state, password and TLS paths resolve against the config's folder (under
+    systemd the working directory is ``/``)."""
+
+    def rebase(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base_dir / path
+
+    models = {name: m.model_copy(update={"path": rebase(m.path)}) for name, m in config.models.items()}
+    config = config.model_copy(update={"models": models})
+    if config.state.file is not None:
+        config = config.model_copy(
+            update={"state": config.state.model_copy(update={"file": rebase(config.state.file)})}
+        )
+    mqtt = config.mqtt.model_copy(update={"password_file": rebase(config.mqtt.password_file)})
+    tls = mqtt.tls
+    if tls is not None:
+        tls = tls.model_copy(
+            update={k: rebase(getattr(tls, k)) for k in ("ca_file", "cert_file", "key_file")}
+        )
+        mqtt = mqtt.model_copy(update={"tls": tls})
+    return config.model_copy(update={"mqtt": mqtt})
 
 
 def load_config(path: str | Path, mqtt_url: str | None = None, instance: str | None = None) -> Config:
@@ -590,15 +778,17 @@ def load_config(path: str | Path, mqtt_url: str | None = None, instance: str | N
     ``EDGE_INFER_MQTT_URL``) and the cluster instance id (argument, else ``EDGE_INFER_INSTANCE``)."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read the config file: {exc.strerror}", str(path)) from None
+        raw = read_limited(path, "", MAX_CONFIG_BYTES, "the config file")
+    except ConfigError as exc:
+        raise ConfigError("", exc.message, str(path)) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", str(path)) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} (save it as UTF-8)", str(path)
+        ) from None
+    data = parse_yaml(text, str(path))
     url = mqtt_url or os.environ.get(ENV_MQTT_URL)
     if url and isinstance(data, dict):
         mqtt = dict(data.get("mqtt") or {})
@@ -610,7 +800,92 @@ def load_config(path: str | Path, mqtt_url: str | None = None, instance: str | N
         cluster = dict(cluster) if isinstance(cluster, dict) else {}
         cluster["instance"] = instance
         data["cluster"] = cluster
-    return parse_config(data, str(path), path.resolve().parent)
+    return parse_config(data, str(path), path.resolve().parent, identity=str(path.resolve()))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth, alias count and integer digits. (The
+    expanded size is bounded after loading, by :func:`_count_nodes`.)"""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(_Problem(f"more than {MAX_YAML_ALIASES} aliases", self.peek_event()))  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(_Problem(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event()))  # type: ignore[no-untyped-call]
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS})", node.start_mark
+            )
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+class _Problem:
+    """A YAMLError's payload with a problem text and a mark, as PyYAML's own errors have."""
+
+    def __init__(self, problem: str, event: Any) -> None:
+        self.problem = problem
+        self.problem_mark = getattr(event, "start_mark", None)
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+def _count_nodes(node: Any, budget: int) -> int:
+    """Values in ``node`` counted as if aliases were copies; stops once past ``budget``."""
+    stack = [node]
+    count = 0
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text to data, bounded (depth, aliases, expanded size, integer digits); any problem
+    is a ConfigError with the line and column."""
+    try:
+        loader = _BoundedLoader(text)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        detail = exc.args[0] if exc.args and isinstance(exc.args[0], _Problem) else exc
+        mark = getattr(detail, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(detail, "problem", None) or str(detail)
+        raise ConfigError("", f"not valid YAML{where}: {_bounded(str(problem), 300)}", source) from None
+    except RecursionError:
+        raise ConfigError("", f"not valid YAML: nested deeper than {MAX_YAML_DEPTH} levels", source) from None
+    if _count_nodes(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(
+            "", f"more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?)", source
+        )
+    return data
 
 
 def config_warnings(config: Config, path: Path | None = None) -> list[str]:

@@ -10,6 +10,9 @@ import gc
 import json
 import logging
 import signal
+import socket
+import ssl
+import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -22,12 +25,20 @@ import numpy.typing as npt
 
 from edge import __version__, memory
 from edge.batcher import Batcher
-from edge.config import Config, ConfigError, config_warnings, load_config
+from edge.config import (
+    MAX_CONFIG_BYTES,
+    Config,
+    ConfigError,
+    config_warnings,
+    load_config,
+    mask_url,
+    read_limited,
+)
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
-from edge.mqtt import AckToken, MqttLink, Outgoing
+from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
 from edge.outputs import PostProcessor
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
@@ -52,6 +63,7 @@ def load_models(config: Config, reuse: dict[str, LoadedModel] | None = None) -> 
     models: dict[str, LoadedModel] = {}
     for name in sorted(used):
         cfg = config.models[name]
+        check_model_file(name, cfg.path)
         old = (reuse or {}).get(name)
         unchanged = old is not None and old.config == cfg and cfg.path.is_file()
         if old is not None and unchanged and file_sha256(cfg.path) == old.spec.sha256:
@@ -59,6 +71,71 @@ def load_models(config: Config, reuse: dict[str, LoadedModel] | None = None) -> 
             continue
         models[name] = LoadedModel(name, cfg, config.runtime)
     return models
+
+
+def check_model_file(name: str, path: Path) -> None:
+    """A model path must be a readable, non-empty regular file: a device, a FIFO or a ``/proc``
+    file (``/proc/self/mem`` says it is a regular file of 0 bytes) is refused before reading."""
+    key = f"models.{name}.path"
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            return  # LoadedModel says it does not exist, naming the key
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(key, f"{path} is not a regular file")
+    if info.st_size == 0:
+        raise ConfigError(key, f"{path} is empty (or a special file that reports no size)")
+    try:
+        with path.open("rb") as handle:
+            handle.read(16)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def check_startup(config: Config) -> None:
+    """What ``run`` would refuse at start beyond the config's own validation; ``check`` and
+    ``run`` both call it (through :func:`prepare`). Raises ConfigError naming the key:
+    the password (file readable, variable set), the TLS files (loaded as the link loads them),
+    the state file (a regular file if it exists) and the metrics port (free to bind)."""
+    mqtt = config.mqtt
+    mqtt.resolved_password()
+    if mqtt.tls_enabled:
+        tls = mqtt.tls
+        for key in ("ca_file", "cert_file", "key_file"):
+            file = getattr(tls, key, None) if tls is not None else None
+            if file is not None:
+                read_limited(file, f"mqtt.tls.{key}", MAX_CONFIG_BYTES, "the TLS file")
+        try:
+            tls_context(mqtt)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError("mqtt.tls", f"cannot set up TLS with these files: {exc}") from None
+    state = config.state.file
+    if state is not None:
+        try:
+            info = state.stat()
+        except FileNotFoundError:
+            info = None
+        except OSError as exc:
+            raise ConfigError("state.file", f"cannot use {state}: {exc.strerror}") from None
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            raise ConfigError("state.file", f"{state} is not a regular file")
+    metrics = config.metrics
+    if metrics.enabled and metrics.port != 0:
+        try:
+            infos = socket.getaddrinfo(metrics.host, metrics.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError("metrics.host", f"{metrics.host!r}: {exc}") from None
+        for family, kind, proto, _, address in infos[:1]:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    raise ConfigError(
+                        "metrics.port", f"cannot listen on {metrics.host}:{metrics.port}: {exc.strerror}"
+                    ) from None
 
 
 def build_pipelines(
@@ -934,7 +1011,13 @@ class Daemon:
             server = MetricsServer(
                 self.render_metrics, self.health, self.config.metrics.host, self.config.metrics.port
             )
-            await server.start()
+            try:
+                await server.start()
+            except OSError as exc:  # taken since check_startup looked
+                metrics = self.config.metrics
+                raise ConfigError(
+                    "metrics.port", f"cannot listen on {metrics.host}:{metrics.port}: {exc.strerror}"
+                ) from None
             self.metrics_port = server.port
         if self.config.state.file is not None:
             restore_state(self.config.state.file, self.pipelines)
@@ -1004,6 +1087,7 @@ def prepare(
     config = load_config(config_path, mqtt_url, instance)
     for warning in config_warnings(config, config_path):
         log.warning("%s", warning)
+    check_startup(config)
     models = load_models(config)
     pipelines = build_pipelines(config, models)
     return config, models, pipelines
@@ -1011,7 +1095,7 @@ def prepare(
 
 def describe_plan(config: Config, models: dict[str, LoadedModel], pipelines: dict[str, Pipeline]) -> str:
     lines = [
-        f"broker: {config.mqtt.url} "
+        f"broker: {mask_url(config.mqtt.url)} "
         f"(client id {config.instance_mqtt().resolved_client_id()}, MQTT {config.mqtt.protocol})"
     ]
     base = config.mqtt.base_topic
@@ -1087,5 +1171,9 @@ def cli_run(argv: Sequence[str]) -> int:
         )
         await daemon.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:
+        print(f"edge-infer: config error: {exc}", file=sys.stderr)
+        return 2
     return 0
