@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -138,6 +140,21 @@ def check_startup(config: Config) -> None:
                     ) from None
 
 
+def subscriptions_record(config: Config) -> Path:
+    """Where the link remembers its client id's subscriptions (docs/operations.md): beside the
+    state file when there is one, else in ``$STATE_DIRECTORY`` (systemd's StateDirectory),
+    ``$XDG_STATE_HOME/edge-infer`` or ``~/.local/state/edge-infer``; one file per client id."""
+    client_id = config.instance_mqtt().resolved_client_id()
+    name = f"subscriptions-{hashlib.sha256(client_id.encode()).hexdigest()[:12]}.json"
+    if config.state.file is not None:
+        return config.state.file.parent / f"{config.state.file.name}.{name}"
+    folder = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if folder:
+        return Path(folder) / name
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "edge-infer" / name
+
+
 def build_pipelines(
     config: Config, models: dict[str, LoadedModel], reuse: dict[str, Pipeline] | None = None
 ) -> dict[str, Pipeline]:
@@ -214,6 +231,7 @@ class Daemon:
             on_message=self.on_message,
             on_connected=self._on_connected,
             status_topic=self.status_topic,
+            subscriptions_file=subscriptions_record(config),
         )
         self.discovery = Discovery(
             config, self.link.publish, self._current_pipelines, is_leader=self.is_leader

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
+import os
 import random
 import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -152,8 +155,12 @@ class MqttLink:
         on_message: Callable[[str, bytes, AckToken | None], None],
         on_connected: Callable[[], Awaitable[None]] | None = None,
         status_topic: str,
+        subscriptions_file: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        # What this client id had subscribed, kept across restarts: a persistent session keeps
+        # filters a changed config no longer has, and they are dropped at the next connect.
+        self._subscriptions_file = subscriptions_file if cfg.persistent_session else None
         self._subscriptions = subscriptions
         self._consumer = on_message
         self._on_message = self._gate  # every input passes the intake gate (pause_intake)
@@ -169,7 +176,7 @@ class MqttLink:
         self._stopping = asyncio.Event()
         self._live: aiomqtt.Client | None = None
         self._generation = 0
-        self._subscribed: dict[str, int] = {}
+        self._subscribed: dict[str, int] = self._load_subscribed()
         # Answers handed to paho on this connection and not yet confirmed (PUBACK for QoS 1/2,
         # written to the socket for QoS 0): paho message id -> order of hand-over. Acknowledgements
         # of inputs wait in ``_held`` (with the order of the last answer before them) until every
@@ -189,6 +196,39 @@ class MqttLink:
         self._held_in = HeldInputs()
         self._reading_stopped = False
         self._client = self._make_client()
+
+    def _load_subscribed(self) -> dict[str, int]:
+        path = self._subscriptions_file
+        if path is None:
+            return {}
+        try:
+            with path.open("rb") as handle:
+                document = json.loads(handle.read(1 << 20))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("subscription record %s ignored: %s", path, exc)
+            return {}
+        if not isinstance(document, dict) or document.get("client_id") != self.cfg.resolved_client_id():
+            return {}
+        filters = document.get("filters")
+        if not isinstance(filters, dict):
+            return {}
+        return {t: q for t, q in filters.items() if isinstance(t, str) and q in (0, 1, 2)}
+
+    def _record_subscribed(self) -> None:
+        """Write what is subscribed now (atomically) beside the state; a failure is logged."""
+        path = self._subscriptions_file
+        if path is None:
+            return
+        document = {"client_id": self.cfg.resolved_client_id(), "filters": self._subscribed}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(document))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not record the subscriptions in %s: %s", path, exc)
 
     def _make_client(self) -> aiomqtt.Client:
         cfg = self.cfg
@@ -467,7 +507,9 @@ class MqttLink:
                 self._check(raw.unsubscribe(stale)[0], "unsubscribe")
             if subs and not (self._session_present and self._subscribed == dict(subs)):
                 self._check(raw.subscribe([(topic, qos) for topic, qos in subs])[0], "subscribe")
-            self._subscribed = dict(subs)
+            if self._subscribed != dict(subs):
+                self._subscribed = dict(subs)
+                self._record_subscribed()
             cap, raw._max_queued_messages = raw._max_queued_messages, 0  # answers of a resumed
             try:  # session that paho still holds must not refuse the status
                 self._check(raw.publish(self.status_topic, b"online", 1, True).rc, "publish status")
@@ -531,6 +573,7 @@ class MqttLink:
             log.warning("could not update subscriptions now (%s); the next connection will", exc)
             return
         self._subscribed = wanted
+        self._record_subscribed()
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Hand each incoming message to ``on_message`` straight from paho's read callback.

@@ -336,3 +336,48 @@ def test_yaml_dump_of_hostile_strings_round_trips() -> None:
     # The fuzz tests write configs with yaml.safe_dump; control characters survive as escapes.
     text = yaml.safe_dump({"mqtt": {"base_topic": "a\x01b"}})
     assert yaml.safe_load(text)["mqtt"]["base_topic"] == "a\x01b"
+
+
+# --------------------------------------------------------------------------- persistent sessions
+
+
+def test_filters_a_config_no_longer_has_are_dropped_from_its_persistent_session(
+    mosquitto: Any, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same config file (so the same derived client id) restarted with another topic: the
+    broker session still holds the old filter, and its messages reached the daemon as
+    ``unrouted``. The link remembers what it subscribed and drops the rest at connect."""
+    from tests.harness import DaemonThread, Publisher
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    p = topic_prefix
+    data = base(tmp_path)
+    data["mqtt"].update({"url": mosquitto.url, "base_topic": f"{p}/ei", "session_expiry_s": 300})
+    data["pipelines"]["p"]["source"]["topics"] = [f"{p}/old/{{device}}"]
+    path = write_config(data, tmp_path / "edge.yaml")
+    first = load_config(path)
+    with DaemonThread(first):
+        pass
+    data["pipelines"]["p"]["source"]["topics"] = [f"{p}/new/{{device}}"]
+    second = load_config(write_config(data, path))
+    assert second.mqtt.client_id == first.mqtt.client_id  # same config: same broker session
+    pub = Publisher(mosquitto.url)
+    try:
+        with DaemonThread(second) as running:
+            for i in range(5):
+                pub.send(f"{p}/old/dev{i}", {"temperature": 20, "humidity": 40})
+            pub.send(f"{p}/new/dev", {"temperature": 20, "humidity": 40})
+            deadline = time.monotonic() + 10
+            daemon = running.daemon
+            assert daemon is not None
+            while running.call(lambda: daemon.messages_in) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # old-topic messages, were they routed to us, would have come first
+            assert running.call(lambda: daemon.messages_in) >= 1
+            assert running.call(lambda: daemon.unrouted) == 0
+    finally:
+        pub.close()
+    records = list((tmp_path / "xdg" / "edge-infer").glob("subscriptions-*.json"))
+    assert len(records) == 1, records
+    assert f"{p}/new/+" in records[0].read_text() and f"{p}/old/+" not in records[0].read_text()
