@@ -120,6 +120,10 @@ class Simulator:
         self.config = config or SimConfig()
         self.devices: list[SimDevice] = []
         self.counts: Counter[str] = Counter()
+        # Set by stop(): the publishing loop ends at its next step. A cancel() alone can be lost:
+        # on Python 3.11 asyncio.wait_for (inside aiomqtt's publish) swallows a cancellation
+        # that arrives as the PUBACK does, and a fast home publishes on.
+        self._stop_requested = False
         self._build()
 
     # ----------------------------------------------------------------- devices
@@ -415,22 +419,34 @@ class Simulator:
         ]
 
     async def run(
-        self, client_or_url: Any, duration: float | None = None, *, announce: bool = True
+        self,
+        client_or_url: Any,
+        duration: float | None = None,
+        *,
+        announce: bool = True,
+        goodbye_s: float = 5.0,
     ) -> Counter[str]:
         """Publish until ``duration`` wall-clock seconds pass (``None``: until cancelled).
 
         ``client_or_url`` is a connected ``aiomqtt.Client`` or an ``mqtt://`` / ``mqtts://`` URL.
-        Returns messages published per family.
+        Returns messages published per family. When it ends (or is cancelled) the devices say
+        goodbye (offline) for at most ``goodbye_s`` seconds.
         """
         if isinstance(client_or_url, str):
             import aiomqtt
 
             kwargs = client_kwargs(client_or_url)
             async with aiomqtt.Client(**kwargs) as client:
-                return await self._run(client, duration, announce)
-        return await self._run(client_or_url, duration, announce)
+                return await self._run(client, duration, announce, goodbye_s)
+        return await self._run(client_or_url, duration, announce, goodbye_s)
 
-    async def _run(self, client: Any, duration: float | None, announce: bool) -> Counter[str]:
+    def stop(self) -> None:
+        """End :meth:`run` at the next step (the devices then say goodbye, bounded)."""
+        self._stop_requested = True
+
+    async def _run(
+        self, client: Any, duration: float | None, announce: bool, goodbye_s: float = 5.0
+    ) -> Counter[str]:
         cfg = self.config
         qos = cfg.qos
         rng = np.random.default_rng(cfg.seed + 1)
@@ -455,6 +471,8 @@ class Simulator:
         horizon = math.inf if duration is None else duration
         try:
             for at, dev, step in self.schedule(horizon):
+                if self._stop_requested:
+                    break
                 delay = at - (time.monotonic() - loop_start)
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -491,7 +509,7 @@ class Simulator:
 
                 # bounded: a broker that stopped reading must not hold up a cancelled simulator
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(goodbye(), 5)
+                    await asyncio.wait_for(goodbye(), goodbye_s)
         return self.counts
 
 

@@ -168,8 +168,40 @@ class Board:
         rows = [r for r in self.rows.values() if r.pipeline == pipeline]
         return sum(r.correct for r in rows), sum(r.judged for r in rows)
 
+    def wrong_series(self, pipeline: str) -> list[str]:
+        """Devices whose replayed series the model gets wrong most of the time (judged 3+ times)."""
+        return sorted(
+            r.device
+            for r in self.rows.values()
+            if r.pipeline == pipeline and r.judged >= 3 and r.correct * 2 < r.judged
+        )
 
-def render(board: Board, daemon: Daemon, broker: str) -> Any:
+
+def card_accuracy(model: LoadedModel) -> float | None:
+    """The test accuracy the model card reports (the manifest's ``metrics``), if any."""
+    manifest = model.spec.manifest
+    metrics = manifest.metrics if manifest is not None else {}
+    for key in sorted(metrics, key=lambda k: "test" not in k):
+        value = metrics[key]
+        if isinstance(value, dict) and isinstance(value.get("accuracy"), int | float):
+            return float(value["accuracy"])
+    return None
+
+
+def accuracy_note(pipeline: str, accuracy: float | None, wrong: list[str]) -> str | None:
+    """What a card accuracy below 1 means for what the demo shows (red rows): a replayed series
+    the model gets wrong is wrong every time it is predicted."""
+    if accuracy is None or accuracy >= 1.0 or not wrong:
+        return None
+    missed = max(1, round((1 - accuracy) * 10))
+    return (
+        f"{pipeline}: {', '.join(wrong)} is predicted wrong every time. The model card's test "
+        f"accuracy is {accuracy:.2f}: about {missed} in 10 recorded series are misclassified, and "
+        "a replayed series is one of them or not, the same way each time. The model, not the demo."
+    )
+
+
+def render(board: Board, daemon: Daemon, broker: str, cards: dict[str, float | None] | None = None) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -200,7 +232,12 @@ def render(board: Board, daemon: Daemon, broker: str) -> Any:
         f"messages in {info['messages_in']} ({info['messages_in'] / max(elapsed, 1e-9):.0f}/s), "
         f"predictions published {sum(board.per_pipeline.values())}, dropped {drops}. Ctrl-C to stop."
     )
-    return Group(table, summary)
+    notes = [
+        note
+        for name, accuracy in sorted((cards or {}).items())
+        if (note := accuracy_note(name, accuracy, board.wrong_series(name)))
+    ]
+    return Group(table, *(Text(n, style="yellow") for n in notes), summary)
 
 
 async def watch(url: str, board: Board, base: str) -> None:
@@ -228,6 +265,14 @@ async def watch(url: str, board: Board, base: str) -> None:
                     board.on_prediction(parts[1], parts[2], json.loads(payload))
 
 
+STOP_S = 0.8  # Ctrl-C to exit: the simulator, the view and the daemon stop within this, together
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("%s ended with %r", task.get_name(), task.exception())
+
+
 def demo_config(config: Config, url: str, speed: float, protocol: str = "5") -> Config:
     """The example config as the demo runs it: its broker, and output intervals at simulated speed.
 
@@ -244,7 +289,9 @@ def demo_config(config: Config, url: str, speed: float, protocol: str = "5") -> 
             update["heartbeat_s"] = max(out.heartbeat_s / speed, 0.5)
         pipelines[name] = pipeline.model_copy(update={"output": out.model_copy(update=update)})
     mqtt = config.mqtt.model_copy(update={"url": url, "protocol": protocol})
-    return config.model_copy(update={"mqtt": mqtt, "pipelines": pipelines})
+    # Ctrl-C must end the demo within a second: the daemon's flush at shutdown is bounded by it.
+    stop = min(config.shutdown_timeout_s, STOP_S)
+    return config.model_copy(update={"mqtt": mqtt, "pipelines": pipelines, "shutdown_timeout_s": stop})
 
 
 def demo_speed(models: dict[str, LoadedModel], target_s: float = 25.0) -> float:
@@ -273,6 +320,10 @@ async def run_demo(
     config = demo_config(config, url, speed, "3.1.1" if broker.kind == "amqtt" else "5")
     daemon = Daemon(config, models)
     labels = {name: list(p.spec.labels) for name, p in daemon.pipelines.items()}
+    cards = {
+        name: card_accuracy(models[p.cfg.model]) if p.spec.task == "classification" else None
+        for name, p in daemon.pipelines.items()
+    }
     board = Board(labels)
     sim = Simulator(SimConfig(speed=speed, devices=args.devices, seed=args.seed))
     stop = asyncio.Event()
@@ -289,12 +340,14 @@ async def run_demo(
     watch_task = asyncio.create_task(watch(url, board, config.mqtt.base_topic), name="watch")
     await asyncio.sleep(0.2)  # let the view subscribe before the first prediction can come
     board.started = time.monotonic()
-    sim_task = asyncio.create_task(sim.run(url, None), name="simulate")
+    sim_task = asyncio.create_task(sim.run(url, None, goodbye_s=STOP_S / 2), name="simulate")
+    for task in (sim_task, watch_task, daemon_task):
+        task.add_done_callback(_retrieve)  # an error after Ctrl-C is never left unretrieved
     live = None
     if not args.no_ui and sys.stdout.isatty():
         from rich.live import Live
 
-        live = Live(render(board, daemon, broker.kind), refresh_per_second=4, screen=False)
+        live = Live(render(board, daemon, broker.kind, cards), refresh_per_second=4, screen=False)
         live.start()
     started = time.monotonic()
     last_line = started
@@ -309,7 +362,7 @@ async def run_demo(
                 break
             now = time.monotonic()
             if live is not None:
-                live.update(render(board, daemon, broker.kind))
+                live.update(render(board, daemon, broker.kind, cards))
             elif now - last_line >= 5:
                 last_line = now
                 counts = ", ".join(f"{p}: {n}" for p, n in sorted(board.per_pipeline.items())) or "waiting"
@@ -321,13 +374,16 @@ async def run_demo(
     finally:
         if live is not None:
             live.stop()
+        # All at once, bounded by STOP_S: the simulator says goodbye (devices offline), the view
+        # unsubscribes, the daemon flushes; the broker goes last, once its clients have left.
+        sim.stop()
         sim_task.cancel()
         watch_task.cancel()
-        # the simulator says goodbye (devices offline); a congested broker must not hold the exit
-        await asyncio.wait([sim_task, watch_task], timeout=5)
         daemon.request_stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(daemon_task, 15)
+        await asyncio.wait([sim_task, watch_task, daemon_task], timeout=STOP_S)
+        for task in (sim_task, watch_task, daemon_task):
+            task.cancel()
+        await asyncio.wait([sim_task, watch_task, daemon_task], timeout=STOP_S / 4)
         await broker.stop()
     summary: dict[str, Any] = {
         "broker": broker.kind,
@@ -341,6 +397,9 @@ async def run_demo(
         correct, judged = board.accuracy(name)
         devices = sorted({d for p, d in board.rows if p == name})
         summary["pipelines"][name] = {
+            "card_accuracy": cards.get(name),
+            "wrong_series": board.wrong_series(name),
+            "note": accuracy_note(name, cards.get(name), board.wrong_series(name)),
             "predictions": board.per_pipeline.get(name, 0),
             "devices": len(devices),
             "accuracy_vs_truth": None if not judged else round(correct / judged, 3),
@@ -407,4 +466,6 @@ def cli_demo(argv: Sequence[str]) -> int:
                 f"  {name}: {info['predictions']} predictions for {info['devices']} devices "
                 f"({first_text}){accuracy}"
             )
+            if info["note"]:
+                print(f"    {info['note']}")
     return 0

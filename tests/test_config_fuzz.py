@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import copy
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,125 @@ def test_non_finite_numbers_are_refused_by_key() -> None:
         with pytest.raises(ConfigError) as caught:
             parse_config(data, "nan.yaml")
         assert caught.value.key == ".".join((*parent, key)), caught.value.key
+
+
+# --------------------------------------------------------------------------- hostile YAML text
+
+_hostile_scalars = st.one_of(
+    st.integers(min_value=-(10**60), max_value=10**60).map(str),
+    st.text(
+        st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=["Cs"]), max_size=12
+    ).map(lambda t: yaml.safe_dump(t, default_style='"').strip().removesuffix("...").strip()),
+    st.sampled_from(["9" * 5000, "1e400", "-0x" + "f" * 60, "*nope", "&a x", "!!python/object:os.system"]),
+)
+
+
+@st.composite
+def hostile_yaml(draw: st.DrawFn) -> str:
+    """Deep flow nesting, alias chains, huge integers and control characters around a config."""
+    kind = draw(st.sampled_from(["deep", "aliases", "scalar", "mixed"]))
+    if kind == "deep":
+        depth = draw(st.integers(10, 30_000))
+        opener = draw(st.sampled_from(["[", "{a: "]))
+        closer = "]" if opener == "[" else "}"
+        return "models: " + opener * depth + "1" + closer * depth + "\n"
+    if kind == "aliases":
+        levels = draw(st.integers(1, 12))
+        width = draw(st.integers(1, 12))
+        lines = ["a0: &a0 [x, y]"]
+        for i in range(1, levels + 1):
+            lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+        lines.append(f"{draw(st.sampled_from(['models', 'pipelines', 'mqtt']))}: *a{levels}")
+        return "\n".join(lines) + "\n"
+    value = draw(_hostile_scalars)
+    key = draw(st.sampled_from(["keepalive", "base_topic", "client_id", "session_expiry_s", "url"]))
+    text = yaml.safe_dump(BASE)
+    return (
+        text + f"extra_{kind}: 1\n"
+        if kind == "mixed"
+        else text.replace("mqtt:\n", f"mqtt:\n  {key}: {value}\n", 1)
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hostile_yaml())
+def test_hostile_yaml_is_a_bounded_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    message = ""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        message = str(exc)
+    assert len(message) < 5000, len(message)
+    assert SECRET not in message
+
+
+# --------------------------------------------------------------------------- check and run agree
+
+STARTUP_MUTATIONS: list[tuple[tuple[str, ...], Any]] = [
+    (("mqtt", "client_id"), st.text(max_size=8) | st.just("c" * 70_000) | st.just("a\x85b")),
+    (("mqtt", "base_topic"), st.text(max_size=8) | st.just("t" * 70_000) | st.just("a\x01b")),
+    (("mqtt", "session_expiry_s"), st.sampled_from([0, 2**32 - 1, 2**32, -1, 10**50])),
+    (("mqtt", "password_file"), st.sampled_from(["/dev/zero", "missing.pw", "pw.txt", "/proc/self/mem"])),
+    (("mqtt", "password_env"), st.sampled_from(["EDGE_INFER_FUZZ_UNSET", "EDGE_INFER_FUZZ_SET"])),
+    (("state", "file"), st.sampled_from(["/dev/zero", "state.json", "/dev/null"])),
+    (("metrics",), st.sampled_from([{"enabled": True, "port": 0}, {"enabled": True, "port": "TAKEN"}])),
+    (("models", "m", "path"), st.sampled_from(["m.onnx", "/proc/self/mem", "/dev/zero", "missing.onnx"])),
+    (("mqtt", "keepalive"), st.sampled_from([5, 4, 65535, 65536])),
+]
+
+
+@st.composite
+def startup_configs(draw: st.DrawFn) -> list[tuple[tuple[str, ...], Any]]:
+    chosen = draw(
+        st.lists(st.sampled_from(range(len(STARTUP_MUTATIONS))), min_size=1, max_size=3, unique=True)
+    )
+    return [(STARTUP_MUTATIONS[i][0], draw(STARTUP_MUTATIONS[i][1])) for i in chosen]
+
+
+@pytest.fixture(scope="module")
+def startup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_startup import base
+
+    folder = tmp_path_factory.mktemp("agree")
+    base(folder)
+    (folder / "pw.txt").write_text("pw\n")
+    return folder
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(startup_configs())
+def test_check_and_run_agree_on_generated_configs(
+    startup_dir: Path, mutations: list[tuple[tuple[str, ...], Any]]
+) -> None:
+    """Both accept (run gets past start-up and tries the broker), or both exit 2 with the same
+    key, never a traceback."""
+    import socket
+
+    from tests.harness import run_cli, write_config
+    from tests.test_startup import base, run_until_started
+
+    data = base(startup_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for path, value in mutations:
+            taken_port = {"enabled": True, "port": taken.getsockname()[1]}
+            node: Any = data
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = taken_port if value == {"enabled": True, "port": "TAKEN"} else value
+        if "password_env" in data["mqtt"] and "password_file" in data["mqtt"]:
+            del data["mqtt"]["password_env"]
+        config = write_config(data, startup_dir / "c.yaml")
+        env = {"EDGE_INFER_FUZZ_SET": "pw"}
+        os.environ.pop("EDGE_INFER_FUZZ_UNSET", None)
+        checked = run_cli("check", "-c", str(config), env=env)
+        rc, out = run_until_started(config, env=env)
+    assert "Traceback" not in checked.stderr + out, checked.stderr + out
+    assert checked.returncode in (0, 2), checked.stderr
+    assert (checked.returncode, rc) in ((0, 0), (2, 2)), (mutations, checked.stderr, out)
+    if rc == 2:
+        first = checked.stderr.strip().splitlines()[-1]
+        assert first.split(": ")[2] in out, (first, out)
