@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -116,16 +117,36 @@ def write(path: Path, document: dict[str, Any]) -> int:
     return sum(len(part["devices"]) for part in document["pipelines"].values())
 
 
-def restore(path: Path, pipelines: Mapping[str, Pipeline]) -> RestoreReport:
+MAX_STATE_BYTES = 256 << 20  # a larger state file is ignored unread (see restore's max_bytes)
+
+
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes: a regular file of at most ``max_bytes``, else ValueError (a device such
+    as ``/dev/zero`` would grow without end)."""
+    with path.open("rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        raw = handle.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    return raw
+
+
+def restore(path: Path, pipelines: Mapping[str, Pipeline], max_bytes: int = MAX_STATE_BYTES) -> RestoreReport:
     """Load what fits the running pipelines; warn once about what does not. Never raises for
-    a bad file: the daemon then starts empty, as without one."""
+    a bad file: the daemon then starts empty, as without one. Special files and files larger
+    than ``max_bytes`` are ignored unread."""
     report = RestoreReport()
     try:
-        raw = path.read_bytes()
+        raw = _read_bounded(path, max_bytes)
     except FileNotFoundError:
         return report
     except OSError as exc:
         report.problem = f"cannot read it: {exc.strerror}"
+        log.warning("state file %s ignored: %s", path, report.problem)
+        return report
+    except ValueError as exc:
+        report.problem = str(exc)
         log.warning("state file %s ignored: %s", path, report.problem)
         return report
     try:

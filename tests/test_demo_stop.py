@@ -67,3 +67,30 @@ def test_a_series_the_model_gets_wrong_is_explained() -> None:
     assert note is not None and "plug_a" in note and "0.90" in note and "1 in 10" in note
     assert accuracy_note("appliance_z2m", 0.9, []) is None  # nothing red: nothing to explain
     assert accuracy_note("appliance_z2m", None, ["plug_a"]) is None
+
+
+def test_the_simulator_stops_on_request_even_when_a_cancel_is_lost(mosquitto: object) -> None:
+    """The demo's stop does not rely on cancel() alone (Python 3.11's wait_for, inside aiomqtt's
+    publish, can swallow it): stop() ends the publishing loop at its next step, goodbye included."""
+    import asyncio
+
+    from devices.simulate import SimConfig, Simulator
+
+    url = mosquitto.url  # type: ignore[attr-defined]
+
+    async def main() -> tuple[bool, int]:
+        sim = Simulator(SimConfig(speed=600, devices=1, seed=1))
+        task = asyncio.create_task(sim.run(url, None, goodbye_s=0.5))
+        for _ in range(400):  # bounded: at most 20 s for the home to publish 20 messages
+            if sum(sim.counts.values()) >= 20 or task.done():
+                break
+            await asyncio.sleep(0.05)
+        sim.stop()  # no cancel at all
+        done, _ = await asyncio.wait([task], timeout=10)
+        if not done:
+            task.cancel()
+        return bool(done), sum(sim.counts.values())
+
+    finished, published = asyncio.run(main())
+    assert finished, "the simulator kept publishing after stop()"
+    assert published >= 20

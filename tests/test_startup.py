@@ -381,3 +381,17 @@ def test_filters_a_config_no_longer_has_are_dropped_from_its_persistent_session(
     records = list((tmp_path / "xdg" / "edge-infer").glob("subscriptions-*.json"))
     assert len(records) == 1, records
     assert f"{p}/new/+" in records[0].read_text() and f"{p}/old/+" not in records[0].read_text()
+
+
+def test_restore_ignores_special_and_oversized_state_files(tmp_path: Path) -> None:
+    """The state file can change after start-up checked it: restore reads it bounded too."""
+    from edge import statefile
+    from tests.test_statefile import _pipelines
+
+    pipelines = _pipelines(tmp_path)
+    report = statefile.restore(Path("/dev/zero"), pipelines)  # unbounded before: grew past 1.4 GB
+    assert report.problem == "not a regular file"
+    big = tmp_path / "state.json"
+    big.write_bytes(b" " * 2048)
+    report = statefile.restore(big, pipelines, max_bytes=1024)
+    assert report.problem is not None and "larger than 1024" in report.problem
