@@ -616,7 +616,9 @@ class Config(_Model):
         Home Assistant ``instance_id`` ``<hash>``, where ``<hash>`` is 8 hex digits of sha256 of
         ``identity`` (the config file's absolute path) and ``mqtt.base_topic``. Stable across
         restarts of the same config; two configs on one host never share a broker session or
-        a bridge device. Explicit ``mqtt.client_id`` / ``homeassistant.instance_id`` win."""
+        a bridge device. In a cluster the client id ends in ``-{instance}`` and the instance id
+        hashes the base topic alone (the members share it). Explicit ``mqtt.client_id`` /
+        ``homeassistant.instance_id`` win."""
         digest = _identity_hash(f"{identity}\n{self.mqtt.base_topic}")
         config = self
         if self.mqtt.client_id is None:
@@ -625,7 +627,10 @@ class Config(_Model):
             client_id = f"edge-infer-{host}-{digest}" + ("-{instance}" if self.cluster.enabled else "")
             config = config.model_copy(update={"mqtt": self.mqtt.model_copy(update={"client_id": client_id})})
         if not self.homeassistant.instance_id:
-            ha = self.homeassistant.model_copy(update={"instance_id": digest})
+            # A cluster's members announce the same shared entities whatever their config's path:
+            # there the id comes from the base topic alone, which they share.
+            shared = _identity_hash(f"cluster\n{self.mqtt.base_topic}") if self.cluster.enabled else digest
+            ha = self.homeassistant.model_copy(update={"instance_id": shared})
             config = config.model_copy(update={"homeassistant": ha})
         return config
 

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from devices.simulate import SimConfig, Simulator
+from edge.config import load_config
 from tests.broker import Mosquitto
 from tests.harness import ROOT, Collector
 
@@ -216,7 +217,8 @@ def test_every_simulated_device_is_announced_once_with_its_own_entity(
             _stop(simulate)
         _stop(daemon)
         collector.close()
-    prefix = "homeassistant/device/edge_infer_default_"  # then the device id (clean ids stay as they are)
+    instance_id = load_config(HOME).homeassistant.instance_id  # derived from the config (operations.md)
+    prefix = f"homeassistant/device/edge_infer_{instance_id}_"  # then the device id (clean ids stay)
     announced = {
         topic.removeprefix(prefix).removesuffix("/config"): {
             key for key in body.get("cmps", {}) if key in PIPELINE_OF.values()

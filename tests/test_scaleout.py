@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from edge.config import load_config
 from edge.partition import rendezvous_owner
 from tests.broker import Mosquitto
 from tests.harness import (
@@ -212,9 +213,10 @@ def test_identity_and_discovery_once(cluster: Cluster) -> None:
     topics = collections.Counter(m.topic for m in seen.messages if m.payload)
     bridges = {t for t in topics if t.startswith(f"{p}/ha/device/edge_infer_") and t.count("_") == 2}
     # One bridge device per instance plus the cluster's (retained, read back at subscription).
-    assert bridges == {f"{p}/ha/device/edge_infer_{i}/config" for i in (*INSTANCES, "default")}
-    devices = [t for t in topics if t.startswith(f"{p}/ha/device/edge_infer_default_")]
-    assert f"{p}/ha/device/edge_infer_default_d0/config" in devices  # shared entities, under the cluster
+    shared = load_config(cluster.path, instance="a").homeassistant.instance_id  # from the base topic
+    assert bridges == {f"{p}/ha/device/edge_infer_{i}/config" for i in (*INSTANCES, shared)}
+    devices = [t for t in topics if t.startswith(f"{p}/ha/device/edge_infer_{shared}_")]
+    assert f"{p}/ha/device/edge_infer_{shared}_d0/config" in devices  # shared entities, under the cluster
     assert all(topics[t] == 1 for t in devices)  # one retained config each: no duplicate
     assert not [t for t in topics if "edge_infer_a_" in t or "edge_infer_b_" in t or "edge_infer_c_" in t]
     assert seen.on(f"{p}/ei/status")[-1].payload == b"online"  # kept by the leader

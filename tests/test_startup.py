@@ -395,3 +395,17 @@ def test_restore_ignores_special_and_oversized_state_files(tmp_path: Path) -> No
     big.write_bytes(b" " * 2048)
     report = statefile.restore(big, pipelines, max_bytes=1024)
     assert report.problem is not None and "larger than 1024" in report.problem
+
+
+def test_cluster_members_share_the_entity_ids_but_not_the_client_id(tmp_path: Path) -> None:
+    ids = set()
+    clients = set()
+    for folder, instance in (("a", "one"), ("b", "two")):
+        (tmp_path / folder).mkdir()
+        data = base(tmp_path / folder)
+        data["cluster"] = {"enabled": True, "instance": instance}
+        config = load_config(write_config(data, tmp_path / folder / "edge.yaml"))
+        ids.add(config.homeassistant.instance_id)
+        clients.add(config.instance_mqtt().resolved_client_id())
+    assert len(ids) == 1, ids  # configs at different paths, one shared set of entities
+    assert len(clients) == 2 and all(c.endswith(("-one", "-two")) for c in clients), clients
