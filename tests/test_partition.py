@@ -174,8 +174,11 @@ def test_instance_override_and_client_id(tmp_path: Path, monkeypatch: pytest.Mon
     data = _data(tmp_path, enabled=True, instance="b")
     data["mqtt"]["client_id"] = "ei-{instance}"
     assert parse_config(data, "t", tmp_path).instance_mqtt().client_id == "ei-b"
-    # Outside a cluster nothing changes.
-    assert parse_config(_data(tmp_path), "t", tmp_path).instance_mqtt().client_id is None
+    # Outside a cluster nothing changes: the per-config default (docs/operations.md), no instance.
+    single = parse_config(_data(tmp_path), "t", tmp_path)
+    assert single.instance_mqtt().client_id == single.mqtt.client_id
+    assert (single.mqtt.client_id or "").startswith("edge-infer-")
+    assert not (single.mqtt.client_id or "").endswith("{instance}")
 
 
 @pytest.mark.parametrize(
@@ -190,8 +193,10 @@ def test_instance_override_and_client_id(tmp_path: Path, monkeypatch: pytest.Mon
     ],
 )
 def test_bad_cluster_config_names_the_key(tmp_path: Path, cluster: dict[str, Any], key: str) -> None:
+    data = _data(tmp_path, **cluster)
+    data["homeassistant"] = {"instance_id": "default"}  # an instance may not take its name
     with pytest.raises(ConfigError) as info:
-        parse_config(_data(tmp_path, **cluster), "t", tmp_path)
+        parse_config(data, "t", tmp_path)
     assert info.value.key == key
 
 
