@@ -176,7 +176,11 @@ class MqttLink:
         self._stopping = asyncio.Event()
         self._live: aiomqtt.Client | None = None
         self._generation = 0
-        self._subscribed: dict[str, int] = self._load_subscribed()
+        self._subscribed: dict[str, int] = {}
+        # Filters an earlier process subscribed with this client id: only to drop stale ones at
+        # the first connect (every filter is still subscribed anew then, so retained messages
+        # such as the discovery read-back come again).
+        self._recorded: dict[str, int] = self._load_subscribed()
         # Answers handed to paho on this connection and not yet confirmed (PUBACK for QoS 1/2,
         # written to the socket for QoS 0): paho message id -> order of hand-over. Acknowledgements
         # of inputs wait in ``_held`` (with the order of the last answer before them) until every
@@ -502,12 +506,13 @@ class MqttLink:
             await asyncio.sleep(0)  # the receiver takes over the socket
             subs = list(self._subscriptions())
             # A persistent session keeps subscriptions a reload removed: drop them on the broker too.
-            stale = [t for t in self._subscribed if t not in dict(subs)]
+            stale = [t for t in {**self._recorded, **self._subscribed} if t not in dict(subs)]
             if stale:
                 self._check(raw.unsubscribe(stale)[0], "unsubscribe")
             if subs and not (self._session_present and self._subscribed == dict(subs)):
                 self._check(raw.subscribe([(topic, qos) for topic, qos in subs])[0], "subscribe")
-            if self._subscribed != dict(subs):
+            if self._subscribed != dict(subs) or self._recorded:
+                self._recorded = {}
                 self._subscribed = dict(subs)
                 self._record_subscribed()
             cap, raw._max_queued_messages = raw._max_queued_messages, 0  # answers of a resumed
