@@ -16,7 +16,7 @@ import socket
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -61,7 +61,7 @@ def mask_url(url: str) -> str:
     if parts is not None and password is not None:
         user, _, rest = parts.netloc.rpartition("@")
         name = user.split(":", 1)[0]
-        return parts._replace(netloc=f"{name}:***@{rest}").geturl()
+        return urlunsplit((parts.scheme, f"{name}:***@{rest}", parts.path, parts.query, parts.fragment))
     # Not parseable (a bad port, say): mask anything between '//' and the last '@'.
     return re.sub(r"(//[^/@:]*):[^/]*@", r"\1:***@", url)
 
@@ -198,11 +198,9 @@ class MqttConfig(_Model):
     @field_validator("client_id")
     @classmethod
     def _client_id(cls, value: str | None) -> str | None:
-        if value is not None:
-            if not value:
-                raise ValueError("must not be empty (leave it out for the default)")
-            _mqtt_string(value, "the client id")
-        return value
+        if not value:
+            return None  # empty: the default, as before
+        return _mqtt_string(value, "the client id")
 
     @field_validator("username")
     @classmethod
@@ -248,7 +246,7 @@ class MqttConfig(_Model):
         """The password from wherever it is configured. Reads files and env at call time;
         a problem is a ConfigError naming the key (never the value)."""
         if self.password is not None:
-            return self.password.get_secret_value()
+            return self._checked_password(self.password.get_secret_value(), "mqtt.password")
         if self.password_file is not None:
             data = read_limited(
                 self.password_file, "mqtt.password_file", MAX_SECRET_BYTES, "the password file"
