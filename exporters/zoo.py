@@ -1,12 +1,18 @@
 """Build the bundled model zoo: ``python -m exporters.zoo [NAME ...]`` (what ``make models`` runs).
 
 For each ``models/<name>/recipe.yaml``: train (deterministic seed, one torch
-thread), export, quantize, measure (plus, for window classifiers with a MiniRocket
-baseline, a sweep over window lengths), verify, and write into ``models/<name>/``
-the fp32 and int8 ONNX files, ``card.md``, ``report.json``, the plots and
-``test_split.npz`` (the test inputs in raw units and their labels, so the zoo test
-needs neither aeon nor torch). Checkpoints go to ``build/zoo/<name>/``. Finally
-``docs/models.md`` is regenerated from the reports.
+thread), export, quantize (static QDQ: batch-independent), calibrate (a temperature
+fitted on the validation split, or on out-of-fold outputs of a cross-fit when the
+recipe keeps none, folded into both graphs), measure (plus, for window classifiers
+with a MiniRocket baseline, a sweep over window lengths), verify, and write into
+``models/<name>/`` the fp32 and int8 ONNX files, ``card.md``, ``report.json``, the
+plots and ``test_split.npz`` (the test inputs in raw units and their labels, so the
+zoo test needs neither aeon nor torch). Checkpoints go to ``build/zoo/<name>/``.
+Finally ``docs/models.md`` is regenerated from the reports.
+
+``--requantize`` keeps the committed fp32 weights and redoes everything after
+training (quantize, calibrate, measure): retraining on another machine or torch
+build does not reproduce the weights bit for bit.
 """
 
 from __future__ import annotations
