@@ -40,9 +40,14 @@ def stratified_folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
 
 def crossfit_outputs(recipe: Recipe, ds: DataSet, k: int = 5, *, cache: Path | None = None) -> dict[str, Any]:
     """Out-of-fold fp32 and int8 probabilities for every training series (cached in ``cache``)."""
+    import json
+
+    # what the fold models depend on: the recipe except the calibration settings themselves
+    key = json.dumps(recipe.model_dump(mode="json", exclude={"calibration", "limitations"}), sort_keys=True)
     if cache is not None and cache.exists():
         blob = np.load(cache)
-        if int(blob["k"]) == k and np.array_equal(blob["y"], ds.y_train):
+        same = "recipe" in blob.files and str(blob["recipe"]) == key
+        if same and int(blob["k"]) == k and np.array_equal(blob["y"], ds.y_train):
             return {
                 "fp32": blob["fp32"],
                 "int8": blob["int8"],
@@ -86,7 +91,15 @@ def crossfit_outputs(recipe: Recipe, ds: DataSet, k: int = 5, *, cache: Path | N
     seconds = round(time.monotonic() - started, 1)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cache, fp32=out["fp32"], int8=out["int8"], y=ds.y_train, k=k, seconds=seconds)
+        np.savez_compressed(
+            cache,
+            fp32=out["fp32"],
+            int8=out["int8"],
+            y=ds.y_train,
+            k=k,
+            seconds=seconds,
+            recipe=np.array(key),
+        )
     return {**out, "y": ds.y_train, "k": k, "seconds": seconds}
 
 
