@@ -427,3 +427,30 @@ def test_train_cli_takes_dropout_val_fraction_and_normalisation(
     with pytest.raises(SystemExit) as bad:
         main([*argv, "--normalisation", "minmax", "--print-recipe"])
     assert bad.value.code == 2
+
+
+def test_crossfit_gives_out_of_fold_outputs_and_keys_its_cache(tmp_path: Path) -> None:
+    """Without a validation split the temperature is fitted on out-of-fold outputs of K fold models."""
+    from exporters.crossfit import crossfit_outputs, stratified_folds
+
+    recipe = make_recipe("mlp", data={**FAMILIES["mlp"]["data"], "val_fraction": 0.0})
+    ds = load_dataset(recipe)
+    assert len(ds.x_val) == 0
+    folds = stratified_folds(ds.y_train, 3, seed=0)
+    joined = np.sort(np.concatenate(folds))
+    np.testing.assert_array_equal(joined, np.arange(len(ds.y_train)))  # disjoint and complete
+    for fold in folds:  # every class in every fold
+        assert set(ds.y_train[fold]) == set(ds.y_train)
+    cache = tmp_path / "crossfit.npz"
+    first = crossfit_outputs(recipe, ds, 3, cache=cache)
+    assert first["fp32"].shape == first["int8"].shape == (len(ds.y_train), len(ds.labels))
+    np.testing.assert_allclose(first["fp32"].sum(axis=1), 1.0, atol=1e-4)
+    assert (first["fp32"].argmax(1) == ds.y_train).mean() > 0.5  # real predictions, not zeros
+    again = crossfit_outputs(recipe, ds, 3, cache=cache)  # same recipe: from the cache
+    np.testing.assert_array_equal(again["fp32"], first["fp32"])
+    assert again["seconds"] == first["seconds"]
+    changed = make_recipe(
+        "mlp", data={**FAMILIES["mlp"]["data"], "val_fraction": 0.0}, train={"epochs": 2, "lr": 0.01}
+    )
+    refit = crossfit_outputs(changed, ds, 3, cache=cache)  # another recipe: the fold models are refitted
+    assert not np.array_equal(refit["fp32"], first["fp32"])
