@@ -69,14 +69,15 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
     metrics = report["metrics"]
     order = [k for k in ("pytorch", "fp32", "int8") if k in metrics]
     if task == "classification":
-        lines += ["| model | accuracy | macro-F1 | n |", "|---|---|---|---|"]
+        lines += ["| model | accuracy | macro-F1 | ECE | NLL | n |", "|---|---|---|---|---|---|"]
         lines += [
-            f"| {k} | {_fmt(metrics[k]['accuracy'])} | {_fmt(metrics[k]['macro_f1'])} | {metrics[k]['n']} |"
+            f"| {k} | {_fmt(metrics[k]['accuracy'])} | {_fmt(metrics[k]['macro_f1'])} | "
+            f"{_fmt(metrics[k].get('ece', ''))} | {_fmt(metrics[k].get('nll', ''))} | {metrics[k]['n']} |"
             for k in order
         ]
         if "baseline" in report:
             b = report["baseline"]
-            lines.append(f"| baseline: {b['name']} | {_fmt(b['accuracy'])} | | {metrics['fp32']['n']} |")
+            lines.append(f"| baseline: {b['name']} | {_fmt(b['accuracy'])} | | | | {metrics['fp32']['n']} |")
     else:
         lines += ["| model | MAE | RMSE | n |", "|---|---|---|---|"]
         lines += [
@@ -110,6 +111,8 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
         for name, c in metrics[best]["per_class"].items():
             lines.append(f"| {name} | {_fmt(c['precision'], 3)} | {_fmt(c['recall'], 3)} | {c['support']} |")
         lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    if "calibration" in report:
+        lines += _calibration(report["calibration"])
     lines += ["", "## Parity", "", "| check | max abs diff | argmax agreement | |", "|---|---|---|---|"]
     for key, p in report["parity"].items():
         note = p.get("method", "")
@@ -117,6 +120,21 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
             f"| {key.replace('_', ' ')} | {p['max_abs_diff']:.2e} | "
             f"{_fmt(p.get('argmax_agreement', ''))} | {note} |"
         )
+    if report.get("batch_independence"):
+        lines += [
+            "",
+            "Batch independence (a row alone vs the same row inside batches of "
+            + " and ".join(str(b) for b in next(iter(report["batch_independence"].values()))["batches"])
+            + " other test rows):",
+            "",
+            "| file | rows x batches | max abs diff | argmax changes | independent |",
+            "|---|---|---|---|---|",
+        ]
+        for key, bi in report["batch_independence"].items():
+            lines.append(
+                f"| {key} | {bi['checks']} | {bi['max_abs_diff']:.2e} | {bi['argmax_changes']} | "
+                f"{'yes' if bi['independent'] else 'NO'} (tolerance {bi['tolerance']:g}) |"
+            )
     lines += ["", "## Size and latency (single thread, this machine)", ""]
     lines += ["| file | size | batch 1 median | batch 32 median |", "|---|---|---|---|"]
     lat = report["latency_single_thread"]
@@ -140,6 +158,8 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
                     in ("mode", "format", "per_channel", "reduce_range", "activation_type", "weight_type")
                 ),
             ]
+    if "int8_dynamic" in report:
+        lines += _dynamic(report)
     lines.append(f"\nMachine: {report['machine']['processor']} ({report['machine']['platform']}).")
     imp = report["importance"]
     lines += [
@@ -163,6 +183,105 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
             lines += ["", f"## {key.capitalize()}", "", str(report[key])]
     lines += ["", "![training curves](training_curves.png)", ""]
     return "\n".join(lines)
+
+
+def _calibration(cal: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        f"{cal['method']}. Held-out data: {cal['fitted_on']}. Test split figures (ECE: "
+        f"{cal['bins']} equal-width bins of the top-class confidence):",
+        "",
+        "| file | temperature | ECE before | ECE after | NLL before | NLL after "
+        "| mean confidence before / after | accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, c in cal["files"].items():
+        b, a = c["test_before"], c["test_after"]
+        lines.append(
+            f"| {key} | {c['temperature']:.3f} | {b['ece']:.4f} | {a['ece']:.4f} | {b['nll']:.4f} | "
+            f"{a['nll']:.4f} | {b['mean_confidence']:.3f} / {a['mean_confidence']:.3f} | "
+            f"{a['accuracy']:.4f} |"
+        )
+    lines += [
+        "",
+        "On the held-out data the temperature was fitted on: "
+        + "; ".join(
+            f"{key} ECE {c['held_out_before']['ece']:.4f} -> {c['held_out_after']['ece']:.4f}, "
+            f"NLL {c['held_out_before']['nll']:.4f} -> {c['held_out_after']['nll']:.4f}"
+            for key, c in cal["files"].items()
+        )
+        + ".",
+    ]
+    lines += [
+        "",
+        "Sampling noise: a perfectly calibrated model with these confidences would show on this test "
+        "split an ECE of "
+        + "; ".join(
+            f"{key} {c['ece_if_perfectly_calibrated']['mean']:.4f} on average "
+            f"(90th percentile {c['ece_if_perfectly_calibrated']['p90']:.4f})"
+            for key, c in cal["files"].items()
+        )
+        + " (each sample right with probability equal to its confidence, "
+        f"{next(iter(cal['files'].values()))['ece_if_perfectly_calibrated']['draws']} draws).",
+    ]
+    for key, c in cal["files"].items():
+        if "not_applied" in c:
+            na = c["not_applied"]
+            lines += [
+                "",
+                f"{key}: the temperature fitted on the held-out data, {na['temperature']:.3f}, is not "
+                f"applied; applied, the test ECE would be {na['test_ece_if_applied']:.4f} and the NLL "
+                f"{na['test_nll_if_applied']:.4f}.",
+            ]
+    if cal.get("note"):
+        lines += ["", cal["note"]]
+    lines += ["", "![reliability diagram](reliability.png)"]
+    return lines
+
+
+def _dynamic(report: dict[str, Any]) -> list[str]:
+    d = report["int8_dynamic"]
+    lat = report["latency_single_thread"]
+    files, metrics, bi = report["files"], report["metrics"], report.get("batch_independence", {})
+    lines = [
+        "",
+        "### int8: static (this file) vs dynamic (the scheme it replaces)",
+        "",
+        "Same fp32 weights, same latency run. Dynamic int8 picks activation scales from each batch, "
+        "so its answers depend on batch mates; accuracy at batch 1 (one device alone).",
+        "",
+        "| int8 scheme | accuracy | size | batch 1 median | batch 32 median | batch-independent |",
+        "|---|---|---|---|---|---|",
+    ]
+    key = "int8_dynamic"
+    rows = [
+        (
+            "static QDQ (served)",
+            "int8",
+            metrics["int8"]["accuracy"],
+            files["int8"]["size_bytes"],
+            bi.get("int8"),
+        ),
+        ("dynamic", key, d["accuracy"], d["size_bytes"], d.get("batch_independence")),
+    ]
+    for label, lk, acc, size, ind in rows:
+        ind_txt = (
+            ""
+            if ind is None
+            else (
+                f"{'yes' if ind['independent'] else 'no'} (max diff {ind['max_abs_diff']:.2e}, "
+                f"{ind['argmax_changes']} label changes)"
+            )
+        )
+        lines.append(
+            f"| {label} | {_fmt(acc)} | {_size(size)} | {lat[lk]['batch_1']['median_ms']:.3f} ms | "
+            f"{lat[lk]['batch_32']['median_ms']:.3f} ms | {ind_txt} |"
+        )
+    if d.get("note"):
+        lines += ["", d["note"]]
+    return lines
 
 
 def _shape(manifest: Manifest) -> str:

@@ -72,6 +72,7 @@ def verify_models(
     baseline: str | None = None,
     quick: bool = False,
     extra: dict[str, Any] | None = None,
+    compare: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     from exporters.data import load_dataset
     from exporters.verify import verify
@@ -94,6 +95,7 @@ def verify_models(
         budget_points=recipe.quantize.budget_points,
         quick=quick,
         extra=extra,
+        compare=compare,
     )
 
 
@@ -129,6 +131,29 @@ def build(
             force=force,
         )
         int8, message, refused = q.path, q.message, q.refused
+    ds = result.dataset
+    if recipe.task == "classification" and recipe.calibration.method == "temperature" and len(ds.x_val):
+        from exporters.calibrate import calibrate_files
+        from exporters.onnxutil import run_onnx, session
+
+        files = {"fp32": fp32} | ({"int8": int8} if int8 else {})
+        x_val = ds.model_input(ds.x_val)
+        held = {k: run_onnx(session(p), x_val, batch=1) for k, p in files.items()}
+        fitted_on = f"the validation split ({len(ds.y_val)} samples, never trained on)"
+        extra = {
+            **(extra or {}),
+            "calibration": calibrate_files(
+                files,
+                files,
+                x_test=ds.model_input(ds.x_test),
+                y_test=ds.y_test,
+                probs_held_out=held,
+                y_held_out=ds.y_val,
+                fitted_on=fitted_on,
+                plot=out_dir / "reliability.png",
+                name=recipe.name,
+            ),
+        }
     report = verify_models(
         fp32, recipe, out_dir, int8=int8, checkpoint=result.checkpoint, data=data, quick=quick, extra=extra
     )
@@ -177,6 +202,13 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["official", "random", "group"])
     p.add_argument("--family", choices=["mlp", "cnn1d", "cnn2d", "lstm", "gru"])
     p.add_argument("--hidden", help="comma-separated layer widths")
+    p.add_argument("--dropout", type=float, help="dropout probability (default: recipe, 0.1)")
+    p.add_argument(
+        "--normalisation",
+        choices=["zscore", "per_window", "none"],
+        help="in-graph input normalisation (default: recipe, zscore)",
+    )
+    p.add_argument("--val-fraction", type=float, help="share of the data held out for validation")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -219,6 +251,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         ("sample_period_s", args.sample_period),
         ("group", args.group),
         ("split", args.split),
+        ("val_fraction", args.val_fraction),
         ("features", csv(args.features) if args.features else None),
         ("units", dict(kv.split("=", 1) for kv in csv(args.units)) if args.units else None),
     ):
@@ -228,6 +261,10 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         model["family"] = args.family
     if args.hidden:
         model["hidden"] = [int(h) for h in csv(args.hidden)]
+    if args.dropout is not None:
+        model["dropout"] = args.dropout
+    if args.normalisation:
+        model["normalisation"] = args.normalisation
     for key, value in (
         ("epochs", args.epochs),
         ("batch_size", args.batch_size),

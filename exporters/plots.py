@@ -60,3 +60,27 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_reliability(curves: dict[str, list[dict[str, float]]], path: Path, title: str) -> Path:
+    """Reliability diagram: accuracy vs mean confidence per bin, one line per curve (bins with data)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for label, rows in curves.items():
+        conf = [r["confidence"] for r in rows]
+        acc = [r["accuracy"] for r in rows]
+        biggest = max([1, *(x["n"] for x in rows)])
+        sizes = [12 + 60 * r["n"] / biggest for r in rows]
+        ax.plot(conf, acc, marker="o", markersize=3, label=label)
+        ax.scatter(conf, acc, s=sizes, alpha=0.3)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -93,7 +93,11 @@ class TrainSpec(_Strict):
 class QuantizeSpec(_Strict):
     """How ``quantize`` treats this model."""
 
-    mode: Literal["auto", "static", "dynamic"] = "auto"
+    mode: Literal["auto", "static", "dynamic"] = Field(
+        default="auto",
+        description="auto = static: calibrated QDQ, a row's answer independent of its batch mates. "
+        "dynamic: activation scales per batch (answers move with batch mates).",
+    )
     per_channel: bool = True
     reduce_range: bool = Field(
         default=True,
@@ -114,6 +118,23 @@ class QuantizeSpec(_Strict):
     )
 
 
+class CalibrationSpec(_Strict):
+    """How ``export`` calibrates a classifier's probabilities (exporters/calibrate.py)."""
+
+    method: Literal["temperature", "none"] = Field(
+        default="temperature",
+        description="temperature: one scalar fitted on held-out data, folded into the graph. none: "
+        "the zoo still fits and reports it, without applying it.",
+    )
+    note: str = Field(default="", description="Why, when method is none; written into the model card.")
+    folds: int = Field(
+        default=5,
+        ge=2,
+        description="Without a validation split: folds of the cross-fit whose out-of-fold outputs "
+        "the temperature is fitted on (the number of training series = leave-one-out).",
+    )
+
+
 class Recipe(_Strict):
     """A complete, reproducible description of one model."""
 
@@ -127,6 +148,7 @@ class Recipe(_Strict):
     model: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     baseline: Literal["none", "minirocket"] = "none"
     limitations: str = Field(default="", description="Written into the model card.")
 

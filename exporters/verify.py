@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from edge.manifest import read_manifest
+from exporters.calibrate import apply_temperature, ece, nll
 from exporters.data import DataSet
 from exporters.metrics import evaluate, headline
 from exporters.onnxutil import check_batch_axes, created_now, get_manifest, run_onnx, session, tool_versions
@@ -26,6 +27,11 @@ from exporters.onnxutil import check_batch_axes, created_now, get_manifest, run_
 #: PyTorch vs ONNX fp32: max abs difference for probabilities, relative to the largest
 #: output for values in large units
 TOL_TORCH_FP32 = 1e-4
+#: a row's output alone vs inside a batch: "identical within float rounding". Kernels may sum in
+#: another order at another batch size: the appliance fp32 (1460-sample convolutions) moves by up
+#: to 3.5e-5; the zoo's static int8 moves by exactly 0; per-batch (dynamic) int8 by 1.8e-4 to 4e-2
+TOL_BATCH = 1e-4
+BATCH_MATES = (7, 64)
 
 
 def sha256_file(path: Path) -> str:
@@ -80,6 +86,48 @@ def kernel_check(int8: Path, x: np.ndarray, task: str) -> dict[str, Any]:
             f"{type(exc).__name__}: {str(exc)[:80]})"
         )
     return {"method": method, "samples": len(x), **parity(ref.astype(np.float32), got, task)}
+
+
+def batch_independence(
+    path: Path, x: np.ndarray, *, rows: int = 16, batches: tuple[int, ...] = BATCH_MATES, seed: int = 0
+) -> dict[str, Any]:
+    """A row's output alone vs the same row inside batches of other rows (``batches`` sizes).
+
+    The batch mates are other inputs of ``x`` (drawn with replacement when ``x`` is short), the
+    row at a random position. Passed when every difference is within ``TOL_BATCH``: the answer
+    for one device then depends on that device's input only.
+    """
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(x), min(rows, len(x)), replace=False)
+    worst, flips, checked = 0.0, 0, 0
+    per_batch: dict[str, float] = {}
+    for b in batches:
+        batch_worst = 0.0
+        for i in picked:
+            alone = sess.run(None, {name: np.ascontiguousarray(x[i : i + 1], dtype=np.float32)})[0][0]
+            others = np.delete(np.arange(len(x)), i) if len(x) > 1 else np.arange(len(x))
+            mates = rng.choice(others, b, replace=len(others) < b)
+            pos = int(rng.integers(b))
+            mates[pos] = i
+            inside = sess.run(None, {name: np.ascontiguousarray(x[mates], dtype=np.float32)})[0][pos]
+            diff = float(np.abs(inside.astype(np.float64) - alone.astype(np.float64)).max())
+            batch_worst = max(batch_worst, diff)
+            flips += int(inside.argmax() != alone.argmax()) if inside.ndim and inside.size > 1 else 0
+            checked += 1
+        per_batch[f"batch_{b}"] = batch_worst
+        worst = max(worst, batch_worst)
+    return {
+        "rows": len(picked),
+        "checks": checked,
+        "batches": list(batches),
+        "max_abs_diff": worst,
+        "max_abs_diff_per_batch": per_batch,
+        "argmax_changes": flips,
+        "tolerance": TOL_BATCH,
+        "independent": worst <= TOL_BATCH,
+    }
 
 
 def latency(
@@ -191,6 +239,7 @@ def verify(
     budget_points: float = 1.0,
     quick: bool = False,
     extra: dict[str, Any] | None = None,
+    compare: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Measure everything, write ``report.json`` and ``card.md`` into ``out_dir``, return the report."""
     from exporters.card import render_card
@@ -224,6 +273,7 @@ def verify(
         "files": {},
         "parity": {},
         "metrics": {},
+        "batch_independence": {},
         "notes": [],
     }
     outputs: dict[str, np.ndarray] = {}
@@ -243,6 +293,21 @@ def verify(
         # int8 output depends (slightly) on its batch mates; batch 1 is one device at a time
         outputs[key] = run_onnx(sess, x, batch=1 if key == "int8" else 256)
         report["metrics"][key] = evaluate(task, y, outputs[key], ds.labels)
+        if task == "classification":
+            report["metrics"][key].update(ece=ece(outputs[key], y), nll=nll(outputs[key], y))
+        report["batch_independence"][key] = batch_independence(path, x, rows=4 if quick else 16)
+        if not report["batch_independence"][key]["independent"]:
+            report["notes"].append(
+                f"{key}: a row's output changes with its batch mates "
+                f"(max abs diff {report['batch_independence'][key]['max_abs_diff']:.2e})"
+            )
+    temperature = (manifest.provenance.get("calibration") or {}).get("temperature")
+    if torch_outputs is not None and temperature and task == "classification":
+        # the checkpoint predates calibration: compare with the same temperature applied
+        torch_outputs = apply_temperature(torch_outputs, float(temperature)).astype(np.float32)
+        report["notes"].append(
+            f"PyTorch outputs compared with the folded temperature {temperature:.3f} applied"
+        )
     if torch_outputs is not None:
         report["metrics"]["pytorch"] = evaluate(task, y, torch_outputs, ds.labels)
         tolerance = TOL_TORCH_FP32 * max(1.0, float(np.abs(torch_outputs).max()))
@@ -264,7 +329,7 @@ def verify(
         loss = headline(task, report["metrics"]["fp32"]) - headline(task, report["metrics"]["int8"])
         report["int8_loss_points"] = float(100.0 * loss) if task == "classification" else float(loss)
     report["latency_single_thread"] = latency(
-        paths, x[:32], seconds=0.2 if quick else 1.0, min_runs=10 if quick else 50
+        paths | (compare or {}), x[:32], seconds=0.2 if quick else 1.0, min_runs=10 if quick else 50
     )
     report["importance"] = permutation_importance(session(fp32), ds, x, y, repeats=1 if quick else 3)
     if baseline == "minirocket" and task == "classification" and ds.layout == "window":

@@ -1,18 +1,25 @@
 """Build the bundled model zoo: ``python -m exporters.zoo [NAME ...]`` (what ``make models`` runs).
 
 For each ``models/<name>/recipe.yaml``: train (deterministic seed, one torch
-thread), export, quantize, measure (plus, for window classifiers with a MiniRocket
-baseline, a sweep over window lengths), verify, and write into ``models/<name>/``
-the fp32 and int8 ONNX files, ``card.md``, ``report.json``, the plots and
-``test_split.npz`` (the test inputs in raw units and their labels, so the zoo test
-needs neither aeon nor torch). Checkpoints go to ``build/zoo/<name>/``. Finally
-``docs/models.md`` is regenerated from the reports.
+thread), export, quantize (static QDQ: batch-independent), calibrate (a temperature
+fitted on the validation split, or on out-of-fold outputs of a cross-fit when the
+recipe keeps none, folded into both graphs), measure (plus, for window classifiers
+with a MiniRocket baseline, a sweep over window lengths), verify, and write into
+``models/<name>/`` the fp32 and int8 ONNX files, ``card.md``, ``report.json``, the
+plots and ``test_split.npz`` (the test inputs in raw units and their labels, so the
+zoo test needs neither aeon nor torch). Checkpoints go to ``build/zoo/<name>/``.
+Finally ``docs/models.md`` is regenerated from the reports.
+
+``--requantize`` keeps the committed fp32 weights and redoes everything after
+training (quantize, calibrate, measure): retraining on another machine or torch
+build does not reproduce the weights bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,20 +29,43 @@ import numpy as np
 
 from exporters.cli import verify_models
 from exporters.data import DataSet, load_dataset
-from exporters.recipe import Recipe, load_recipe
+from exporters.recipe import Recipe, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 INTRO = (
-    "Built by `make models` (`python -m exporters.zoo`) from `models/<name>/recipe.yaml` with fixed seeds; "
-    "every number below is measured by that command on the official (or held-out) test split and written "
-    "into each model's `card.md` and `report.json`. All models take raw units and return probabilities "
-    "(normalisation and softmax are inside the graph); the daemon needs only the topic and field names. "
-    "Latency: median, one thread, batch 1, onnxruntime CPU, same run for fp32 and int8"
+    "Weights built by `make models` (`python -m exporters.zoo`) from `models/<name>/recipe.yaml` with"
+    " fixed seeds; quantization, calibration and every number below by `python -m exporters.zoo "
+    "--requantize` (keeps the committed fp32 weights: retraining on another machine or torch build "
+    "does not reproduce them bit for bit), measured on the official (or held-out) test split and "
+    "written into each model's `card.md` and `report.json`. All models take raw units and return "
+    "probabilities (normalisation, softmax and the calibration temperature are inside the graph); the"
+    " daemon needs only the topic and field names. Latency: median, one thread, batch 1, onnxruntime "
+    "CPU, same run for fp32 and int8"
+)
+CALIBRATION = (
+    "Classifier probabilities are temperature-scaled inside the graph (`exporters/calibrate.py`): one"
+    " scalar T per file, fitted by NLL on data the served weights never trained on, folded in as a "
+    "Mul before the final Softmax (accuracy unchanged). Occupancy has a validation split. "
+    "BasicMotions puts every training series into training, so T is fitted on leave-one-out outputs "
+    "of 40 models of the same recipe. For appliance (ACSF1, same situation) the 5-fold cross-fit's T "
+    "is reported but not applied: its fold models are far weaker than the served one (0.74 vs 0.90) "
+    "and their T would raise the test ECE; the card gives the figures. The test split is never used "
+    "for fitting. Test split figures (ECE: 15 equal-width confidence bins); reliability diagrams in "
+    "each card. Goal: ECE <= 0.03; the last column is the ECE that a perfectly calibrated model with "
+    "the same confidences shows on a test split of that size (sampling noise alone)"
+)
+QUANT = (
+    "The shipped int8 files are static QDQ (activation scales calibrated on training windows, "
+    "constants of the graph): a row's answer is the same alone and inside batches of 7 and 64 other "
+    "test rows. The dynamic int8 the zoo shipped before for activity and occupancy (scales picked per"
+    " batch) is rebuilt from the same fp32 weights and measured in the same run for comparison; it is"
+    " not shipped. Latency: median, one thread"
 )
 OUTRO = (
-    "How the files are made and checked: [exporting.md](exporting.md). `tests/test_zoo.py` reloads every "
-    "int8 model with ONNX Runtime alone and checks that the accuracy in its card is what it measures on "
-    "the committed test split."
+    "How the files are made and checked: [exporting.md](exporting.md). `tests/test_zoo.py` reloads "
+    "every model with ONNX Runtime alone and checks that the accuracy, ECE and NLL in its card are "
+    "what it measures on the committed test split, and that every file answers a row alone as inside "
+    "batches of 7 and 64."
 )
 
 
@@ -76,20 +106,139 @@ def save_test_split(ds: DataSet, path: Path) -> None:
     np.savez_compressed(path, x=x, y=ds.y_test, labels=np.array(ds.labels))
 
 
+def held_out_outputs(
+    recipe: Recipe, ds: DataSet, files: dict[str, Path], work: Path, folds: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """Probabilities on data the served weights never trained on: the validation split, else a cross-fit."""
+    from exporters.onnxutil import run_onnx, session
+
+    if len(ds.x_val):
+        x = ds.model_input(ds.x_val)
+        probs = {k: run_onnx(session(p), x, batch=1 if k == "int8" else 256) for k, p in files.items()}
+        return probs, ds.y_val, f"the recipe's validation split ({len(ds.y_val)} samples, never trained on)"
+    from exporters.crossfit import crossfit_outputs
+
+    cf = crossfit_outputs(recipe, ds, folds, cache=work / "crossfit.npz")
+    what = (
+        f"no validation split (every training series trains the model), so out-of-fold outputs of a "
+        f"{folds}-fold cross-fit on the training series ({len(cf['y'])}): {folds} models of this recipe, "
+        f"each trained without one stratified fold, exported and quantized like the served files, each "
+        f"predicting the fold it did not see ({cf['seconds']:.0f} s); the test split is never used"
+    )
+    return {k: cf[k] for k in files}, cf["y"], what
+
+
+def finish(
+    name: str,
+    recipe: Recipe,
+    ds: DataSet,
+    raw_fp32: Path,
+    out: Path,
+    *,
+    work: Path,
+    extra: dict[str, Any],
+    checkpoint: Path | None,
+    sweep_minirocket: dict[int, float] | None = None,
+) -> dict[str, Any]:
+    """Uncalibrated fp32 in; static int8, dynamic int8 for comparison, temperature, verify, card out."""
+    from exporters.calibrate import calibrate_files
+    from exporters.metrics import evaluate
+    from exporters.onnxutil import run_onnx, session
+    from exporters.quantize import calibration_inputs, quantize, quantize_model
+    from exporters.verify import batch_independence
+
+    raw_int8 = work / f"{name}.uncalibrated.int8.onnx"
+    q = quantize(raw_fp32, raw_int8, ds, recipe.quantize, mode=recipe.quantize.mode)
+    print(f"[{name}] {q.message}", file=sys.stderr)
+    if q.refused:
+        raise SystemExit(f"[{name}] quantization refused: {q.message}")
+    x_test = ds.model_input(ds.x_test)
+    dynamic = work / f"{name}.dynamic.int8.onnx"
+    quantize_model(
+        raw_fp32,
+        dynamic,
+        recipe.quantize,
+        calibration_inputs(ds, recipe.quantize.calibration_samples),
+        "dynamic",
+    )
+    dyn_probs = run_onnx(session(dynamic), x_test, batch=1)
+    extra["int8_dynamic"] = {
+        "accuracy": evaluate(ds.task, ds.y_test, dyn_probs, ds.labels)["accuracy"],
+        "size_bytes": dynamic.stat().st_size,
+        "batch_independence": batch_independence(dynamic, x_test),
+        "note": "dynamic int8 built here from the same uncalibrated fp32 weights with the dynamic settings "
+        "the zoo used for its linear and recurrent models before (quantize_dynamic over MatMul/LSTM, int8 "
+        "per-channel weights, reduce_range); not shipped",
+    }
+    final = {"fp32": out / f"{name}.fp32.onnx", "int8": out / f"{name}.int8.onnx"}
+    raw = {"fp32": raw_fp32, "int8": raw_int8}
+    if ds.task == "classification":
+        probs, y_held, fitted_on = held_out_outputs(recipe, ds, raw, work, recipe.calibration.folds)
+        extra["calibration"] = calibrate_files(
+            raw,
+            final,
+            x_test=x_test,
+            y_test=ds.y_test,
+            probs_held_out=probs,
+            y_held_out=y_held,
+            fitted_on=fitted_on,
+            plot=out / "reliability.png",
+            name=name,
+            apply=recipe.calibration.method == "temperature",
+        )
+        if recipe.calibration.note:
+            extra["calibration"]["note"] = recipe.calibration.note
+    else:
+        for kind in ("fp32", "int8"):
+            final[kind].write_bytes(raw[kind].read_bytes())
+    if "window_sweep" in extra or (
+        ds.layout == "window"
+        and recipe.model.family in ("cnn1d", "lstm", "gru")
+        and recipe.baseline != "none"
+    ):
+        series = ds.x_test.shape[1]
+        lengths = sorted({*(int(series * f) for f in (0.25, 0.5, 0.75)), series, ds.window or series})
+        extra["window_sweep"] = window_sweep(
+            ds, final["fp32"], final["int8"], lengths, baseline=sweep_minirocket is None
+        )
+        if sweep_minirocket is not None:
+            for row in extra["window_sweep"]["rows"]:
+                if row["window"] in sweep_minirocket:
+                    row["minirocket"] = sweep_minirocket[row["window"]]
+            extra["window_sweep"]["note"] += (
+                " (MiniRocket column carried from the original build: same data, same seed, not refitted)"
+            )
+    save_test_split(ds, out / "test_split.npz")
+    baseline = "none" if "baseline" in extra else recipe.baseline
+    return verify_models(
+        final["fp32"],
+        recipe,
+        out,
+        int8=final["int8"],
+        checkpoint=checkpoint,
+        extra=extra,
+        baseline=baseline,
+        compare={"int8_dynamic": dynamic},
+    )
+
+
 def build_one(
     name: str, models_dir: Path, build_dir: Path, progress: bool, reuse: bool = False
 ) -> dict[str, Any]:
+    """Train (or reuse the checkpoint), export, quantize, calibrate, measure."""
     from exporters.export import export
-    from exporters.quantize import quantize
     from exporters.train import load_checkpoint, train
 
     out = models_dir / name
     recipe: Recipe = load_recipe(out / "recipe.yaml")
     started = time.monotonic()
-    checkpoint = build_dir / name / f"{name}.pt"
+    work = build_dir / name
+    checkpoint = work / f"{name}.pt"
     if reuse and checkpoint.exists():  # re-export, re-quantize and re-measure a trained model
         ckpt = load_checkpoint(checkpoint)
-        if ckpt.recipe != recipe:
+        if ckpt.recipe.model_dump(exclude={"quantize", "calibration"}) != recipe.model_dump(
+            exclude={"quantize", "calibration"}
+        ):
             raise SystemExit(
                 f"[{name}] {checkpoint} was trained from another recipe: rebuild without --reuse"
             )
@@ -97,12 +246,8 @@ def build_one(
     else:
         result = train(recipe, out, progress=progress, checkpoint=checkpoint)
         ds, train_metrics = result.dataset, result.metrics
-    fp32 = out / f"{name}.fp32.onnx"
-    export(checkpoint, fp32)
-    q = quantize(fp32, out / f"{name}.int8.onnx", ds, recipe.quantize, mode=recipe.quantize.mode)
-    print(f"[{name}] {q.message}", file=sys.stderr)
-    if q.refused:
-        raise SystemExit(f"[{name}] quantization refused: {q.message}")
+    raw_fp32 = work / f"{name}.uncalibrated.fp32.onnx"
+    export(checkpoint, raw_fp32)
     extra: dict[str, Any] = {
         "rebuild": f"`make models` (or `python -m exporters.zoo {name}`), recipe "
         f"`models/{name}/recipe.yaml`, seed {recipe.train.seed}",
@@ -112,28 +257,85 @@ def build_one(
             "seconds": round(time.monotonic() - started, 1),
         },
     }
-    if (
-        ds.layout == "window"
-        and recipe.model.family in ("cnn1d", "lstm", "gru")
-        and recipe.baseline != "none"
-    ):
-        series = ds.x_test.shape[1]
-        lengths = sorted({*(int(series * f) for f in (0.25, 0.5, 0.75)), series, ds.window or series})
-        extra["window_sweep"] = window_sweep(ds, fp32, q.path, lengths, baseline=True)
-    save_test_split(ds, out / "test_split.npz")
-    return verify_models(fp32, recipe, out, int8=q.path, checkpoint=checkpoint, extra=extra)
+    return finish(name, recipe, ds, raw_fp32, out, work=work, extra=extra, checkpoint=checkpoint)
+
+
+def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, Any]:
+    """Keep the committed fp32 weights; re-quantize, re-calibrate and re-measure them.
+
+    For a zoo whose retraining does not reproduce bit for bit on another machine or torch
+    build: the weights stay those the card's training section describes.
+    """
+    import onnx
+
+    from edge.manifest import Manifest
+    from exporters.calibrate import strip_temperature
+    from exporters.onnxutil import get_manifest, set_manifest
+
+    out = models_dir / name
+    recipe: Recipe = load_recipe(out / "recipe.yaml")
+    old = json.loads((out / "report.json").read_text())
+    work = build_dir / name
+    work.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(out / f"{name}.fp32.onnx"))
+    strip_temperature(model)
+    manifest = get_manifest(model)
+    if manifest is None:
+        raise SystemExit(f"[{name}] the committed fp32 model has no manifest")
+    trained = recipe_from_dict(manifest.provenance["recipe"], name)
+    skip = {"quantize", "calibration"}
+    if trained.model_dump(exclude=skip) != recipe.model_dump(exclude=skip):
+        raise SystemExit(f"[{name}] recipe.yaml changed what training does: rebuild with `make models`")
+    data = manifest.model_dump(mode="json")
+    data["provenance"] = {**data["provenance"], "recipe": recipe.model_dump(mode="json")}
+    data["provenance"].pop("calibration", None)
+    set_manifest(model, Manifest.model_validate(data))
+    raw_fp32 = work / f"{name}.uncalibrated.fp32.onnx"
+    onnx.save_model(model, str(raw_fp32))
+    ds = load_dataset(recipe)
+    committed = np.load(out / "test_split.npz")
+    if not np.array_equal(committed["x"], ds.model_input(ds.x_test).astype(np.float32)):
+        raise SystemExit(f"[{name}] the data set no longer gives the committed test split")
+    extra: dict[str, Any] = {
+        "rebuild": f"weights: `make models` (or `python -m exporters.zoo {name}`), recipe "
+        f"`models/{name}/recipe.yaml`, seed {recipe.train.seed}, trained {manifest.created}; "
+        f"quantization, calibration and every figure here: `python -m exporters.zoo --requantize {name}` "
+        "(keeps the committed fp32 weights)",
+        "training": old["training"],
+    }
+    for key in ("baseline", "weights_trained"):
+        if key in old:
+            extra[key] = old[key]
+    if "pytorch_vs_fp32" in old.get("parity", {}):
+        extra["pytorch_parity_at_training"] = old["parity"]["pytorch_vs_fp32"]
+    sweep = None
+    if "window_sweep" in old:
+        sweep = {r["window"]: r["minirocket"] for r in old["window_sweep"]["rows"] if "minirocket" in r}
+        extra["window_sweep"] = old["window_sweep"]
+    return finish(
+        name, recipe, ds, raw_fp32, out, work=work, extra=extra, checkpoint=None, sweep_minirocket=sweep
+    )
 
 
 def models_table(models_dir: Path) -> str:
-    """docs/models.md: one table of every bundled model, from the reports."""
+    """docs/models.md: every bundled model, from the reports."""
     rows = [
-        "| model | task | data | input | accuracy fp32 / int8 | macro-F1 int8 | size fp32 / int8 "
-        "| latency b1 fp32 / int8 | baseline |",
+        "| model | task | data and split | input | accuracy fp32 / int8 | macro-F1 int8 | size fp32 / int8 "
+        "| latency b1 fp32 / int8 | baseline (same split) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    cal_rows = [
+        "| model | held-out data for T | T fp32 / int8 | ECE fp32 before -> after | ECE int8 before -> after "
+        "| NLL fp32 before -> after | NLL int8 before -> after | ECE if perfectly calibrated, fp32 (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    q_rows = [
+        "| model | int8 scheme | accuracy | size | latency b1 / b32 | alone vs inside batches of 7 and 64 |",
+        "|---|---|---|---|---|---|",
+    ]
     details: list[str] = []
-    for report_path in sorted(models_dir.glob("*/report.json")):
-        r = json.loads(report_path.read_text())
+    reports = [json.loads(p.read_text()) for p in sorted(models_dir.glob("*/report.json"))]
+    for r in reports:
         name = r["name"]
         m, f, lat = r["metrics"], r["files"], r["latency_single_thread"]
         inp = r["input"]
@@ -142,14 +344,63 @@ def models_table(models_dir: Path) -> str:
         base_txt = f"MiniRocket {base['accuracy']:.2f} (same T)" if base else "-"
         rows.append(
             f"| [{name}](../models/{name}/card.md) | {r['task']} ({len(r['labels'])} classes) "
-            f"| {r['dataset'].get('name')} | {shape} "
+            f"| {r['dataset'].get('name')}, {r['dataset'].get('split')} (test n={m['fp32']['n']}) | {shape} "
             f"| {m['fp32']['accuracy']:.3f} / {m['int8']['accuracy']:.3f} | {m['int8']['macro_f1']:.3f} "
             f"| {f['fp32']['size_bytes'] / 1024:.0f} / {f['int8']['size_bytes'] / 1024:.0f} KiB "
             f"| {lat['fp32']['batch_1']['median_ms']:.3f} / {lat['int8']['batch_1']['median_ms']:.3f} ms "
             f"| {base_txt} |"
         )
+        cal = r.get("calibration")
+        if cal:
+            c = cal["files"]
+            folds = re.search(r"(\d+)-fold cross-fit", cal["fitted_on"])
+            held = "validation split" if folds is None else f"{folds.group(1)}-fold cross-fit on train"
+            figures = [
+                f"{c[k]['test_before'][metric]:.4f} -> {c[k]['test_after'][metric]:.4f}"
+                for metric in ("ece", "nll")
+                for k in ("fp32", "int8")
+            ]
+            temps = f"{c['fp32']['temperature']:.2f} / {c['int8']['temperature']:.2f}"
+            if not cal.get("applied", True):
+                fitted = " / ".join(f"{c[k]['not_applied']['temperature']:.2f}" for k in ("fp32", "int8"))
+                temps = f"not applied (fitted {fitted})"
+            floor = c["fp32"].get("ece_if_perfectly_calibrated", {}).get("mean")
+            floor_txt = f"{floor:.4f}" if floor is not None else "-"
+            cal_rows.append(f"| {name} | {held} | {temps} | " + " | ".join(figures) + f" | {floor_txt} |")
+        dyn = r.get("int8_dynamic")
+        bi = r.get("batch_independence", {})
+        if dyn:
+
+            def ind(x: dict[str, Any] | None) -> str:
+                if not x:
+                    return "-"
+                verdict = "identical" if x["independent"] else "**differs**"
+                return f"{verdict} (max diff {x['max_abs_diff']:.1e}, {x['argmax_changes']} label changes)"
+
+            for label, key, acc, size, bind in (
+                (
+                    "static QDQ (shipped)",
+                    "int8",
+                    m["int8"]["accuracy"],
+                    f["int8"]["size_bytes"],
+                    bi.get("int8"),
+                ),
+                (
+                    "dynamic (before)",
+                    "int8_dynamic",
+                    dyn["accuracy"],
+                    dyn["size_bytes"],
+                    dyn["batch_independence"],
+                ),
+            ):
+                q_rows.append(
+                    f"| {name} | {label} | {acc:.3f} | {size / 1024:.1f} KiB "
+                    f"| {lat[key]['batch_1']['median_ms']:.3f} / {lat[key]['batch_32']['median_ms']:.3f} ms "
+                    f"| {ind(bind)} |"
+                )
         details.append(
-            f"- **{name}**: {r['dataset'].get('split')}. Recommended file here: {r['recommended']}."
+            f"- **{name}**: {r['dataset'].get('split')}. Recommended file here: {r['recommended']}. "
+            f"Reproduce: {r.get('rebuild', '`make models`')}."
         )
         if "window_sweep" in r:
             sweep = r["window_sweep"]["rows"]
@@ -161,19 +412,30 @@ def models_table(models_dir: Path) -> str:
                     for row in sweep
                 )
             )
-    machine = ""
-    if details:
-        first = json.loads(next(iter(sorted(models_dir.glob("*/report.json")))).read_text())
-        machine = f"{first['machine']['processor']}, {first['machine']['platform']}"
+    machine = (
+        f" ({reports[0]['machine']['processor']}, {reports[0]['machine']['platform']})" if reports else ""
+    )
     return "\n".join(
         [
             "# Bundled models",
             "",
-            INTRO + (f" ({machine})." if machine else "."),
+            INTRO + machine + ".",
             "",
             *rows,
             "",
             *details,
+            "",
+            "## Calibrated probabilities",
+            "",
+            CALIBRATION,
+            "",
+            *cal_rows,
+            "",
+            "## int8: static (batch-independent) vs dynamic",
+            "",
+            QUANT,
+            "",
+            *q_rows,
             "",
             OUTRO,
             "",
@@ -190,16 +452,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--docs-only", action="store_true", help="only regenerate docs/models.md")
     p.add_argument("--reuse", action="store_true", help="reuse checkpoints in --build-dir (skip training)")
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="keep the committed fp32 weights: re-quantize, re-calibrate and re-measure only",
+    )
     args = p.parse_args(argv)
     names = args.names or sorted(d.parent.name for d in args.models_dir.glob("*/recipe.yaml"))
     if not args.docs_only:
         for name in names:
-            report = build_one(
-                name, args.models_dir, args.build_dir, progress=not args.no_progress, reuse=args.reuse
-            )
+            if args.requantize:
+                report = requantize_one(name, args.models_dir, args.build_dir)
+            else:
+                report = build_one(
+                    name, args.models_dir, args.build_dir, progress=not args.no_progress, reuse=args.reuse
+                )
             m = report["metrics"]
+            torch_txt = f"pytorch {m['pytorch']['accuracy']:.4f} " if "pytorch" in m else ""
             print(
-                f"{name}: pytorch {m['pytorch']['accuracy']:.4f} fp32 {m['fp32']['accuracy']:.4f} "
+                f"{name}: {torch_txt}fp32 {m['fp32']['accuracy']:.4f} "
                 f"int8 {m['int8']['accuracy']:.4f}"
                 + (f" baseline {report['baseline']['accuracy']:.4f}" if "baseline" in report else "")
                 + f"; recommended {report['recommended']}"

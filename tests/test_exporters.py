@@ -131,8 +131,8 @@ def test_manifest_round_trips_and_daemon_reads_it(built: tuple[Recipe, BuildResu
     quant = read_manifest(res.int8)
     assert quant is not None and quant.quantization is not None
     assert quant.quantization["reduce_range"] is True
-    expected = "static" if recipe.model.family.startswith("cnn") else "dynamic"
-    assert quant.quantization["mode"] == expected
+    # every family: static QDQ, the batch-independent scheme (issue 17)
+    assert quant.quantization["mode"] == "static" and quant.quantization["batch_independent"] is True
     fp32_manifest = read_manifest(res.fp32)
     assert fp32_manifest is not None and fp32_manifest.quantization is None
 
@@ -276,3 +276,181 @@ def test_bad_recipe_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     path.write_text("name: x\ndata: {source: 'builtin:synthetic-snapshot'}\nmodel: {family: transformer}\n")
     assert main(["train", str(path)]) == 2
     assert "model.family" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- batch independence (issue 17)
+
+
+def test_int8_answers_do_not_depend_on_batch_mates(built: tuple[Recipe, BuildResult]) -> None:
+    """Static QDQ (every family, LSTM weights included): a row alone == the row inside batches of 7 and 64."""
+    from exporters.verify import TOL_BATCH, batch_independence
+
+    recipe, res = built
+    assert res.int8 is not None
+    report = json.loads((res.fp32.parent / "report.json").read_text())
+    assert report["files"]["int8"]["quantization"]["mode"] == "static"
+    for key in ("fp32", "int8"):
+        assert report["batch_independence"][key]["independent"], report["batch_independence"][key]
+        assert report["batch_independence"][key]["batches"] == [7, 64]
+    ds = load_dataset(recipe)
+    x = ds.model_input(ds.x_test)
+    again = batch_independence(res.int8, x, rows=24, seed=1)
+    assert again["max_abs_diff"] <= TOL_BATCH and again["argmax_changes"] == 0
+    # recurrent layers: int8 weights behind DequantizeLinear, recurrence in float
+    if recipe.model.family == "lstm":
+        model = onnx.load(str(res.int8))
+        lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        assert producers[lstm.input[1]] == producers[lstm.input[2]] == "DequantizeLinear"
+        inits = {i.name: i for i in model.graph.initializer}
+        assert all(
+            inits[n.input[0]].data_type == onnx.TensorProto.INT8
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.output[0] in lstm.input[1:3]
+        )
+
+
+def test_the_check_catches_dynamic_int8(tmp_path: Path) -> None:
+    """The check is not vacuous: dynamic quantization (per-batch activation scales) fails it.
+
+    (An LSTM: on the generated snapshot task the MLP's probabilities saturate at 1.0, which hides
+    the scale changes; the zoo's occupancy MLP shows them, see tests/test_zoo.py.)
+    """
+    from exporters.quantize import calibration_inputs, quantize_model
+    from exporters.verify import batch_independence
+
+    recipe = make_recipe("lstm")
+    res = build(recipe, tmp_path, progress=False, quick=True, quantize=False)
+    ds = load_dataset(recipe)
+    dyn = tmp_path / "dynamic.int8.onnx"
+    settings = quantize_model(res.fp32, dyn, recipe.quantize, calibration_inputs(ds, 64), "dynamic")
+    assert settings["batch_independent"] is False
+    result = batch_independence(dyn, ds.model_input(ds.x_test))
+    assert not result["independent"] and result["max_abs_diff"] > 1e-4, result
+
+
+# ---------------------------------------------------------------- calibration (issue 22)
+
+
+def _linear_softmax_model(weight: np.ndarray, path: Path) -> Path:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.35])  # over-confident, under-confident
+def test_temperature_fixes_a_known_miscalibration(scale: float, tmp_path: Path) -> None:
+    """Three Gaussian classes with exact posterior softmax(x @ W); the model returns softmax(scale * x @ W).
+
+    The fitted temperature recovers ``scale``, the folded graph's ECE on held-out data drops
+    to that of the exact posterior, and no prediction changes.
+    """
+    from exporters.calibrate import calibrate_file, ece, nll
+
+    rng = np.random.default_rng(0)
+    means = np.array([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        x = means[y] + rng.normal(size=(n, 2))
+        # equal priors and unit covariance: logit_k = x.mu_k - |mu_k|^2 / 2 (bias as a constant input)
+        return np.hstack([x, np.ones((n, 1))]).astype(np.float32), y
+
+    w = np.vstack([means.T, -0.5 * (means**2).sum(axis=1)])
+    raw = _linear_softmax_model(scale * w, tmp_path / "raw.onnx")
+    (x_val, y_val), (x_test, y_test) = sample(4000), sample(4000)
+    sess = _session(raw)
+    p_val = sess.run(None, {"input": x_val})[0]
+    p_test = sess.run(None, {"input": x_test})[0]
+    record = calibrate_file(raw, tmp_path / "cal.onnx", p_val, y_val, "generated validation split")
+    assert record["temperature"] == pytest.approx(scale, rel=0.12)
+    q_test = _session(tmp_path / "cal.onnx").run(None, {"input": x_test})[0]
+    exact = _session(_linear_softmax_model(w, tmp_path / "exact.onnx")).run(None, {"input": x_test})[0]
+    assert ece(p_test, y_test) > 0.05  # the miscalibration is real
+    assert ece(q_test, y_test) < 0.5 * ece(p_test, y_test)
+    assert ece(q_test, y_test) < ece(exact, y_test) + 0.015
+    assert nll(q_test, y_test) < nll(p_test, y_test)
+    np.testing.assert_array_equal(q_test.argmax(1), p_test.argmax(1))
+    # re-calibrating replaces the temperature instead of stacking a second one
+    again = calibrate_file(tmp_path / "cal.onnx", tmp_path / "cal2.onnx", p_val, y_val, "same")
+    nodes = [n.name for n in onnx.load(str(tmp_path / "cal2.onnx")).graph.node]
+    assert nodes.count("calibration_temperature") == 1
+    assert again["temperature"] == pytest.approx(record["temperature"])
+
+
+def test_export_calibrates_on_the_validation_split(built: tuple[Recipe, BuildResult]) -> None:
+    """train --quantize folds a temperature into both files; the card reports ECE/NLL before and after."""
+    _recipe, res = built
+    report = json.loads((res.fp32.parent / "report.json").read_text())
+    cal = report["calibration"]
+    assert "validation split" in cal["fitted_on"]
+    for key, path in (("fp32", res.fp32), ("int8", res.int8)):
+        assert path is not None
+        c = cal["files"][key]
+        assert c["held_out_after"]["nll"] <= c["held_out_before"]["nll"] + 1e-9
+        assert c["graph_vs_formula_max_abs_diff"] < 1e-4
+        assert c["test_after"]["accuracy"] == report["metrics"][key]["accuracy"]
+        assert "calibration_temperature" in {n.name for n in onnx.load(str(path)).graph.node}
+        manifest = read_manifest(path)
+        assert manifest is not None
+        assert manifest.provenance["calibration"]["temperature"] == pytest.approx(c["temperature"])
+        assert report["metrics"][key]["ece"] == pytest.approx(c["test_after"]["ece"], abs=1e-6)
+    card = (res.fp32.parent / "card.md").read_text()
+    assert "## Calibration" in card and "![reliability diagram](reliability.png)" in card
+    assert (res.fp32.parent / "reliability.png").stat().st_size > 0
+
+
+def test_train_cli_takes_dropout_val_fraction_and_normalisation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The flags docs/exporting.md names exist and reach the recipe."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(make_recipe("cnn1d").model_dump(mode="json")))
+    argv = ["train", str(path), "--dropout", "0.3", "--val-fraction", "0.25"]
+    assert main([*argv, "--normalisation", "zscore", "--print-recipe"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["dropout"] == 0.3
+    assert printed["model"]["normalisation"] == "zscore"
+    assert printed["data"]["val_fraction"] == 0.25
+    with pytest.raises(SystemExit) as bad:
+        main([*argv, "--normalisation", "minmax", "--print-recipe"])
+    assert bad.value.code == 2
+
+
+def test_crossfit_gives_out_of_fold_outputs_and_keys_its_cache(tmp_path: Path) -> None:
+    """Without a validation split the temperature is fitted on out-of-fold outputs of K fold models."""
+    from exporters.crossfit import crossfit_outputs, stratified_folds
+
+    recipe = make_recipe("mlp", data={**FAMILIES["mlp"]["data"], "val_fraction": 0.0})
+    ds = load_dataset(recipe)
+    assert len(ds.x_val) == 0
+    folds = stratified_folds(ds.y_train, 3, seed=0)
+    joined = np.sort(np.concatenate(folds))
+    np.testing.assert_array_equal(joined, np.arange(len(ds.y_train)))  # disjoint and complete
+    for fold in folds:  # every class in every fold
+        assert set(ds.y_train[fold]) == set(ds.y_train)
+    cache = tmp_path / "crossfit.npz"
+    first = crossfit_outputs(recipe, ds, 3, cache=cache)
+    assert first["fp32"].shape == first["int8"].shape == (len(ds.y_train), len(ds.labels))
+    np.testing.assert_allclose(first["fp32"].sum(axis=1), 1.0, atol=1e-4)
+    assert (first["fp32"].argmax(1) == ds.y_train).mean() > 0.5  # real predictions, not zeros
+    again = crossfit_outputs(recipe, ds, 3, cache=cache)  # same recipe: from the cache
+    np.testing.assert_array_equal(again["fp32"], first["fp32"])
+    assert again["seconds"] == first["seconds"]
+    changed = make_recipe(
+        "mlp", data={**FAMILIES["mlp"]["data"], "val_fraction": 0.0}, train={"epochs": 2, "lr": 0.01}
+    )
+    refit = crossfit_outputs(changed, ds, 3, cache=cache)  # another recipe: the fold models are refitted
+    assert not np.array_equal(refit["fp32"], first["fp32"])

@@ -7,12 +7,14 @@ units, exactly as ``make models`` measured them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -124,3 +126,120 @@ def test_appliance_takes_raw_watts() -> None:
     a = sess.run(None, {"input": x})[0]
     b = sess.run(None, {"input": watts.astype(np.float32)})[0]
     np.testing.assert_array_equal(a.argmax(1), b.argmax(1))
+
+
+# ---------------------------------------------------------------- issue 17: batch-independent int8
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_answers_do_not_depend_on_batch_mates(name: str, kind: str) -> None:
+    """A test row alone vs the same row inside batches of 7 and 64 other test rows: the same output."""
+    sess = ort.InferenceSession(
+        str(MODELS / name / f"{name}.{kind}.onnx"), providers=["CPUExecutionProvider"]
+    )
+    x = np.load(MODELS / name / "test_split.npz")["x"]
+    rng = np.random.default_rng(7)
+    worst = 0.0
+    for batch in (7, 64):
+        for i in rng.choice(len(x), 12, replace=False):
+            alone = sess.run(None, {"input": x[i : i + 1]})[0][0]
+            mates = rng.choice(np.delete(np.arange(len(x)), i), batch, replace=len(x) - 1 < batch)
+            pos = int(rng.integers(batch))
+            mates[pos] = i
+            inside = sess.run(None, {"input": x[mates]})[0][pos]
+            worst = max(worst, float(np.abs(inside - alone).max()))
+    # float kernels may sum in another order at another batch size (appliance fp32: ~3e-5)
+    assert worst <= 1e-4, f"{name} {kind}: a row's output moves by {worst:.2e} with its batch mates"
+    report = _report(name)
+    assert report["batch_independence"][kind]["independent"]
+    if kind == "int8":
+        q = report["files"]["int8"]["quantization"]
+        assert q["mode"] == "static" and q["batch_independent"] is True
+        # the scheme it replaced is shown beside it, and fails the same check
+        assert report["int8_dynamic"]["batch_independence"]["independent"] is False
+
+
+# ---------------------------------------------------------------- issue 22: calibrated probabilities
+
+ECE_GOAL = 0.03
+
+
+def _ece_nll(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> tuple[float, float]:
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    nll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+    return float(total), nll
+
+
+def _card_row(name: str, row: str) -> list[str]:
+    card = (MODELS / name / "card.md").read_text()
+    match = re.search(rf"^\| {row} \| (.*) \|$", card, re.MULTILINE)
+    assert match, f"no '{row}' row in {name}/card.md"
+    return [c.strip() for c in match.group(1).split("|")]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_calibration_figures_are_what_onnxruntime_measures(name: str, kind: str) -> None:
+    """ECE and NLL recomputed from the committed test split with ONNX Runtime alone match the card."""
+    split = np.load(MODELS / name / "test_split.npz")
+    sess = ort.InferenceSession(
+        str(MODELS / name / f"{name}.{kind}.onnx"), providers=["CPUExecutionProvider"]
+    )
+    probs = np.concatenate(
+        [sess.run(None, {"input": split["x"][i : i + 64]})[0] for i in range(0, len(split["x"]), 64)]
+    )
+    ece, nll = _ece_nll(probs.astype(np.float64), split["y"])
+    report = _report(name)
+    stated = report["metrics"][kind]
+    assert ece == pytest.approx(stated["ece"], abs=1e-3)
+    assert nll == pytest.approx(stated["nll"], abs=1e-3)
+    row = _card_row(name, kind)  # | kind | accuracy | macro-F1 | ECE | NLL | n |
+    assert float(row[2]) == pytest.approx(ece, abs=1e-3) and float(row[3]) == pytest.approx(nll, abs=1e-3)
+    cal = report["calibration"]["files"][kind]
+    assert cal["test_after"]["ece"] == pytest.approx(stated["ece"], abs=1e-6)
+    calibrated = _card_row(name, f"{kind} \\| {cal['temperature']:.3f}")  # the calibration table's row
+    assert float(calibrated[1]) == pytest.approx(ece, abs=1e-3)
+    # the temperature lives in the graph, and the manifest says where it came from
+    path = MODELS / name / f"{name}.{kind}.onnx"
+    folded = "calibration_temperature" in {n.name for n in onnx.load(str(path)).graph.node}
+    manifest = read_manifest(path)
+    assert manifest is not None
+    if report["calibration"]["applied"]:
+        assert folded
+        assert manifest.provenance["calibration"]["temperature"] == pytest.approx(cal["temperature"])
+    else:  # fitted and reported, not applied: the card says why
+        assert not folded and cal["temperature"] == 1.0 and "not_applied" in cal
+        assert report["calibration"]["note"] and report["calibration"]["note"][:60] in " ".join(
+            (MODELS / name / "card.md").read_text().split()
+        )
+
+
+# appliance: 100 test series; a perfectly calibrated model with its confidences shows ECE ~0.07
+# there (report.json: ece_if_perfectly_calibrated), and no held-out data of the served weights
+# exists to fit a temperature on (the card's calibration note). Strict: passing means update this.
+ECE_GOAL_NOT_MET = {"appliance"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=pytest.mark.xfail(strict=True, reason="ECE goal below what 100 test series resolve"),
+        )
+        if n in ECE_GOAL_NOT_MET
+        else n
+        for n in NAMES
+    ],
+)
+def test_ece_goal(name: str) -> None:
+    for kind in ("fp32", "int8"):
+        ece = _report(name)["metrics"][kind]["ece"]
+        assert ece <= ECE_GOAL, f"{name} {kind}: ECE {ece:.4f} above the goal {ECE_GOAL}"
