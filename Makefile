@@ -12,7 +12,7 @@ help:
 	@echo "make test      install everything the tests need and run them"
 	@echo "make test-arm64  the daemon and the int8 zoo under arm64 emulation (docs/arm64.md)"
 	@echo "make test-ha   the discovery against a real Home Assistant Core (docs/homeassistant.md)"
-	@echo "make lint      ruff + mypy"
+	@echo "make lint      ruff check, ruff format --check, mypy (strict on edge/ and devices/)"
 	@echo "make bench     benchmark suite against a local Mosquitto"
 	@echo "make models    rebuild the bundled model zoo (needs the train extra)"
 
@@ -58,6 +58,7 @@ test-ha: $(VENV)/.installed-all mosquitto
 
 lint: $(VENV)/.installed-all
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy edge devices exporters
 
 bench: $(VENV)/.installed-all mosquitto
