@@ -422,12 +422,13 @@ def test_install_creates_and_upgrades_the_venv(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.broker
-def test_install_then_the_units_exec_start_serves_predictions(tmp_path: Path, mosquitto: Any) -> None:
+def test_install_then_the_units_exec_start_serves_predictions(tmp_path: Path, fresh_broker: Any) -> None:
     """The user's path: install.sh (this checkout, for real) into a root, `check` the config it
     wrote, then the daemon with exactly the unit's ExecStart and Environment= (prefix applied),
     working directory /, against a real Mosquitto: predictions for simulated Zigbee2MQTT plugs."""
     from tests.harness import Collector
 
+    mosquitto = fresh_broker.start()  # its own: the simulator's retained topics stay in it
     prefix = tmp_path / "root"
     _install("--prefix", str(prefix), "--python", sys.executable)
     exe = prefix / "opt" / "edge-infer" / "venv" / "bin" / "edge-infer"
