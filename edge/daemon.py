@@ -585,24 +585,49 @@ class Daemon:
         for indices in by_pipeline.values():
             pipeline = batch[indices[0]].pipeline
             # Items queued before a reload are answered by the model that inferred them.
-            post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
-            predictions = post(outputs[indices])
+            try:
+                post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
+                predictions = post(outputs[indices])
+            except Exception as exc:  # this pipeline's part of the batch fails alone
+                for index in indices:
+                    self._answer_failed(pipeline, batch[index], exc)
+                continue
             out = pipeline.cfg.output
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
-                if not pipeline.policy.should_publish(item.device, prediction, wall):
-                    self._settle(item)
+                try:
+                    if not pipeline.policy.should_publish(item.device, prediction, wall):
+                        self._settle(item)
+                        continue
+                    # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from
+                    # pieces the post-processor prepared for the whole batch (edge/outputs.py)
+                    encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
+                    topic = pipeline.output_topic(item.device)
+                except Exception as exc:  # one item that cannot be answered fails alone
+                    self._answer_failed(pipeline, item, exc)
                     continue
                 if item.device not in pipeline.last_published:
                     self._first_answer(pipeline, item.device)
-                # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from pieces
-                # the post-processor prepared for the whole batch (edge/outputs.py)
-                encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
                 pipeline.last_published[item.device] = encoded
-                self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
+                self.link.publish(Outgoing(topic, encoded, out.qos, out.retain))
                 pipeline.stats.published += 1
                 self._settle(item)
+
+    def _answer_failed(self, pipeline: Pipeline, item: WorkItem, exc: Exception) -> None:
+        """An item whose answer could not be built: counted (answer_failed), logged rate-limited
+        and acknowledged, so neither it nor a redelivery of it holds up anyone else."""
+        pipeline.reject("answer_failed")
+        self.ratelog.warning(
+            pipeline.name,
+            "answer_failed",
+            "dropped (answer_failed): device %r: %s: %s",
+            item.device[:40],
+            type(exc).__name__,
+            exc,
+            pipeline=pipeline.name,
+        )
+        self._settle(item)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,0 +1,175 @@
+"""Hostile input against a real Mosquitto: one device's bad payload is counted under its reason and
+acknowledged, and good devices of the same model keep being answered, also after a restart."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import Mosquitto
+from tests.harness import Collector, DaemonThread, Publisher, make_config
+from tests.test_daemon import base_config
+
+pytestmark = pytest.mark.broker
+
+GOOD = {"temperature": 21.0, "humidity": 40.0, "co2": 500.0}
+
+
+def _strict(payload: bytes) -> Any:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a published payload: {payload[:200]!r}")
+
+    return json.loads(payload, parse_constant=refuse)
+
+
+def _answers(out: Collector, prefix: str, pipeline: str) -> dict[str, int]:
+    """Answers per output topic leaf (availability topics left out)."""
+    root = f"{prefix}/ei/{pipeline}/"
+    counts: dict[str, int] = {}
+    for m in out.messages:
+        leaf = m.topic[len(root) :] if m.topic.startswith(root) else None
+        if leaf and "/" not in leaf:
+            _strict(m.payload)
+            counts[leaf] = counts.get(leaf, 0) + 1
+    return counts
+
+
+def _send_window(pub: Publisher, prefix: str, device: str, start: float, n: int) -> None:
+    for i in range(n):
+        pub.send(f"{prefix}/tele/{device}/SENSOR", {"ENERGY": {"Power": 50.0 + i}, "t": start + i})
+
+
+@pytest.mark.parametrize(
+    "times",
+    [
+        [1e15 + i * 1e4 for i in range(8)],  # milliseconds far in the future (year 33658)
+        [-1e11 + i for i in range(8)],  # before year 1
+        [f"9999-12-31T12:00:0{i}-12:00" for i in range(8)],  # after 9999-12-31 in UTC
+    ],
+    ids=["ms_1e15", "s_-1e11", "iso_9999"],
+)
+def test_a_hostile_timestamp_is_dropped_and_never_silences_the_model(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, times: list[Any]
+) -> None:
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path)
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    now = time.time()
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        for t in times:  # a full window of them: the device would be answered if they were taken
+            pub.send(f"{p}/tele/evil/SENSOR", {"ENERGY": {"Power": 5.0}, "t": t})
+        for d in range(4):
+            _send_window(pub, p, f"good{d}", now - 100, 8)  # 8 samples, hop 2: 2 answers each
+        out.wait(lambda _m: sum(_answers(out, p, "plug").values()) >= 8, timeout=30)
+        dropped = runner.call(lambda: dict(runner.daemon.pipelines["plug"].stats.dropped))
+    answers = _answers(out, p, "plug")
+    assert answers == {f"good{d}": 2 for d in range(4)}, answers
+    assert dropped.get("bad_timestamp") == len(times), dropped
+    # Restarted on the same persistent session: the hostile inputs were acknowledged, so the broker
+    # does not bring them back, and good devices keep being answered.
+    out.messages.clear()
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        for d in range(4):
+            _send_window(pub, p, f"again{d}", now - 50, 8)
+        out.wait(lambda _m: sum(_answers(out, p, "plug").values()) >= 8, timeout=30)
+        dropped = runner.call(lambda: dict(runner.daemon.pipelines["plug"].stats.dropped))
+    pub.close()
+    out.close()
+    assert _answers(out, p, "plug") == {f"again{d}": 2 for d in range(4)}
+    assert "bad_timestamp" not in dropped, dropped  # nothing redelivered
+
+
+def test_a_value_infinite_as_float32_is_not_finite_and_answers_stay_strict_json(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path)
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        pub.send(f"{p}/z2m/evil", b'{"temperature": 1e39, "humidity": 40, "co2": 500}')
+        pub.send(f"{p}/z2m/evil2", b'{"temperature": 21, "humidity": -1e39, "co2": 500}')
+        for d in range(5):
+            pub.send(f"{p}/z2m/good{d}", GOOD)
+        out.wait(lambda _m: len(_answers(out, p, "room")) >= 5, timeout=20)
+        dropped = runner.call(lambda: dict(runner.daemon.pipelines["room"].stats.dropped))
+    pub.close()
+    out.close()
+    assert set(_answers(out, p, "room")) == {f"good{d}" for d in range(5)}
+    assert dropped.get("not_finite") == 2, dropped
+    for m in out.messages:  # every payload on the daemon's topics is strict JSON or online/offline
+        if m.payload not in (b"online", b"offline", b""):
+            _strict(m.payload)
+
+
+def test_device_ids_map_to_distinct_topics_and_forbidden_ones_are_rejected(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path)
+    data["pipelines"]["byid"] = {
+        "model": "snap",
+        "source": {"topics": [f"{p}/json/in"], "device_field": "id"},
+        "features": {"type": "snapshot", "max_age_s": 60},
+    }
+    safe = ["kitchen_plug", "kitchen/plug", "kitchen+plug", "kitchen#plug", "$SYS", "émoji🙂"]
+    forbidden = [
+        "bad\x85c1",
+        "bad\ufdd0",
+        "bad\uffff",
+        "bad\U0010ffff",
+        "bad\x00nul",
+        "bad\x1besc",
+        "bad\ud800lone",
+    ]
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        for device in forbidden:
+            pub.send(f"{p}/json/in", json.dumps({"id": device, **GOOD}))  # json escapes: \u0085 ...
+        for device in safe:
+            pub.send(f"{p}/json/in", json.dumps({"id": device, **GOOD}))
+        out.wait(lambda _m: len(_answers(out, p, "byid")) >= len(safe), timeout=20)
+        dropped = runner.call(lambda: dict(runner.daemon.pipelines["byid"].stats.dropped))
+        reconnects = runner.call(lambda: runner.daemon.link.reconnects)
+    pub.close()
+    out.close()
+    leaves = _answers(out, p, "byid")
+    assert len(leaves) == len(safe), leaves  # one topic each: no device speaks as another
+    assert "kitchen_plug" in leaves and "émoji🙂" in leaves  # ids that need no change keep it
+    mapped = [leaf for leaf in leaves if leaf not in ("kitchen_plug", "émoji🙂")]
+    assert all(re.fullmatch(r"[^/+#$]+~[0-9a-f]{8}", leaf) for leaf in mapped), mapped
+    assert dropped.get("bad_device_id") == len(forbidden), dropped
+    assert reconnects == 0  # the broker never saw a malformed topic
+
+
+def test_an_item_that_cannot_be_answered_fails_alone_and_is_acknowledged(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """With the timestamp window opened wide, a sample time of year 33658 passes decoding but no
+    answer can carry it: that item alone is counted (answer_failed) and acknowledged, the batcher
+    keeps answering the model's other devices, and a restart brings nothing back."""
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path, limits={"max_clock_skew_s": 1e13})
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    now = time.time()
+    for round_ in range(2):
+        with DaemonThread(make_config(data, tmp_path)) as runner:
+            if round_ == 0:
+                _send_window(pub, p, "evil", 1e15, 8)  # ms: year 33658; two full windows, two items
+            for d in range(3):
+                _send_window(pub, p, f"good{round_}{d}", now - 100, 8)
+            want = 6 * (round_ + 1)
+            out.wait(lambda _m, want=want: sum(_answers(out, p, "plug").values()) >= want, timeout=30)
+            dropped = runner.call(lambda: dict(runner.daemon.pipelines["plug"].stats.dropped))
+        assert dropped.get("answer_failed", 0) == (2 if round_ == 0 else 0), dropped
+    pub.close()
+    out.close()
+    assert _answers(out, p, "plug") == {f"good{r}{d}": 2 for r in range(2) for d in range(3)}
