@@ -32,6 +32,7 @@ from edge.outputs import PostProcessor
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
+from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 from edge.statefile import restore as restore_state
 from edge.statefile import snapshot as snapshot_state
@@ -204,8 +205,8 @@ class Daemon:
         instance = instance_from_topic(topic, self.instances_prefix, "bridge/info")
         if instance is not None:
             try:
-                info = json.loads(payload) if payload else None
-            except ValueError:
+                info = loads_bounded(payload) if payload else None
+            except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
                 info = None
             if isinstance(info, dict):
                 self._member_info[instance] = info

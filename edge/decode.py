@@ -260,7 +260,7 @@ def parse_timestamp(value: Any, what: str) -> float:
 def parse_json(payload: bytes, topic: str) -> Any:
     try:
         return json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: too deep
         raise DecodeError("malformed_json", f"payload on {topic!r} is not JSON ({exc})") from None
 
 

@@ -17,6 +17,7 @@ from tests.test_daemon import base_config
 
 pytestmark = pytest.mark.broker
 
+MAX = 1 << 20
 GOOD = {"temperature": 21.0, "humidity": 40.0, "co2": 500.0}
 
 
@@ -173,3 +174,24 @@ def test_an_item_that_cannot_be_answered_fails_alone_and_is_acknowledged(
     pub.close()
     out.close()
     assert _answers(out, p, "plug") == {f"good{r}{d}": 2 for r in range(2) for d in range(3)}
+
+
+def test_bounded_json_refuses_size_depth_digits_and_constants_as_one_error() -> None:
+    from edge.safejson import BoundedJsonError, loads_bounded, nesting_depth
+
+    assert loads_bounded(b'{"a": [1, {"b": "[[[["}], "n": -12}') == {"a": [1, {"b": "[[[["}], "n": -12}
+    assert nesting_depth(b'[[{"x": "]]]]"}]]') == 3
+    hostile = [
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json.loads
+        b"1" * 5000,  # ValueError: int max str digits
+        b'{"a": ' + b"9" * 65 + b"}",
+        b'{"a": NaN}',
+        b"[Infinity]",
+        b" " * (MAX + 1),
+        b"\xff\xfe",
+        b'{"a": 1',
+    ]
+    for payload in hostile:
+        with pytest.raises(BoundedJsonError):
+            loads_bounded(payload, max_bytes=MAX)
+    assert loads_bounded(b"[" * 64 + b"]" * 64) is not None  # the default depth itself is fine
