@@ -195,3 +195,32 @@ def test_bounded_json_refuses_size_depth_digits_and_constants_as_one_error() -> 
         with pytest.raises(BoundedJsonError):
             loads_bounded(payload, max_bytes=MAX)
     assert loads_bounded(b"[" * 64 + b"]" * 64) is not None  # the default depth itself is fine
+
+
+def test_healthz_answers_while_idle_clients_hold_every_connection() -> None:
+    """16 clients connect and send nothing (the cap is 16): each of 8 probes still gets its 200."""
+    import asyncio
+
+    from edge.metrics import MetricsServer
+
+    async def main() -> tuple[list[bytes], int]:
+        server = MetricsServer(lambda: "", lambda: (True, "ok"), "127.0.0.1", 0, timeout=30.0)
+        await server.start()
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(16)]
+        await asyncio.sleep(0.2)  # all 16 accepted and waiting for a request
+        answers = []
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            answers.append(await asyncio.wait_for(reader.read(), 10))
+            writer.close()
+        evicted = server.evicted
+        for _, w in idle:
+            w.close()
+        await server.close()
+        return answers, evicted
+
+    answers, evicted = asyncio.run(main())
+    assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok\n") for a in answers), answers
+    assert evicted == 1  # the oldest idle connection made room; the probes then share its slot
