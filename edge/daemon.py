@@ -25,6 +25,7 @@ from edge.batcher import Batcher
 from edge.config import Config, ConfigError, config_warnings, load_config
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery
+from edge.features import WindowBudget
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
 from edge.mqtt import AckToken, MqttLink, Outgoing
@@ -84,6 +85,10 @@ def build_pipelines(
             raise ConfigError(
                 key if key.startswith("pipelines.") else f"pipelines.{name}", message or text
             ) from None
+    budget = WindowBudget(config.limits.max_window_bytes)  # over all pipelines, kept ones too
+    for pipeline in pipelines.values():
+        pipeline.store.budget = budget
+        budget.stores.append(pipeline.store)
     return pipelines
 
 

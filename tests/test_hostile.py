@@ -224,3 +224,30 @@ def test_healthz_answers_while_idle_clients_hold_every_connection() -> None:
     answers, evicted = asyncio.run(main())
     assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok\n") for a in answers), answers
     assert evicted == 1  # the oldest idle connection made room; the probes then share its slot
+
+
+def test_max_window_bytes_drops_and_counts_devices_beyond_it(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """limits.max_window_bytes=1024 and windows of 6 float32 samples x 2 (48 bytes): 21 devices fit;
+    the 9 beyond are dropped and counted (unknown_device), the 21 answered."""
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path, limits={"max_window_bytes": 1024})
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    now = time.time()
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        for d in range(30):
+            _send_window(pub, p, f"d{d:02}", now - 100, 8)
+        out.wait(lambda _m: sum(_answers(out, p, "plug").values()) >= 42, timeout=30)
+        dropped, held = runner.call(
+            lambda: (
+                dict(runner.daemon.pipelines["plug"].stats.dropped),
+                sum(pl.store.nbytes() for pl in runner.daemon.pipelines.values()),
+            )
+        )
+    pub.close()
+    out.close()
+    assert _answers(out, p, "plug") == {f"d{d:02}": 2 for d in range(21)}
+    assert dropped == {"unknown_device": 9 * 8}, dropped
+    assert held <= 1024, held
