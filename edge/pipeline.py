@@ -128,6 +128,9 @@ class Pipeline:
             )
         self.readings = {feature: inputs[feature] for feature in features}
         self.decoder = build_decoder(name, cfg, self.readings)
+        bound = getattr(self.decoder, "bound_devices", None)
+        if callable(bound):  # a decoder with per-device state of its own (device profiles)
+            bound(cfg.max_devices)
         self.filters = self.decoder.filters
         self.store = FeatureStore(
             self._state_factory(name, cfg), max_devices=cfg.max_devices, allowed=cfg.devices

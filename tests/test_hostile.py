@@ -251,3 +251,42 @@ def test_max_window_bytes_drops_and_counts_devices_beyond_it(
     assert _answers(out, p, "plug") == {f"d{d:02}": 2 for d in range(21)}
     assert dropped == {"unknown_device": 9 * 8}, dropped
     assert held <= 1024, held
+
+
+def test_shelly_status_overlay_is_bounded_by_max_devices(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A Shelly source with max_devices 5 and statuses of 40 devices (each with a component no
+    reading needs): the profile keeps the status of 5 devices and only the needed component,
+    the rest is counted (unknown_device), and the 5 are answered."""
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path)
+    data["pipelines"] = {
+        "shelly": {
+            "model": "snap",
+            "source": {"profile": "shelly"},
+            "inputs": {"temperature": "power", "humidity": "voltage", "co2": "current"},
+            "features": {"type": "snapshot", "max_age_s": 60},
+            "max_devices": 5,
+        }
+    }
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    status = {"id": 0, "apower": 12.5, "voltage": 230.1, "current": 0.06, "output": True}
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        for d in range(40):
+            device = f"{p}-plug{d:02}"
+            pub.send(f"{device}/status/sys", {"uptime": d, "padding": "x" * 2000})  # not kept
+            pub.send(f"{device}/status/switch:0", status)
+        out.wait(lambda _m: len(_answers(out, p, "shelly")) >= 5, timeout=30)
+        kept, dropped = runner.call(
+            lambda: (
+                runner.daemon.pipelines["shelly"].decoder.held_status(),
+                dict(runner.daemon.pipelines["shelly"].stats.dropped),
+            )
+        )
+    pub.close()
+    out.close()
+    assert sorted(_answers(out, p, "shelly")) == [f"{p}-plug{d:02}" for d in range(5)]
+    assert kept == {f"{p}-plug{d:02}": ["switch:0"] for d in range(5)}, kept
+    assert dropped == {"unknown_device": 35}, dropped
