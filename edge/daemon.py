@@ -143,6 +143,7 @@ class Daemon:
             on_message=self.on_message,
             on_connected=self._on_connected,
             status_topic=self.status_topic,
+            max_payload_bytes=config.limits.max_payload_bytes,
         )
         self.discovery = Discovery(
             config, self.link.publish, self._current_pipelines, is_leader=self.is_leader

@@ -141,6 +141,10 @@ class HeldInputs:
         self._count = 0
 
 
+MAX_PACKET = 268_435_455  # the largest packet MQTT can frame (a 4-byte remaining length)
+PACKET_HEADROOM = 65_536 + 4_096  # a topic of the longest length MQTT allows, plus properties
+
+
 class MqttLink:
     """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called."""
 
@@ -152,8 +156,15 @@ class MqttLink:
         on_message: Callable[[str, bytes, AckToken | None], None],
         on_connected: Callable[[], Awaitable[None]] | None = None,
         status_topic: str,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.cfg = cfg
+        # MQTT 5: the CONNECT's Maximum Packet Size, so the broker never sends a packet much larger
+        # than limits.max_payload_bytes (the headroom covers the longest topic and properties;
+        # payloads a little above the limit still arrive and are counted as oversized).
+        self.max_packet_bytes = (
+            None if max_payload_bytes is None else min(MAX_PACKET, max_payload_bytes + PACKET_HEADROOM)
+        )
         self._subscriptions = subscriptions
         self._consumer = on_message
         self._on_message = self._gate  # every input passes the intake gate (pause_intake)
@@ -199,6 +210,8 @@ class MqttLink:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             # Inputs stay unacknowledged until answered: allow enough of them in flight.
             properties.ReceiveMaximum = 1000
+            if self.max_packet_bytes is not None:
+                properties.MaximumPacketSize = self.max_packet_bytes
             if cfg.persistent_session:
                 properties.SessionExpiryInterval = cfg.session_expiry_s
                 kwargs["clean_start"] = False

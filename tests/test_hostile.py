@@ -290,3 +290,28 @@ def test_shelly_status_overlay_is_bounded_by_max_devices(
     assert sorted(_answers(out, p, "shelly")) == [f"{p}-plug{d:02}" for d in range(5)]
     assert kept == {f"{p}-plug{d:02}": ["switch:0"] for d in range(5)}, kept
     assert dropped == {"unknown_device": 35}, dropped
+
+
+def test_the_broker_never_sends_a_payload_far_beyond_max_payload_bytes(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """MQTT 5 CONNECT Maximum Packet Size from limits.max_payload_bytes: Mosquitto drops a 4 MB
+    PUBLISH for the daemon instead of sending it; one just above the limit still arrives and is
+    counted as oversized; good devices are answered."""
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path, limits={"max_payload_bytes": 4096})
+    out = Collector(mosquitto.url, f"{p}/ei/#")
+    pub = Publisher(mosquitto.url)
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        before = runner.call(lambda: runner.daemon.messages_in)
+        pub.send(f"{p}/z2m/huge", b'{"temperature": 1, "pad": "' + b"x" * 4_000_000 + b'"}')
+        pub.send(f"{p}/z2m/big", b'{"temperature": 1, "pad": "' + b"x" * 8_000 + b'"}')
+        pub.send(f"{p}/z2m/good", GOOD)
+        out.wait(lambda _m: "good" in _answers(out, p, "room"), timeout=20)
+        seen, dropped = runner.call(
+            lambda: (runner.daemon.messages_in - before, dict(runner.daemon.pipelines["room"].stats.dropped))
+        )
+    pub.close()
+    out.close()
+    assert seen == 2  # 'big' and 'good': 'huge' never came over the socket
+    assert dropped == {"oversized": 1}, dropped
