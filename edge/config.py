@@ -342,7 +342,7 @@ class LimitsConfig(_Model):
     max_clock_skew_s: float = Field(
         86400.0,
         gt=0,
-        description="Sample times further than this from the receive time, or before 2000, are dropped "
+        description="Sample times more than this ahead of the receive time, or before 2000, are dropped "
         "(bad_timestamp).",
     )
     max_queued_inputs: int = Field(

@@ -196,13 +196,15 @@ EARLIEST_TS = 946684800.0
 
 
 def check_timestamp(ts: float, now: float, max_skew_s: float, what: str) -> float:
-    """``ts`` if it lies within ``max_skew_s`` of ``now`` and not before 2000, else DecodeError
-    ``bad_timestamp``: a window must never be stamped so far ahead that later samples all look
-    out of order, nor with a time that cannot be written as a date."""
-    if ts < EARLIEST_TS or abs(ts - now) > max_skew_s:
+    """``ts`` if it is not before 2000 and at most ``max_skew_s`` ahead of ``now``, else
+    DecodeError ``bad_timestamp``: a window stamped far ahead would make every later sample of
+    its device look out of order, and a time outside years 1-9999 cannot be written as a date.
+    Older times (a replay of recorded data, a clock that is behind) are the device's own
+    business: out of order or stale for it alone."""
+    if ts < EARLIEST_TS or ts - now > max_skew_s:
         raise DecodeError(
             "bad_timestamp",
-            f"{what} {ts:.3f} is before 2000 or more than {max_skew_s:g} s from the receive time "
+            f"{what} {ts:.3f} is before 2000 or more than {max_skew_s:g} s ahead of the receive time "
             f"(limits.max_clock_skew_s)",
         )
     return ts
