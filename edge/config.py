@@ -465,6 +465,12 @@ class LimitsConfig(_Model):
 
     max_payload_bytes: int = Field(65536, ge=16, description="Larger payloads are dropped (oversized).")
     max_window_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Memory for all windows together.")
+    max_clock_skew_s: float = Field(
+        86400.0,
+        gt=0,
+        description="Sample times more than this ahead of the receive time, or before 2000, are dropped "
+        "(bad_timestamp).",
+    )
     max_queued_inputs: int = Field(
         1000,
         ge=1,

@@ -38,6 +38,7 @@ from edge.config import (
 )
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery
+from edge.features import WindowBudget
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
@@ -45,6 +46,7 @@ from edge.outputs import PostProcessor
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
+from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 from edge.statefile import restore as restore_state
 from edge.statefile import snapshot as snapshot_state
@@ -177,6 +179,10 @@ def build_pipelines(
             raise ConfigError(
                 key if key.startswith("pipelines.") else f"pipelines.{name}", message or text
             ) from None
+    budget = WindowBudget(config.limits.max_window_bytes)  # over all pipelines, kept ones too
+    for pipeline in pipelines.values():
+        pipeline.store.budget = budget
+        budget.stores.append(pipeline.store)
     return pipelines
 
 
@@ -232,6 +238,7 @@ class Daemon:
             on_connected=self._on_connected,
             status_topic=self.status_topic,
             subscriptions_file=subscriptions_record(config),
+            max_payload_bytes=config.limits.max_payload_bytes,
         )
         self.discovery = Discovery(
             config, self.link.publish, self._current_pipelines, is_leader=self.is_leader
@@ -299,8 +306,8 @@ class Daemon:
         instance = instance_from_topic(topic, self.instances_prefix, "bridge/info")
         if instance is not None:
             try:
-                info = json.loads(payload) if payload else None
-            except ValueError:
+                info = loads_bounded(payload) if payload else None
+            except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
                 info = None
             if isinstance(info, dict):
                 self._member_info[instance] = info
@@ -680,24 +687,49 @@ class Daemon:
         for indices in by_pipeline.values():
             pipeline = batch[indices[0]].pipeline
             # Items queued before a reload are answered by the model that inferred them.
-            post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
-            predictions = post(outputs[indices])
+            try:
+                post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
+                predictions = post(outputs[indices])
+            except Exception as exc:  # this pipeline's part of the batch fails alone
+                for index in indices:
+                    self._answer_failed(pipeline, batch[index], exc)
+                continue
             out = pipeline.cfg.output
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
-                if not pipeline.policy.should_publish(item.device, prediction, wall):
-                    self._settle(item)
+                try:
+                    if not pipeline.policy.should_publish(item.device, prediction, wall):
+                        self._settle(item)
+                        continue
+                    # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from
+                    # pieces the post-processor prepared for the whole batch (edge/outputs.py)
+                    encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
+                    topic = pipeline.output_topic(item.device)
+                except Exception as exc:  # one item that cannot be answered fails alone
+                    self._answer_failed(pipeline, item, exc)
                     continue
                 if item.device not in pipeline.last_published:
                     self._first_answer(pipeline, item.device)
-                # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from pieces
-                # the post-processor prepared for the whole batch (edge/outputs.py)
-                encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
                 pipeline.last_published[item.device] = encoded
-                self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
+                self.link.publish(Outgoing(topic, encoded, out.qos, out.retain))
                 pipeline.stats.published += 1
                 self._settle(item)
+
+    def _answer_failed(self, pipeline: Pipeline, item: WorkItem, exc: Exception) -> None:
+        """An item whose answer could not be built: counted (answer_failed), logged rate-limited
+        and acknowledged, so neither it nor a redelivery of it holds up anyone else."""
+        pipeline.reject("answer_failed")
+        self.ratelog.warning(
+            pipeline.name,
+            "answer_failed",
+            "dropped (answer_failed): device %r: %s: %s",
+            item.device[:40],
+            type(exc).__name__,
+            exc,
+            pipeline=pipeline.name,
+        )
+        self._settle(item)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -144,6 +144,10 @@ class HeldInputs:
         self._count = 0
 
 
+MAX_PACKET = 268_435_455  # the largest packet MQTT can frame (a 4-byte remaining length)
+PACKET_HEADROOM = 65_536 + 4_096  # a topic of the longest length MQTT allows, plus properties
+
+
 class MqttLink:
     """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called."""
 
@@ -156,11 +160,18 @@ class MqttLink:
         on_connected: Callable[[], Awaitable[None]] | None = None,
         status_topic: str,
         subscriptions_file: Path | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.cfg = cfg
         # What this client id had subscribed, kept across restarts: a persistent session keeps
         # filters a changed config no longer has, and they are dropped at the next connect.
         self._subscriptions_file = subscriptions_file if cfg.persistent_session else None
+        # MQTT 5: the CONNECT's Maximum Packet Size, so the broker never sends a packet much larger
+        # than limits.max_payload_bytes (the headroom covers the longest topic and properties;
+        # payloads a little above the limit still arrive and are counted as oversized).
+        self.max_packet_bytes = (
+            None if max_payload_bytes is None else min(MAX_PACKET, max_payload_bytes + PACKET_HEADROOM)
+        )
         self._subscriptions = subscriptions
         self._consumer = on_message
         self._on_message = self._gate  # every input passes the intake gate (pause_intake)
@@ -243,6 +254,8 @@ class MqttLink:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             # Inputs stay unacknowledged until answered: allow enough of them in flight.
             properties.ReceiveMaximum = 1000
+            if self.max_packet_bytes is not None:
+                properties.MaximumPacketSize = self.max_packet_bytes
             if cfg.persistent_session:
                 properties.SessionExpiryInterval = cfg.session_expiry_s
                 kwargs["clean_start"] = False
