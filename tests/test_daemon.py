@@ -114,6 +114,8 @@ def test_predictions_equal_onnxruntime_and_devices_do_not_mix(
     # Availability of outputs is announced, retained.
     assert [m.payload for m in out.on(f"{p}/ei/plug/p1/availability")] == [b"online"]
     # Status went online, then offline at shutdown.
+    # (the broker forwards the daemon's last status to this subscriber asynchronously: wait for it)
+    out.wait(lambda ms: any(m.topic == f"{p}/ei/status" and m.payload == b"offline" for m in ms), 10)
     assert [m.payload for m in out.on(f"{p}/ei/status")][-1] == b"offline"
     out.close()
     pub.close()
