@@ -123,7 +123,8 @@ class LabelStore:
                 dropped = self._make_room(cur, len(blob))
                 cur.execute(
                     "INSERT INTO corrections"
-                    " (ts, device, pipeline, predicted, label, model_version, shape, input) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " (ts, device, pipeline, predicted, label, model_version, shape, input)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (when, device, pipeline, predicted, label, model_version, shape, blob),
                 )
                 row_id = cur.lastrowid
