@@ -27,7 +27,8 @@ it ends (:class:`Diagnostic` with ``raised`` True/False):
 
 A unit change (W to kW, °C to °F) shows as ``drift`` and usually as
 ``out_of_range``. Cost per sample and feature: one ``bisect`` over at most 9
-edges, a ring-buffer update and a PSI sum over 10 bins; no allocation.
+edges, a ring-buffer update and the PSI terms of the (at most two) bins whose
+count changed, re-summed in full once a window; no allocation.
 """
 
 from __future__ import annotations
@@ -136,14 +137,23 @@ class FeatureMonitor:
         self.run = 0
         self.active: set[Kind] = set()
         self.psi = 0.0
+        self.terms = [0.0] * len(self.expected)
 
-    def _psi(self) -> float:
-        n = self.window
-        total = 0.0
-        for count, e in zip(self.counts, self.expected, strict=True):
-            a = max(count / n, PSI_FLOOR)
-            total += (a - e) * math.log(a / e)
-        return total
+    def term(self, b: int) -> float:
+        a = max(self.counts[b] / self.window, PSI_FLOOR)
+        e = self.expected[b]
+        return (a - e) * math.log(a / e)
+
+    def _update_psi(self, changed: tuple[int, ...]) -> None:
+        """Re-sum only the bins whose count changed; a full re-sum once a window against rounding."""
+        if self.seen % self.window == 0:
+            self.terms = [self.term(b) for b in range(len(self.counts))]
+            self.psi = sum(self.terms)
+            return
+        for b in changed:
+            new = self.term(b)
+            self.psi += new - self.terms[b]
+            self.terms[b] = new
 
     def _flip(self, kind: Kind, on: bool, detail: str, out: list[Diagnostic]) -> None:
         if on and kind not in self.active:
@@ -159,13 +169,14 @@ class FeatureMonitor:
             return
         b = bisect.bisect_right(self.edges, value)
         slot = self.seen % self.window
+        old = self.ring[slot]
         if self.seen >= self.window:
-            self.counts[self.ring[slot]] -= 1
+            self.counts[old] -= 1
         self.ring[slot] = b
         self.counts[b] += 1
         self.seen += 1
         if self.seen >= self.window:
-            self.psi = self._psi()
+            self._update_psi((b,) if b == old else (b, old))
             if self.psi > self.psi_alarm:
                 self._flip("drift", True, f"PSI {self.psi:.2f} over the last {self.window} samples", out)
             elif self.psi < self.psi_clear:
