@@ -52,10 +52,12 @@ class Batcher:
         sink: Sink,
         max_queue: int = 100_000,
         room: Callable[[], Awaitable[None]] | None = None,
+        taken: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.sink = sink
         self.room = room  # awaited before each batch: back-pressure from the outgoing side
+        self.taken = taken  # called once a batch is off the queue: room made (edge/intake.py)
         self.max_batch = batch_cap(model)
         self.max_delay = model.config.max_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -102,6 +104,8 @@ class Batcher:
                 await self.room()
             count = min(len(queue), self.max_batch)
             batch = [queue.popleft() for _ in range(count)]
+            if self.taken is not None:
+                self.taken()  # may resume the intake: inputs queue up while this batch runs
             inputs = self._buffer[:count]
             started = time.perf_counter()
             try:
