@@ -184,19 +184,20 @@ class Bench:
 
         self.sub.take()
         cpu0 = system.cpu_s()
-        host0 = psutil.cpu_times()
+        host0, wall0 = psutil.cpu_times(), time.perf_counter()
         processes = 1 if rate is not None else self.s.publishers
         idx, sent = publish(self.port, system.streams, count, rate, processes=processes, qos=self.s.qos)
         self.sub.settle(count, idle_s=1.0 + len(system.streams) / 5000, timeout_s=max(30.0, count / 500))
         cpu1 = system.cpu_s()
-        host1 = psutil.cpu_times()
+        host1, wall1 = psutil.cpu_times(), time.perf_counter()
         records = self.sub.take()
         m = match(records, system.streams, idx, sent)
         span = float(m.arrivals.max() - sent.min()) if m.answers else 0.0
         send_span = float(sent.max() - sent.min()) if sent.size > 1 else 0.0
-        # Busy cores over the span from the first send to the last answer: the daemon's CPU
-        # seconds per wall second (below 1 at saturation: it idles while input waits), and the
-        # whole machine's (publishers, broker, subscriber and everyone else on it).
+        # Busy cores: the daemon's CPU seconds per wall second over the span from the first send
+        # to the last answer (below 1 at saturation: it idles while input waits), and the whole
+        # machine's (publishers, broker, subscriber and everyone else on it) over the phase as
+        # sampled (publishers' start and the settle wait included: a lower bound at saturation).
         host_busy = _busy_s(host1) - _busy_s(host0)
         return {
             "offered_msg_s": rate,
@@ -209,7 +210,7 @@ class Bench:
             "cdf_ms": cdf_points(m.latencies_s),
             "cpu_s_per_1000": round((cpu1 - cpu0) / max(1, sent.size) * 1000, 4),
             "busy_cores": round((cpu1 - cpu0) / span, 3) if span > 0 else None,
-            "machine_busy_cores": round(host_busy / span, 3) if span > 0 else None,
+            "machine_busy_cores": round(host_busy / (wall1 - wall0), 3),
             "rss_mb": round(system.rss_mb(), 1),
             "unmatched": m.unmatched,
             "_latencies": m.latencies_s,
@@ -286,8 +287,11 @@ class Bench:
 
 
 def _busy_s(times: Any) -> float:
-    """CPU seconds the whole machine was busy (all but idle and iowait), from psutil.cpu_times()."""
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+    """CPU seconds the whole machine was busy, from psutil.cpu_times(): user (guest time is
+    already in it), nice, system, irq and softirq; not idle, iowait, or steal (time the
+    hypervisor gave to other machines)."""
+    busy = ("user", "nice", "system", "irq", "softirq")
+    return float(sum(getattr(times, name, 0.0) for name in busy))
 
 
 def _write_model_copies(src: Path, workdir: Path, count: int) -> list[Path]:

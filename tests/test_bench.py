@@ -32,8 +32,9 @@ def test_tiny_bench_run_writes_results(tmp_path: Path) -> None:
         sat = system["loads"]["saturation"]
         assert {"throughput_msg_s", "latency_ms", "cpu_s_per_1000", "rss_mb"} <= set(sat)
         # busy cores beside msg/s: the process's CPU per wall second, and the machine's
-        assert sat["busy_cores"] is not None and sat["busy_cores"] > 0
-        assert sat["machine_busy_cores"] is not None and sat["machine_busy_cores"] >= sat["busy_cores"] * 0.5
+        # (a tiny burst may take less CPU than the 10 ms a process's clock ticks in: >= 0)
+        assert sat["busy_cores"] is not None and sat["busy_cores"] >= 0
+        assert sat["machine_busy_cores"] is not None and sat["machine_busy_cores"] > 0
         assert set(sat["latency_ms"]) >= {"p50", "p95", "p99", "n"}
         assert sat["received"] > 0  # the answers were seen and matched to their inputs
         assert sat["latency_ms"]["n"] > 0
