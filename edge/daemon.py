@@ -264,6 +264,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._group: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self.intake_open = True
         self.messages_in = 0
@@ -432,7 +433,7 @@ class Daemon:
             model, functools.partial(self._sink, model), room=self._outgoing_room, taken=self._batch_taken
         )
         self.batchers[name] = batcher
-        self._batcher_tasks[name] = asyncio.create_task(batcher.run(), name=f"batcher-{name}")
+        self._batcher_tasks[name] = self._spawn(batcher.run(), f"batcher-{name}")
 
     def _models_alive(self) -> tuple[bool, str]:
         limit = self.config.watchdog_stall_s
@@ -1048,29 +1049,49 @@ class Daemon:
         self._stop.set()
 
     def request_reload(self) -> None:
+        if self._group is None:
+            log.warning("reload (SIGHUP) ignored: the daemon is not running yet")
+            return
         self._background(self.reload("SIGHUP"), "reload")
 
     def _background(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(coro, name, self._tasks)
+
+    def _spawn(self, coro: Any, name: str, into: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
+        """A task in the daemon's one TaskGroup: if it fails, the daemon stops with its error."""
+        if self._group is None:
+            coro.close()
+            raise RuntimeError(f"task {name} started outside Daemon.run")
+        task = self._group.create_task(self._supervised(coro, name), name=name)
+        if into is not None:
+            into.add(task)
+            task.add_done_callback(into.discard)
+        return task
+
+    @staticmethod
+    async def _supervised(coro: Any, name: str) -> Any:
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical(
+                "task %s failed, stopping the daemon: %s: %s", name, type(exc).__name__, exc, exc_info=exc
+            )
+            raise
+
+    async def _run_link(self) -> None:
+        """The MQTT link; its ending on its own (not asked to) stops the daemon in order."""
+        await self.link.run()
+        self._stop.set()
 
     async def run(self) -> None:
-        """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect."""
-        for name, model in self.models.items():
-            self._start_batcher(name, model)
-        tasks = [
-            asyncio.create_task(
-                self._every(self.config.bridge_info_interval_s, self._bridge_tick), name="bridge"
-            ),
-            asyncio.create_task(
-                self._every(self.config.status_interval_s, lambda: self.notifier.status(self.status_text())),
-                name="status",
-            ),
-            asyncio.create_task(self._every(MEMORY_CHECK_S, self._memory_tick), name="memory"),
-            asyncio.create_task(self._watch_models(), name="watch-models"),
-            asyncio.create_task(Watchdog(self.notifier, self.liveness).run(), name="watchdog"),
-        ]
+        """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect.
+
+        Every task the daemon runs (link, batchers, periodic ticks, reloads) lives in one
+        :class:`asyncio.TaskGroup`: when one fails, the others are cancelled and ``run`` raises
+        that task's error (logged with the task's name), so a supervisor restarts the daemon
+        instead of it carrying on without, say, its state ticks."""
         server: MetricsServer | None = None
         if self.config.metrics.enabled:
             server = MetricsServer(
@@ -1084,15 +1105,46 @@ class Daemon:
                     "metrics.port", f"cannot listen on {metrics.host}:{metrics.port}: {exc.strerror}"
                 ) from None
             self.metrics_port = server.port
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                await self._serve()
+        except BaseExceptionGroup as failed:
+            errors = [e for e in failed.exceptions if not isinstance(e, asyncio.CancelledError)]
+            raise (errors or list(failed.exceptions))[0] from None
+        finally:
+            self._group = None
+            if server is not None:
+                await server.close()
+            self.discovery.close()
+            for model in self.models.values():
+                model.close()
+        log.info(
+            "stopped: %d messages in, %s",
+            self.messages_in,
+            ", ".join(f"{n}: {p.stats.published} published" for n, p in self.pipelines.items()),
+        )
+
+    async def _serve(self) -> None:
+        """The body of :meth:`run` inside its TaskGroup: start, wait for stop, shut down in order."""
+        for name, model in self.models.items():
+            self._start_batcher(name, model)
+        periodic = [
+            self._spawn(self._every(self.config.bridge_info_interval_s, self._bridge_tick), "bridge"),
+            self._spawn(
+                self._every(self.config.status_interval_s, lambda: self.notifier.status(self.status_text())),
+                "status",
+            ),
+            self._spawn(self._every(MEMORY_CHECK_S, self._memory_tick), "memory"),
+            self._spawn(self._watch_models(), "watch-models"),
+            self._spawn(Watchdog(self.notifier, self.liveness).run(), "watchdog"),
+        ]
         if self.config.state.file is not None:
             restore_state(self.config.state.file, self.pipelines)
-            tasks.append(asyncio.create_task(self._keep_state(), name="state"))
-        link_task = asyncio.create_task(self.link.run(), name="mqtt")
-        stop_task = asyncio.create_task(self._stop.wait(), name="stop")
+            periodic.append(self._spawn(self._keep_state(), "state"))
+        link_task = self._spawn(self._run_link(), "mqtt")
         try:
-            done, _ = await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if link_task in done:
-                link_task.result()  # an unexpected end of the link is an error
+            await self._stop.wait()
             self.notifier.stopping("stopping: handing over and flushing in-flight batches")
             await self._leave()
             self.intake_open = False
@@ -1107,20 +1159,8 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link_task), timeout / 2)
         finally:
-            all_tasks = [*tasks, *self._tasks, *self._batcher_tasks.values(), link_task, stop_task]
-            for task in all_tasks:
+            for task in [*periodic, *self._tasks, *self._batcher_tasks.values(), link_task]:
                 task.cancel()
-            await asyncio.gather(*all_tasks, return_exceptions=True)
-            if server is not None:
-                await server.close()
-            self.discovery.close()
-            for model in self.models.values():
-                model.close()
-        log.info(
-            "stopped: %d messages in, %s",
-            self.messages_in,
-            ", ".join(f"{n}: {p.stats.published} published" for n, p in self.pipelines.items()),
-        )
 
 
 def _iso(ts: float) -> str:
@@ -1241,4 +1281,7 @@ def cli_run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"edge-infer: config error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a task failed: logged with its name and traceback by Daemon._supervised
+        print(f"edge-infer: stopped by an error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
