@@ -41,7 +41,7 @@ from edge.discovery import Discovery
 from edge.features import WindowBudget
 from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
-from edge.metrics import DaemonMetrics, MetricsServer
+from edge.metrics import DaemonMetrics, MetricsServer, Reading
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
 from edge.outputs import PostProcessor
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
@@ -228,7 +228,7 @@ class Daemon:
         self._bind_partitions(self.pipelines)
         self.started = time.time()
         self.ratelog = RateLimitedLogger(log, config.log_interval_s)
-        self.metrics = DaemonMetrics()
+        self.metrics = DaemonMetrics(self.metrics_reading)
         self.notifier = Notifier()
         self.liveness = Liveness()
         self.liveness.add_check(self._models_alive)
@@ -271,7 +271,6 @@ class Daemon:
         self.unrouted = 0
         self.failed_batches = 0
         self.reloads = 0
-        self._synced: dict[tuple[str, ...], float] = {}
         self._rate_mark = (time.monotonic(), 0)
         self.latency_ms: float | None = None  # moving average of message-to-prediction latency
         self._dead_letter_tokens = config.dead_letter.max_per_s
@@ -783,29 +782,23 @@ class Daemon:
         rate = self.messages_in / elapsed
         return status_line(len(self.models), len(self.pipelines), rate, self.link.connected.is_set())
 
-    def sync_metrics(self) -> DaemonMetrics:
-        """Bring the Prometheus counters up to the daemon's plain counters (kept cheap on the hot path)."""
-        m = self.metrics
-
-        def add(key: tuple[str, ...], value: float, child: Any) -> None:
-            delta = value - self._synced.get(key, 0.0)
-            if delta > 0:
-                child.inc(delta)
-                self._synced[key] = value
-
+    def metrics_reading(self) -> Reading:
+        """The daemon's plain counters for the scrape-time collector (on the event loop)."""
+        dropped: dict[tuple[str, str], int] = {}
         for name, p in self.pipelines.items():
-            add(("in", name), p.stats.received, m.messages_in.labels(pipeline=name))
-            add(("out", name), p.stats.published, m.messages_out.labels(pipeline=name))
             for reason, count in p.stats.dropped.items():
-                add(("drop", name, reason), count, m.dropped.labels(pipeline=name, reason=reason))
-        add(("reconnects",), self.link.reconnects, m.reconnects)
-        m.broker_connected.set(1.0 if self.link.connected.is_set() else 0.0)
-        for name, batcher in self.batchers.items():
-            m.queue_depth.labels(model=name).set(len(batcher.queue))
-        return m
+                dropped[(name, reason)] = count
+        return Reading(
+            messages_in={name: p.stats.received for name, p in self.pipelines.items()},
+            messages_out={name: p.stats.published for name, p in self.pipelines.items()},
+            dropped=dropped,
+            reconnects=self.link.reconnects,
+            connected=self.link.connected.is_set(),
+            queue_depth={name: len(b.queue) for name, b in self.batchers.items()},
+        )
 
     def render_metrics(self) -> str:
-        return self.sync_metrics().render()
+        return self.metrics.render()
 
     def health(self) -> tuple[bool, str]:
         if not self.link.connected.is_set():
