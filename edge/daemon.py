@@ -528,7 +528,7 @@ class Daemon:
                 continue
             except Exception as exc:  # a bug in a decoder must not stop other devices
                 self._reject(
-                    pipeline, topic, payload, DecodeError("malformed_json", f"{type(exc).__name__}: {exc}")
+                    pipeline, topic, payload, DecodeError("decoder_error", f"{type(exc).__name__}: {exc}")
                 )
                 continue
             ready.extend((pipeline, item) for item in items)
@@ -546,7 +546,7 @@ class Daemon:
                     pipeline,
                     topic,
                     payload,
-                    DecodeError("inference_failed", f"model {pipeline.cfg.model!r} queue is full"),
+                    DecodeError("queue_full", f"model {pipeline.cfg.model!r} queue is full"),
                 )
                 self._settle(item)
             elif self.intake.inputs_full(len(batcher.queue)):

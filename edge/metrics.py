@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from edge import __version__
+from edge.decode import REASONS
 
 __all__ = [
     "CONTENT_TYPE",
@@ -50,16 +51,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometh
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9109  # edge.config.MetricsConfig.port
 
-#: The drop reasons the daemon reports in ``edge_infer_dropped_total{reason}``; a fixed,
-#: small set keeps the series count bounded.
-DROP_REASONS = (
-    "decode_error",  # payload is not what the device profile expects
-    "unknown_device",  # topic matched but no device could be derived
-    "stale",  # a snapshot join whose readings are older than the staleness limit
-    "queue_full",  # the model's queue is at capacity (back-pressure)
-    "inference_error",  # the model raised; see predictions_failed_total
-    "shutdown",  # still queued when the bounded shutdown flush ran out
-)
+#: The drop reasons the daemon reports in ``edge_infer_dropped_total{reason}``: the decoder's
+#: fixed set (edge/decode.py), so the series count stays bounded.
+DROP_REASONS = REASONS
 
 #: Seconds. A small model on a Pi 4 answers in 0.1-2 ms; a Jetson batch in 1-20 ms.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
