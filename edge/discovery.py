@@ -55,7 +55,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
     cadence = out.heartbeat_s if out.publish == "on_change" else None
     return OutputEntity(
         pipeline=pipeline.name,
-        task=spec.task,  # type: ignore[arg-type]
+        task=spec.task,
         state_topic=pipeline.output_topic(device),
         labels=spec.labels,
         unit=ha.unit or spec.unit,
