@@ -1112,6 +1112,7 @@ class Daemon:
             self.discovery.close()
             for model in self.models.values():
                 model.close()
+            self.ratelog.flush()  # what the rate limit held back since its last line, per key
         log.info(
             "stopped: %d messages in, %s",
             self.messages_in,

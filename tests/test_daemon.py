@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -362,3 +363,26 @@ def test_a_decoder_bug_is_counted_as_decoder_error_and_other_devices_go_on(
     pub.close()
     assert dropped == {"decoder_error": 1}
     assert out.on(f"{p}/ei/room/bug") == []
+
+
+def test_suppressed_warnings_are_reported_at_shutdown(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five malformed payloads in one log interval: one warning, and at shutdown a line saying the
+    four others were suppressed (was: the count was lost)."""
+    p = topic_prefix
+    cfg = make_config(base_config(mosquitto.url, p, tmp_path), tmp_path)
+    out = Collector(mosquitto.url, f"{p}/ei/room/+")
+    pub = Publisher(mosquitto.url)
+    good = {"temperature": 21.0, "humidity": 40.0, "co2": 500.0}
+    with caplog.at_level(logging.INFO, logger="edge.daemon"), DaemonThread(cfg):
+        for _ in range(5):
+            pub.send(f"{p}/z2m/a", "{not json")
+        pub.send(f"{p}/z2m/a", good)
+        out.wait_count(f"{p}/ei/room/a", 1)
+    out.close()
+    pub.close()
+    dropped = [r for r in caplog.records if r.getMessage().startswith("dropped (malformed_json)")]
+    assert len(dropped) == 1
+    summary = [r.getMessage() for r in caplog.records if "event(s) were suppressed" in r.getMessage()]
+    assert summary == ["4 more room event(s) were suppressed"], summary
