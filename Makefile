@@ -5,15 +5,17 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-arm64 test-ha lint bench models install install-demo mosquitto clean help
+# The add-on's build context carries the wheel of this tree (addon/Dockerfile installs it).
+.PHONY: addon demo test test-arm64 test-ha lint bench models install install-demo mosquitto clean help
 
 help:
 	@echo "make demo      embedded broker + simulated home + bundled models, live predictions"
 	@echo "make test      install everything the tests need and run them"
 	@echo "make test-arm64  the daemon and the int8 zoo under arm64 emulation (docs/arm64.md)"
 	@echo "make test-ha   the discovery against a real Home Assistant Core (docs/homeassistant.md)"
-	@echo "make lint      ruff + mypy"
+	@echo "make lint      ruff check, ruff format --check, mypy (strict on edge/ and devices/)"
 	@echo "make bench     benchmark suite against a local Mosquitto"
+	@echo "make addon     rebuild the wheel in the add-on's build context (after any change to the package)"
 	@echo "make models    rebuild the bundled model zoo (needs the train extra)"
 
 $(BIN)/python:
@@ -58,10 +60,16 @@ test-ha: $(VENV)/.installed-all mosquitto
 
 lint: $(VENV)/.installed-all
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy edge devices exporters
 
 bench: $(VENV)/.installed-all mosquitto
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+addon: $(VENV)/.installed-all
+	rm -rf addon/wheels && mkdir -p addon/wheels
+	SOURCE_DATE_EPOCH=315532800 $(BIN)/python -m build --wheel --no-isolation --outdir addon/wheels .
+	rm -rf build
 
 models: $(VENV)/.installed-all
 	$(BIN)/python -m exporters.zoo

@@ -10,6 +10,12 @@ first variant (paired, same minute), next to the medians of msg/s and CPU s per 
     python -m bench.ab base=/tmp/variants/head new=. --reps 7
     python -m bench.ab asyncio=.,EDGE_INFER_LOOP=asyncio uvloop=.,EDGE_INFER_LOOP=uvloop
     python -m bench.ab v5=. v311=.,mqtt.protocol=3.1.1
+    python -m bench.ab old=/tmp/variants/head new=. --qos 1 --pipeline shared-4
+
+``--pipeline shared-N``: N snapshot pipelines (a model copy each) on one input topic, every
+input answered N times; the first pipeline's answers are the ones measured. ``--qos 1``: QoS 1
+inputs and subscriptions (the PUBACK path and the at-least-once ledger). Each row also has the
+daemon's busy cores (its CPU seconds per wall second at saturation) and the whole machine's.
 
 Writes ``bench/results/ab-<date>-<names>.json`` (``--out`` for another folder).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -62,10 +69,26 @@ class Variant:
 
 
 def _system(
-    variant: Variant, bench: Bench, workdir: Path, *, pipeline: str, devices: int, profile: Path | None
+    variant: Variant,
+    bench: Bench,
+    workdir: Path,
+    *,
+    pipeline: str,
+    devices: int,
+    profile: Path | None,
+    qos: int = 0,
 ) -> System:
     specs: list[PipelineSpec]
-    if pipeline == "zoo-all":  # memory: every zoo model in a pipeline of its own
+    if pipeline.startswith("shared-"):
+        count = int(pipeline.removeprefix("shared-"))
+        specs = []
+        for i in range(count):
+            model = shutil.copyfile(bench.ff, workdir / f"ff-{variant.name}-{i}.onnx")
+            topic = None if i == 0 else "p0"
+            specs.append(
+                PipelineSpec(f"p{i}", Path(model), tuple(models.FF_FEATURES), None, devices, qos, topic)
+            )
+    elif pipeline == "zoo-all":  # memory: every zoo model in a pipeline of its own
         specs = [PipelineSpec(n, p, f, w, max(1, devices // 3)) for n, (p, f, w) in zoo_models().items()]
     elif pipeline == "snapshot":
         spec = PipelineSpec("snap", bench.ff, tuple(models.FF_FEATURES), None, devices)
@@ -78,7 +101,8 @@ def _system(
             raise SystemExit(f"bench.ab: no zoo model {name!r} (have {', '.join(zoo) or 'none'})")
         path, features, window = zoo[name]
         spec = PipelineSpec(name, path, features, window, devices)
-    if pipeline != "zoo-all":
+    if pipeline != "zoo-all" and not pipeline.startswith("shared-"):
+        spec.qos = qos
         specs = [spec]
     system = edge_infer(
         f"ab-{variant.name}", variant.name, bench.run_id, workdir, port=bench.port, pipelines=specs
@@ -107,12 +131,14 @@ def run_ab(
     pipeline: str,
     offered: tuple[int, ...] = (),
     profile: Path | None = None,
+    qos: int = 0,
     log: Any = print,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="edge-ab-"))
-    bench = Bench(Settings(mode="ab", devices=devices), workdir, log)
+    bench = Bench(Settings(mode="ab", devices=devices, qos=qos), workdir, log)
     systems = [
-        _system(v, bench, workdir, pipeline=pipeline, devices=devices, profile=profile) for v in variants
+        _system(v, bench, workdir, pipeline=pipeline, devices=devices, profile=profile, qos=qos)
+        for v in variants
     ]
     runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in systems}
     loads: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
@@ -123,6 +149,7 @@ def run_ab(
         "devices": devices,
         "burst": burst,
         "reps": reps,
+        "qos": qos,
         "variants": {v.name: {"tree": str(v.tree), "env": v.env, "mqtt": v.mqtt} for v in variants},
     }
     try:
@@ -166,6 +193,8 @@ def run_ab(
             for r, b in zip(reps_, runs[first], strict=True)
             if b["throughput_msg_s"]
         ]
+        busy = [r["busy_cores"] for r in reps_ if r["busy_cores"] is not None]
+        host = [r["machine_busy_cores"] for r in reps_ if r["machine_busy_cores"] is not None]
         paired_cpu = [
             r["cpu_s_per_1000"] / b["cpu_s_per_1000"] for r, b in zip(reps_, runs[first], strict=True)
         ]
@@ -175,11 +204,17 @@ def run_ab(
             "cpu_s_per_1000_median": round(statistics.median(cpu), 4),
             "ratio_median": round(statistics.median(paired), 3),
             "cpu_ratio_median": round(statistics.median(paired_cpu), 3),
+            "busy_cores_median": round(statistics.median(busy), 3) if busy else None,
+            "machine_busy_cores_median": round(statistics.median(host), 3) if host else None,
             "lost": sum(r["lost"] for r in reps_),
             "loads": loads[system.name],
         }
     result["results"] = table
     return result
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--devices", type=int, default=100)
-    parser.add_argument("--pipeline", default="snapshot", help="snapshot, window, zoo-<name> or zoo-all")
+    parser.add_argument(
+        "--pipeline", default="snapshot", help="snapshot, window, shared-N, zoo-<name> or zoo-all"
+    )
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=0, help="QoS of the inputs")
     parser.add_argument("--offered", type=int, nargs="*", default=[], help="paced loads (msg/s), 10 s each")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile each variant into DIR/NAME.prof")
@@ -201,16 +239,19 @@ def main(argv: list[str] | None = None) -> int:
         pipeline=opts.pipeline,
         offered=tuple(opts.offered),
         profile=opts.profile,
+        qos=opts.qos,
     )
+    print(f"load average {os.getloadavg()}")
     print(
         f"\n{'variant':<16} {'msg/s (median)':>15} {'× first':>8} {'CPU s/1000':>11} {'CPU ×':>6}"
-        f" {'peak RSS MB':>12}  lost"
+        f" {'peak RSS MB':>12} {'busy cores':>11} {'machine':>8}  lost"
     )
     for name, row in result["results"].items():
         print(
             f"{name:<16} {row['msg_s_median']:>15,.0f} {row['ratio_median']:>8.3f} "
             f"{row['cpu_s_per_1000_median']:>11.4f} {row['cpu_ratio_median']:>6.3f}"
-            f" {row['loads']['peak_rss_mb']:>12.1f}  {row['lost']}"
+            f" {row['loads']['peak_rss_mb']:>12.1f} {_num(row['busy_cores_median']):>11}"
+            f" {_num(row['machine_busy_cores_median']):>8}  {row['lost']}"
         )
     out = opts.out or default_out_dir()
     out.mkdir(parents=True, exist_ok=True)

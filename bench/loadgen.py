@@ -68,6 +68,7 @@ def _publisher(
     start_at: float,
     seed: int,
     results: Any,
+    qos: int = 0,
 ) -> None:
     """Publish ``count`` messages round-robin over ``indices``; ``rate`` None = as fast as possible."""
     rng = np.random.default_rng(seed)
@@ -95,7 +96,7 @@ def _publisher(
                 time.sleep(wait)
         j = k % n
         t = now()
-        publish(topics[j], '{"t": ' + repr(t) + tails[j], 0)
+        publish(topics[j], '{"t": ' + repr(t) + tails[j], qos)
         sent_idx[k] = indices[j]
         sent_t[k] = t
     time.sleep(0.05)
@@ -112,6 +113,7 @@ def publish(
     *,
     processes: int = 1,
     seed: int = 0,
+    qos: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Publish ``count`` messages over ``streams`` from ``processes`` publishers; return the send log."""
     processes = max(1, min(processes, len(streams)))
@@ -132,6 +134,7 @@ def publish(
                 "start_at": start_at,
                 "seed": seed + p,
                 "results": results,
+                "qos": qos,
             },
             daemon=True,
         )

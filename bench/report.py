@@ -40,6 +40,9 @@ def headline(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "edge_window_msg_s": _sat(result, "edge-window"),
         "ratio_to_ceiling": round(daemon / ceiling, 3) if daemon and ceiling else None,
         "ratio_to_naive": round(daemon / naive, 2) if daemon and naive else None,
+        "c_pipe_msg_s": (physical := _sat(result, "c-pipe")),  # the broker with C clients
+        "ratio_to_c_pipe": round(daemon / physical, 3) if daemon and physical else None,
+        "edge_snapshot_busy_cores": snap.get("loads", {}).get("saturation", {}).get("busy_cores"),
         "p50_at_1000_ms": at_1000.get("p50"),
         "p99_at_1000_ms": at_1000.get("p99"),
         "ready_s": snap.get("ready_s"),
@@ -88,9 +91,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['memory_gb']} GB, Python {m['python']}, {m['mosquitto']}; load average at start "
         f"{m['loadavg_start']}, at end {m.get('loadavg_end')}. Duration {result.get('duration_s')} s.",
         "",
-        "| system | saturation msg/s | × ceiling | p50 / p99 ms @100/s | p50 / p99 ms @1000/s "
+        "| system | saturation msg/s | busy cores @sat (process / machine) | × ceiling "
+        "| p50 / p99 ms @100/s | p50 / p99 ms @1000/s "
         "| p50 / p99 ms @sat | CPU s /1000 msg @sat | peak RSS MB | ready s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for system in result["systems"].values():
         loads = system["loads"]
@@ -103,6 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
 
         lines.append(
             f"| {system['label']} | {_fmt(rate, 0)} | "
+            f"{_fmt(sat.get('busy_cores'), 2)} / {_fmt(sat.get('machine_busy_cores'), 2)} | "
             f"{_fmt(rate / ceiling, 2) if rate and ceiling else '–'} | {lat('100')} | {lat('1000')} | "
             f"{lat('saturation')} | {_fmt(sat.get('cpu_s_per_1000'), 3)} | {_fmt(system.get('peak_rss_mb'))} "
             f"| {_fmt(system.get('ready_s'), 2)} |"

@@ -47,7 +47,7 @@ class Settings:
     burst: int = 20_000
     reps: int = 3
     publishers: int = 2
-    baselines: tuple[str, ...] = ("echo", "naive", "torch")
+    baselines: tuple[str, ...] = ("echo", "cpipe", "naive", "torch")
     window_row: bool = True
     zoo: bool = True
     zoo_devices: int = 10
@@ -59,6 +59,7 @@ class Settings:
     scale_burst: int = 20_000
     plots: bool = True
     broker_nodelay: bool = True  # Mosquitto set_tcp_nodelay: see docs/performance.md
+    qos: int = 0  # QoS of the inputs (and of the daemon's subscription): 1 adds the PUBACK path
 
     @classmethod
     def quick(cls) -> Settings:
@@ -84,7 +85,7 @@ class Settings:
             offered_s=0.3,
             burst=200,
             reps=1,
-            baselines=("echo",),
+            baselines=("echo", "cpipe"),
             window_row=False,
             zoo=False,
             memory_3_models=False,
@@ -174,21 +175,30 @@ class Bench:
         """Fill every device's state (windows) and touch every code path once; answers discarded."""
         per = system.warmup_per_stream
         count = per * len(system.streams)
-        publish(self.port, system.streams, count, None, processes=self.s.publishers, seed=99)
+        publish(self.port, system.streams, count, None, processes=self.s.publishers, seed=99, qos=self.s.qos)
         self.sub.settle(count, idle_s=0.7 + len(system.streams) / 5000, timeout_s=120)
         self.sub.take()
 
     def phase(self, system: System, count: int, rate: float | None) -> dict[str, Any]:
+        import psutil
+
         self.sub.take()
         cpu0 = system.cpu_s()
+        host0, wall0 = psutil.cpu_times(), time.perf_counter()
         processes = 1 if rate is not None else self.s.publishers
-        idx, sent = publish(self.port, system.streams, count, rate, processes=processes)
+        idx, sent = publish(self.port, system.streams, count, rate, processes=processes, qos=self.s.qos)
         self.sub.settle(count, idle_s=1.0 + len(system.streams) / 5000, timeout_s=max(30.0, count / 500))
         cpu1 = system.cpu_s()
+        host1, wall1 = psutil.cpu_times(), time.perf_counter()
         records = self.sub.take()
         m = match(records, system.streams, idx, sent)
         span = float(m.arrivals.max() - sent.min()) if m.answers else 0.0
         send_span = float(sent.max() - sent.min()) if sent.size > 1 else 0.0
+        # Busy cores: the daemon's CPU seconds per wall second over the span from the first send
+        # to the last answer (below 1 at saturation: it idles while input waits), and the whole
+        # machine's (publishers, broker, subscriber and everyone else on it) over the phase as
+        # sampled (publishers' start and the settle wait included: a lower bound at saturation).
+        host_busy = _busy_s(host1) - _busy_s(host0)
         return {
             "offered_msg_s": rate,
             "sent": int(sent.size),
@@ -199,6 +209,8 @@ class Bench:
             "latency_ms": percentiles_ms(m.latencies_s),
             "cdf_ms": cdf_points(m.latencies_s),
             "cpu_s_per_1000": round((cpu1 - cpu0) / max(1, sent.size) * 1000, 4),
+            "busy_cores": round((cpu1 - cpu0) / span, 3) if span > 0 else None,
+            "machine_busy_cores": round(host_busy / (wall1 - wall0), 3),
             "rss_mb": round(system.rss_mb(), 1),
             "unmatched": m.unmatched,
             "_latencies": m.latencies_s,
@@ -209,6 +221,8 @@ class Bench:
         lat = np.concatenate([r.pop("_latencies") for r in reps]) if reps else np.array([])
         rates = [r["throughput_msg_s"] or 0.0 for r in reps]
         cpu = [r["cpu_s_per_1000"] for r in reps]
+        busy = [r["busy_cores"] for r in reps if r["busy_cores"] is not None]
+        host = [r["machine_busy_cores"] for r in reps if r["machine_busy_cores"] is not None]
         return {
             "throughput_msg_s": round(statistics.median(rates), 1) if rates else None,
             "throughput_reps": rates,
@@ -218,6 +232,8 @@ class Bench:
             "latency_ms": percentiles_ms(lat),
             "cdf_ms": cdf_points(lat),
             "cpu_s_per_1000": round(statistics.median(cpu), 4) if cpu else None,
+            "busy_cores": round(statistics.median(busy), 3) if busy else None,
+            "machine_busy_cores": round(statistics.median(host), 3) if host else None,
             "rss_mb": reps[-1]["rss_mb"] if reps else None,
         }
 
@@ -270,6 +286,14 @@ class Bench:
         return results
 
 
+def _busy_s(times: Any) -> float:
+    """CPU seconds the whole machine was busy, from psutil.cpu_times(): user (guest time is
+    already in it), nice, system, irq and softirq; not idle, iowait, or steal (time the
+    hypervisor gave to other machines)."""
+    busy = ("user", "nice", "system", "irq", "softirq")
+    return float(sum(getattr(times, name, 0.0) for name in busy))
+
+
 def _write_model_copies(src: Path, workdir: Path, count: int) -> list[Path]:
     return [copy_model(src, workdir / f"ff-copy{i}.onnx") for i in range(count)]
 
@@ -299,6 +323,9 @@ def run_suite(settings: Settings, out_dir: Path, log: Log = print) -> dict[str, 
         for kind in settings.baselines:
             if kind == "torch" and not torch_available():
                 result["notes"].append("paho-torch skipped: torch is not installed (pip install torch)")
+                continue
+            if kind == "cpipe" and not (shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub")):
+                result["notes"].append("c-pipe skipped: mosquitto_sub/mosquitto_pub not found")
                 continue
             group.append(
                 baseline(kind, bench.run_id, workdir, bench.port, devices=settings.devices, ff_model=bench.ff)

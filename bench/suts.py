@@ -3,6 +3,9 @@
 * ``echo``: the ceiling, a raw paho-mqtt callback that parses the JSON and publishes it back.
 * ``naive``: what one writes with aiomqtt: ``async for`` + one ONNX Runtime call + ``await publish``.
 * ``torch``: a paho-mqtt callback with the same network in PyTorch eager mode.
+* ``cpipe``: the physical reference, Mosquitto's C clients relaying through the broker:
+  ``mosquitto_sub -t PFX/in/+ | mosquitto_pub -l -t PFX/out/x/all`` (payloads untouched, so
+  the echoed ``t`` still gives the latency; one answer topic for every device).
 
 Each subscribes to ``PFX/in/+``, answers on ``PFX/out/x/<device>`` with the input's send time ``t``
 echoed (so the subscriber measures latency exactly), and publishes a retained ``online`` on
@@ -108,9 +111,37 @@ async def _naive(args: argparse.Namespace) -> None:
             await client.publish(out + message.topic.value.rpartition("/")[2], json.dumps(body), qos=0)
 
 
+def run_cpipe(args: argparse.Namespace) -> None:
+    import signal
+    import subprocess
+    import time
+
+    host = ["-h", "127.0.0.1", "-p", str(args.port)]
+    sub = subprocess.Popen(
+        ["mosquitto_sub", *host, "-i", f"{args.client_id}-sub", "-t", f"{args.prefix}/in/+"],
+        stdout=subprocess.PIPE,
+    )
+    pub = subprocess.Popen(
+        ["mosquitto_pub", *host, "-i", f"{args.client_id}-pub", "-l", "-t", f"{args.prefix}/out/x/all"],
+        stdin=sub.stdout,
+    )
+    assert sub.stdout is not None
+    sub.stdout.close()  # the pipe is the two clients' now
+
+    def stop(*_: Any) -> None:
+        for proc in (sub, pub):
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    time.sleep(0.5)  # mosquitto_sub says nothing once subscribed; the warm-up checks the path
+    subprocess.run(["mosquitto_pub", *host, "-t", args.status, "-m", "online", "-r", "-q", "1"], check=True)
+    sub.wait()
+    pub.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suts")
-    parser.add_argument("kind", choices=["echo", "naive", "torch"])
+    parser.add_argument("kind", choices=["echo", "naive", "torch", "cpipe"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--status", required=True)
@@ -123,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             run_echo(args)
         elif args.kind == "torch":
             run_torch(args)
+        elif args.kind == "cpipe":
+            run_cpipe(args)
         else:
             assert args.model
             assert Path(args.model).is_file()

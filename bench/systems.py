@@ -87,9 +87,17 @@ class System:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def cpu_s(self) -> float:
+        """CPU seconds of the process and its live children (the C clients of ``cpipe``)."""
         assert self.ps is not None
         t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        total = float(t.user + t.system)
+        for child in self.ps.children(recursive=True):
+            try:
+                c = child.cpu_times()
+            except psutil.Error:
+                continue
+            total += float(c.user + c.system)
+        return total
 
     def rss_mb(self) -> float:
         assert self.ps is not None
@@ -138,8 +146,9 @@ def _streams(
 
 
 def baseline(kind: str, run_id: str, workdir: Path, port: int, *, devices: int, ff_model: Path) -> System:
-    name = {"echo": "paho-echo", "naive": "aiomqtt-naive", "torch": "paho-torch"}[kind]
+    name = {"echo": "paho-echo", "naive": "aiomqtt-naive", "torch": "paho-torch", "cpipe": "c-pipe"}[kind]
     label = {
+        "cpipe": "mosquitto_sub | mosquitto_pub (physical reference)",
         "echo": "paho-mqtt echo (ceiling)",
         "naive": "aiomqtt + ORT, awaited publish (naive)",
         "torch": "paho-mqtt + PyTorch eager",
@@ -164,9 +173,10 @@ def baseline(kind: str, run_id: str, workdir: Path, port: int, *, devices: int, 
         "--weights",
         str(ff_model.with_suffix(".npz")),
     ]
-    return System(
-        name, label, kind, argv, status, _streams(prefix, devices, "x", tuple(FF_FEATURES)), 1, workdir
-    )
+    streams = _streams(prefix, devices, "x", tuple(FF_FEATURES))
+    if kind == "cpipe":  # one answer topic for all: the echoed t matches each answer
+        streams = [Stream(s.in_topic, f"{prefix}/out/x/all", s.fields) for s in streams]
+    return System(name, label, kind, argv, status, streams, 1, workdir)
 
 
 @dataclass
@@ -178,11 +188,16 @@ class PipelineSpec:
     features: tuple[str, ...]
     window: int | None = None  # None: snapshot
     devices: int = 100
+    qos: int = 0  # of the pipeline's subscription (the inputs' QoS is the publisher's)
+    topic: str | None = None  # input stream of another pipeline: several pipelines on one topic
 
 
 def edge_infer(
     name: str, label: str, run_id: str, workdir: Path, *, port: int, pipelines: list[PipelineSpec]
 ) -> System:
+    """Pipelines whose ``topic`` names another pipeline read that pipeline's input topic (each
+    input answered once per pipeline); their answers are not matched (the streams are the first
+    pipeline's), they add work to every input."""
     """The daemon as users run it: ``python -m edge.cli run -c CONFIG``."""
     prefix = f"bench/{name}"
     base = f"bench-{run_id}/{name}"
@@ -200,15 +215,17 @@ def edge_infer(
             "model": model_name,
             "source": {
                 "profile": "json",
-                "topics": [f"{prefix}/{p.name}/in/{{device}}"],
+                "topics": [f"{prefix}/{p.topic or p.name}/in/{{device}}"],
                 "timestamp_field": "t",
-                "qos": 0,
+                "qos": p.qos,
             },
             "features": features,
-            "output": {"topic": f"{prefix}/out/{{pipeline}}/{{device}}"},
+            # a shared-topic pipeline answers outside bench/+/out/#: not counted, not matched
+            "output": {"topic": f"{prefix}/{'shared' if p.topic else 'out'}/{{pipeline}}/{{device}}"},
             "max_devices": max(1000, p.devices),
         }
-        streams += _streams(prefix, p.devices, p.name, p.features, sub=p.name)
+        if p.topic is None:
+            streams += _streams(prefix, p.devices, p.name, p.features, sub=p.name)
         warmup = max(warmup, p.window or 1)
     config = {
         "mqtt": {

@@ -188,6 +188,20 @@ class DeviceInfo:
 class _InfoMixin:
     _profile: Profile
     _models: dict[str, str]
+    # Per-device state a decoder keeps (Shelly's status overlay, statestream's latest readings,
+    # device models) holds at most this many devices; the pipeline sets its max_devices.
+    max_devices: int = 100_000
+
+    def bound_devices(self, max_devices: int) -> None:
+        """Bound the per-device state this decoder keeps to ``max_devices`` devices."""
+        self.max_devices = max_devices
+
+    def _room_for(self, held: Mapping[str, Any] | set[str], device: str, topic: str) -> None:
+        if device not in held and len(held) >= self.max_devices:
+            raise DecodeError(
+                "unknown_device",
+                f"device {device[:64]!r} on {topic!r} is beyond max_devices={self.max_devices}",
+            )
 
     def device_info(self, device: str) -> DeviceInfo:
         """Name, manufacturer and model of ``device`` as far as the family tells them."""
@@ -509,6 +523,10 @@ class ShellyDecoder(_InfoMixin):
     def filters(self) -> list[str]:
         return self._filters
 
+    def held_status(self) -> dict[str, list[str]]:
+        """The devices whose status is kept, each with its kept components (bounded state)."""
+        return {device: sorted(state) for device, state in self._status.items()}
+
     def _device(self, prefix: str) -> str | None:
         if self._fixed is not None:
             return self._fixed if prefix == self._fixed else None
@@ -539,11 +557,12 @@ class ShellyDecoder(_InfoMixin):
                 return []
             data = _parse_object(payload, topic)
             comp = parts[2]
+            self._note_model(device)
+            if comp not in self._components:  # not kept: no reading comes from it
+                return []
+            self._room_for(self._status, device, topic)
             state = self._status.setdefault(device, {})
             state[comp] = data
-            self._note_model(device)
-            if comp not in self._components:
-                return []
             return self._emit(device, state, topic, None, strict=comp)
         if n == 3 and parts[1] == "events" and parts[2] == "rpc":
             device = self._device(parts[0])
@@ -555,17 +574,18 @@ class ShellyDecoder(_InfoMixin):
             params = data.get("params")
             if not isinstance(params, dict):
                 raise DecodeError("missing_field", f"NotifyStatus on {topic!r} has no params object")
-            state = self._status.setdefault(device, {})
-            touched = False
-            for comp, delta in params.items():
-                if comp == "ts" or not isinstance(delta, dict):
-                    continue
-                target = state.setdefault(comp, {})
-                _overlay(target, delta)
-                touched = touched or comp in self._components
             self._note_model(device)
-            if not touched:
+            deltas = [
+                (comp, delta)
+                for comp, delta in params.items()
+                if comp in self._components and isinstance(delta, dict)
+            ]
+            if not deltas:  # only components no reading comes from: nothing kept
                 return []
+            self._room_for(self._status, device, topic)
+            state = self._status.setdefault(device, {})
+            for comp, delta in deltas:
+                _overlay(state.setdefault(comp, {}), delta)
             ts = None
             if params.get("ts") is not None:
                 ts = parse_timestamp(params["ts"], f"params.ts on {topic!r}")
@@ -596,7 +616,7 @@ class ShellyDecoder(_InfoMixin):
         return [Decoded(device, values, ts)]
 
     def _note_model(self, device: str) -> None:
-        if device not in self._models and "-" in device:
+        if device not in self._models and "-" in device and len(self._models) < self.max_devices:
             self._models[device] = device.rsplit("-", 1)[0]
 
 
@@ -709,6 +729,7 @@ class StatestreamDecoder(_InfoMixin):
         if attr == "state" and isinstance(value, str):
             lowered = value.strip().lower()
             if lowered in _UNAVAILABLE:
+                self._room_for(self._offline, device, topic)
                 self._offline.add(device)
                 return [Availability(device, False)]
             if lowered in _NO_VALUE:
@@ -721,6 +742,7 @@ class StatestreamDecoder(_InfoMixin):
         if device in self._offline:
             self._offline.discard(device)
             events.append(Availability(device, True))
+        self._room_for(self._latest, device, topic)
         latest = self._latest.setdefault(device, {})
         for name in names:
             latest[name] = number

@@ -52,10 +52,12 @@ class Batcher:
         sink: Sink,
         max_queue: int = 100_000,
         room: Callable[[], Awaitable[None]] | None = None,
+        taken: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.sink = sink
         self.room = room  # awaited before each batch: back-pressure from the outgoing side
+        self.taken = taken  # called once a batch is off the queue: room made (edge/intake.py)
         self.max_batch = batch_cap(model)
         self.max_delay = model.config.max_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -63,6 +65,7 @@ class Batcher:
         self.batches = 0
         self.items = 0
         self.overflow = 0
+        self.sink_errors = 0
         self._event = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -101,21 +104,38 @@ class Batcher:
                 await self.room()
             count = min(len(queue), self.max_batch)
             batch = [queue.popleft() for _ in range(count)]
+            if self.taken is not None:
+                self.taken()  # may resume the intake: inputs queue up while this batch runs
             inputs = self._buffer[:count]
-            for i, item in enumerate(batch):
-                inputs[i] = item.vector
             started = time.perf_counter()
             try:
+                for i, item in enumerate(batch):
+                    inputs[i] = item.vector
                 outputs = await self.model.run(inputs)  # the buffer is not refilled until this returns
             except asyncio.CancelledError:
                 queue.extendleft(reversed(batch))
                 raise
             except Exception as exc:  # only this batch fails; the loop goes on
-                self.sink(batch, None, time.perf_counter() - started, exc)
+                self._hand_over(batch, None, time.perf_counter() - started, exc)
                 continue
             self.batches += 1
             self.items += count
-            self.sink(batch, outputs, time.perf_counter() - started, None)
+            self._hand_over(batch, outputs, time.perf_counter() - started, None)
+
+    def _hand_over(
+        self,
+        batch: list[WorkItem],
+        outputs: npt.NDArray[np.float32] | None,
+        seconds: float,
+        error: Exception | None,
+    ) -> None:
+        """Give a batch to the sink; a sink that raises loses that batch, never the batcher (the
+        sink isolates items itself; this is the last guard that keeps the model answering)."""
+        try:
+            self.sink(batch, outputs, seconds, error)
+        except Exception:
+            self.sink_errors += 1
+            log.exception("answering a batch of %d for model %r failed", len(batch), self.model.name)
 
     async def drained(self) -> None:
         """Wait until everything queued has been inferred and handed to the sink."""

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from edge import zoo
 from edge.decode import TopicPattern
 
 ENV_MQTT_URL = "EDGE_INFER_MQTT_URL"
@@ -293,7 +294,9 @@ class RuntimeConfig(_Model):
 class ModelConfig(_Model):
     """One ONNX model. Manifest values (labels, features, threshold) can be overridden here."""
 
-    path: Path = Field(description="ONNX file, relative to the config file's directory.")
+    path: Path = Field(
+        description="ONNX file, relative to the config file's directory; zoo:NAME[.fp32|.int8] (bundled)."
+    )
     sha256: str | None = Field(None, description="Refuse the file unless its sha256 matches.")
     providers: list[str] | Literal["auto"] | None = None
     intra_op_threads: int | None = Field(None, ge=0)
@@ -462,6 +465,12 @@ class LimitsConfig(_Model):
 
     max_payload_bytes: int = Field(65536, ge=16, description="Larger payloads are dropped (oversized).")
     max_window_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Memory for all windows together.")
+    max_clock_skew_s: float = Field(
+        86400.0,
+        gt=0,
+        description="Sample times more than this ahead of the receive time, or before 2000, are dropped "
+        "(bad_timestamp).",
+    )
     max_queued_inputs: int = Field(
         1000,
         ge=1,
@@ -739,6 +748,7 @@ def parse_config(
         raise _format_validation(exc, source) from None
     except RecursionError:  # pragma: no cover - load_config bounds the depth first
         raise ConfigError("", "the document is nested too deeply", source) from None
+    config = _resolve_zoo(config, source)
     if base_dir is not None:
         config = _relative_to(config, base_dir)
     config = config.with_identity(identity if identity is not None else source)
@@ -751,6 +761,21 @@ def parse_config(
             source,
         )
     return config
+
+
+def _resolve_zoo(config: Config, source: str) -> Config:
+    """``path: zoo:NAME[.VARIANT]`` -> the bundled model file (edge/zoo.py)."""
+    models = {}
+    for name, model in config.models.items():
+        text = str(model.path)
+        if not zoo.is_zoo_ref(text):
+            models[name] = model
+            continue
+        try:
+            models[name] = model.model_copy(update={"path": zoo.resolve(text).path})
+        except zoo.ZooError as exc:
+            raise ConfigError(f"models.{name}.path", str(exc), source) from None
+    return config.model_copy(update={"models": models})
 
 
 def _relative_to(config: Config, base_dir: Path) -> Config:

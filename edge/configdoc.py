@@ -61,8 +61,14 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
     name = getattr(annotation, "__name__", str(annotation))
-    return {"SecretStr": "secret", "Path": "path", "str": "string", "int": "integer", "float": "number",
-            "bool": "boolean"}.get(name, name)
+    return {
+        "SecretStr": "secret",
+        "Path": "path",
+        "str": "string",
+        "int": "integer",
+        "float": "number",
+        "bool": "boolean",
+    }.get(name, name)
 
 
 def _default(info: FieldInfo) -> str:

@@ -38,6 +38,8 @@ from edge.config import (
 )
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery
+from edge.features import WindowBudget
+from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
@@ -45,13 +47,14 @@ from edge.outputs import PostProcessor
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
+from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 from edge.statefile import restore as restore_state
 from edge.statefile import snapshot as snapshot_state
 from edge.statefile import write as write_state
 
 log = logging.getLogger("edge.daemon")
-INTAKE_CHECK_S = 0.05  # while intake is paused: how often the queues are looked at
+OUTGOING_POLL_S = 0.005  # while the outgoing queue is full: how often a batcher looks again
 MEMORY_CHECK_S = 5.0  # how often to look whether a backlog was worked off (memory given back)
 QUIET_QUEUE = 16  # queued items below which a backlog counts as worked off
 
@@ -177,6 +180,10 @@ def build_pipelines(
             raise ConfigError(
                 key if key.startswith("pipelines.") else f"pipelines.{name}", message or text
             ) from None
+    budget = WindowBudget(config.limits.max_window_bytes)  # over all pipelines, kept ones too
+    for pipeline in pipelines.values():
+        pipeline.store.budget = budget
+        budget.stores.append(pipeline.store)
     return pipelines
 
 
@@ -232,7 +239,14 @@ class Daemon:
             on_connected=self._on_connected,
             status_topic=self.status_topic,
             subscriptions_file=subscriptions_record(config),
+            max_payload_bytes=config.limits.max_payload_bytes,
+            intake=Intake(
+                max_queued_inputs=config.limits.max_queued_inputs,
+                publish_queue=config.instance_mqtt().publish_queue,
+            ),
         )
+        self.intake = self.link.intake
+        self.link.on_room = self._room_made
         self.discovery = Discovery(
             config, self.link.publish, self._current_pipelines, is_leader=self.is_leader
         )
@@ -243,8 +257,7 @@ class Daemon:
         self._routes: list[tuple[TopicPattern, Pipeline]] = []
         self._route_cache: dict[str, list[Pipeline]] = {}
         self._rebuild_routes()
-        self._intake_timer: asyncio.TimerHandle | None = None
-        self._paused_at = 0.0
+        self._intake_watchdog: asyncio.TimerHandle | None = None
         self.state_write_errors = 0
         self.memory_trims = 0
         self._memory_marker: tuple[int, int] = (0, 0)
@@ -299,8 +312,8 @@ class Daemon:
         instance = instance_from_topic(topic, self.instances_prefix, "bridge/info")
         if instance is not None:
             try:
-                info = json.loads(payload) if payload else None
-            except ValueError:
+                info = loads_bounded(payload) if payload else None
+            except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
                 info = None
             if isinstance(info, dict):
                 self._member_info[instance] = info
@@ -415,7 +428,9 @@ class Daemon:
         )
 
     def _start_batcher(self, name: str, model: LoadedModel) -> None:
-        batcher = Batcher(model, functools.partial(self._sink, model), room=self._outgoing_room)
+        batcher = Batcher(
+            model, functools.partial(self._sink, model), room=self._outgoing_room, taken=self._batch_taken
+        )
         self.batchers[name] = batcher
         self._batcher_tasks[name] = asyncio.create_task(batcher.run(), name=f"batcher-{name}")
 
@@ -534,7 +549,7 @@ class Daemon:
                     DecodeError("inference_failed", f"model {pipeline.cfg.model!r} queue is full"),
                 )
                 self._settle(item)
-            elif len(batcher.queue) >= self.config.limits.max_queued_inputs:
+            elif self.intake.inputs_full(len(batcher.queue)):
                 self._pause_intake()
         if self.link.outgoing_full():
             self._pause_intake()  # answers are made faster than the broker takes them
@@ -547,42 +562,49 @@ class Daemon:
         and its policy drops (counted)."""
         link = self.link
         while link.outgoing_full() and link.connected.is_set():  # noqa: ASYNC110 (paho has no event)
-            await asyncio.sleep(INTAKE_CHECK_S / 10)
+            await asyncio.sleep(OUTGOING_POLL_S)
 
     def _pause_intake(self) -> None:
         """Back-pressure: a model's queue is at limits.max_queued_inputs, or the outgoing queue
         is full (answers made faster than the broker takes them: MqttLink.outgoing_full). Inputs
         are held back (MqttLink.pause_intake: a few hundred in the link, then in the broker and
         TCP buffers, unacknowledged) until the model queues are down to half and the outgoing
-        queue has drained (MqttLink.outgoing_drained)."""
+        queue has drained (edge/intake.py). The resume is driven by progress: each batch a
+        batcher takes (:meth:`_batch_taken`) and each hand-over of answers to the socket
+        (MqttLink.on_room) asks :meth:`Intake.may_resume`; no timer decides it."""
         link = self.link
         if link.intake_paused or not link.connected.is_set():
             return
         link.pause_intake()
         loop = asyncio.get_running_loop()
-        self._paused_at = loop.time()
-        if self._intake_timer is None:
-            self._intake_timer = loop.call_later(INTAKE_CHECK_S, self._intake_tick)
+        if self._intake_watchdog is None:
+            self._intake_watchdog = loop.call_later(self.config.mqtt.keepalive / 3, self._intake_keepalive)
 
-    def _intake_tick(self) -> None:
-        self._intake_timer = None
+    def _batch_taken(self) -> None:
+        """A batcher took a batch from its queue: room was made, resume now if it is enough."""
+        if self.link.intake_paused:
+            self._room_made("batch")
+
+    def _room_made(self, reason: str) -> None:
+        link = self.link
+        queued = (len(b.queue) for b in self.batchers.values())
+        if self.intake.may_resume(queued, len(link.queue), reason):
+            link.resume_intake()  # hands the held inputs over; a full queue pauses it again
+
+    def _intake_keepalive(self) -> None:
+        """While paused, every mqtt.keepalive / 3: once HOLD_MAX inputs are held the socket is no
+        longer read, so read once for the PINGRESP that keeps the connection alive (and the
+        PUBACKs queued behind inputs). It re-checks for room too, a safety net counted apart
+        (Intake.resumes["watchdog"]); batches and answers resume the intake long before."""
+        self._intake_watchdog = None
         link = self.link
         if not link.intake_paused:
             return
-        loop = asyncio.get_running_loop()
-        low = self.config.limits.max_queued_inputs // 2
-        drained = all(len(b.queue) <= low for b in self.batchers.values()) and link.outgoing_drained()
-        if drained:
-            link.resume_intake()  # hands the held inputs over; a full queue pauses it again
-            return
-        now = loop.time()
-        answers_waiting = link.outgoing_full() or link.answers_held_back()
-        if answers_waiting or now - self._paused_at >= self.config.mqtt.keepalive / 3:
-            # Once HOLD_MAX inputs are held the socket is no longer read: read once for the
-            # PUBACKs the answers wait for and the PINGRESP that keeps the connection alive.
-            link.read_through()
-            self._paused_at = now
-        self._intake_timer = loop.call_later(INTAKE_CHECK_S, self._intake_tick)
+        link.read_through()
+        self._room_made("watchdog")
+        if link.intake_paused:
+            loop = asyncio.get_running_loop()
+            self._intake_watchdog = loop.call_later(self.config.mqtt.keepalive / 3, self._intake_keepalive)
 
     def _settle(self, item: WorkItem) -> None:
         """One answer of an input is done; the last one acknowledges the input."""
@@ -680,24 +702,49 @@ class Daemon:
         for indices in by_pipeline.values():
             pipeline = batch[indices[0]].pipeline
             # Items queued before a reload are answered by the model that inferred them.
-            post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
-            predictions = post(outputs[indices])
+            try:
+                post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
+                predictions = post(outputs[indices])
+            except Exception as exc:  # this pipeline's part of the batch fails alone
+                for index in indices:
+                    self._answer_failed(pipeline, batch[index], exc)
+                continue
             out = pipeline.cfg.output
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
-                if not pipeline.policy.should_publish(item.device, prediction, wall):
-                    self._settle(item)
+                try:
+                    if not pipeline.policy.should_publish(item.device, prediction, wall):
+                        self._settle(item)
+                        continue
+                    # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from
+                    # pieces the post-processor prepared for the whole batch (edge/outputs.py)
+                    encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
+                    topic = pipeline.output_topic(item.device)
+                except Exception as exc:  # one item that cannot be answered fails alone
+                    self._answer_failed(pipeline, item, exc)
                     continue
                 if item.device not in pipeline.last_published:
                     self._first_answer(pipeline, item.device)
-                # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from pieces
-                # the post-processor prepared for the whole batch (edge/outputs.py)
-                encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
                 pipeline.last_published[item.device] = encoded
-                self.link.publish(Outgoing(pipeline.output_topic(item.device), encoded, out.qos, out.retain))
+                self.link.publish(Outgoing(topic, encoded, out.qos, out.retain))
                 pipeline.stats.published += 1
                 self._settle(item)
+
+    def _answer_failed(self, pipeline: Pipeline, item: WorkItem, exc: Exception) -> None:
+        """An item whose answer could not be built: counted (answer_failed), logged rate-limited
+        and acknowledged, so neither it nor a redelivery of it holds up anyone else."""
+        pipeline.reject("answer_failed")
+        self.ratelog.warning(
+            pipeline.name,
+            "answer_failed",
+            "dropped (answer_failed): device %r: %s: %s",
+            item.device[:40],
+            type(exc).__name__,
+            exc,
+            pipeline=pipeline.name,
+        )
+        self._settle(item)
 
     # ------------------------------------------------------------------ lifecycle
 

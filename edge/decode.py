@@ -9,6 +9,7 @@ the device-family profiles in ``devices/`` are built from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ REASONS = (
     "out_of_order",
     "stale",
     "inference_failed",
+    "answer_failed",
 )
 
 
@@ -186,12 +188,34 @@ def compile_path(path: str) -> Callable[[Any], Any]:
     return get
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # larger magnitudes are infinite in the model's float32 input
+
+# Sample times before this (2000-01-01T00:00:00Z) are a device's clock that was never set or a
+# hostile payload; see check_timestamp for the window around the receive time.
+EARLIEST_TS = 946684800.0
+
+
+def check_timestamp(ts: float, now: float, max_skew_s: float, what: str) -> float:
+    """``ts`` if it is not before 2000 and at most ``max_skew_s`` ahead of ``now``, else
+    DecodeError ``bad_timestamp``: a window stamped far ahead would make every later sample of
+    its device look out of order, and a time outside years 1-9999 cannot be written as a date.
+    Older times (a replay of recorded data, a clock that is behind) are the device's own
+    business: out of order or stale for it alone."""
+    if ts < EARLIEST_TS or ts - now > max_skew_s:
+        raise DecodeError(
+            "bad_timestamp",
+            f"{what} {ts:.3f} is before 2000 or more than {max_skew_s:g} s ahead of the receive time "
+            f"(limits.max_clock_skew_s)",
+        )
+    return ts
+
+
 def to_float(value: Any, what: str) -> float:
     """A finite float from a JSON value (numbers, numeric strings, booleans), else DecodeError."""
     if type(value) is float:  # the common case first: a JSON number with a fraction
-        if value - value == 0.0:  # finite (inf - inf and nan - nan are nan)
+        if value - value == 0.0 and -FLOAT32_MAX <= value <= FLOAT32_MAX:  # finite, also as float32
             return value
-        raise DecodeError("not_finite", f"{what} is {value}")
+        raise DecodeError("not_finite", f"{what} is {value} (not finite as float32)")
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):
@@ -209,8 +233,8 @@ def to_float(value: Any, what: str) -> float:
             raise DecodeError("non_numeric", f"{what} is {value[:40]!r}, not a number") from None
     else:
         raise DecodeError("non_numeric", f"{what} is {type(value).__name__}, not a number")
-    if not math.isfinite(number):
-        raise DecodeError("not_finite", f"{what} is {number}")
+    if not (math.isfinite(number) and -FLOAT32_MAX <= number <= FLOAT32_MAX):
+        raise DecodeError("not_finite", f"{what} is {number} (not finite as float32)")
     return number
 
 
@@ -226,19 +250,19 @@ def parse_timestamp(value: Any, what: str) -> float:
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise DecodeError("bad_timestamp", f"{what} {value[:40]!r} is not ISO 8601") from None
-        if parsed.tzinfo is None:
-            # Tasmota and others send local time without an offset: read it as local time.
-            return parsed.astimezone().timestamp()
-        return parsed.timestamp()
+            if parsed.tzinfo is None:
+                # Tasmota and others send local time without an offset: read it as local time.
+                return parsed.astimezone().timestamp()
+            return parsed.timestamp()
+        except (ValueError, OverflowError, OSError):  # not ISO 8601, or a date the OS cannot place
+            raise DecodeError("bad_timestamp", f"{what} {value[:40]!r} is not an ISO 8601 time") from None
     raise DecodeError("bad_timestamp", f"{what} is {type(value).__name__}")
 
 
 def parse_json(payload: bytes, topic: str) -> Any:
     try:
         return json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: too deep
         raise DecodeError("malformed_json", f"payload on {topic!r} is not JSON ({exc})") from None
 
 
@@ -467,13 +491,44 @@ def json_rules(
 
 # --------------------------------------------------------------------------- output topics
 
-_UNSAFE = re.compile(r"[/+#\x00-\x1f\x7f]")
+_UNSAFE = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")
+# A segment this mapping produced: the sanitised id, '~' and 8 hex digits of a hash of the original.
+# Ids that already look like that are mapped too, so no id can take another's topic.
+_MAPPED = re.compile(r"~[0-9a-f]{8}\Z")
+# Code points the MQTT spec forbids (U+0000, surrogates) or lets a broker refuse (C0/C1 controls,
+# non-characters) in a topic: an id holding one is rejected as bad_device_id (docs/reliability.md).
+_FORBIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ud800-\udfff"
+    + "".join(f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17))
+    + "]"
+)
+
+
+def forbidden_in_topic(value: str) -> bool:
+    """Whether ``value`` holds a character that must never reach a topic (see :data:`_FORBIDDEN`)."""
+    return _FORBIDDEN.search(value) is not None
 
 
 def sanitise_segment(value: str, max_len: int = 128) -> str:
-    """One safe topic segment: no '/', '+', '#', control characters, no leading '$'."""
+    """The topic segment of a device id; distinct ids always get distinct segments.
+
+    An id that is a safe segment as it is (no '/', '+', '#', control characters, leading '$' or
+    surrounding spaces, at most ``max_len`` characters) is its own segment. Any other id is
+    sanitised (those characters replaced by '_', cut to length) and suffixed with '~' and 8 hex
+    digits of a hash of the original, so ``kitchen/plug`` and ``kitchen+plug`` no longer both
+    answer on ``kitchen_plug``. Ids ending in '~' and 8 hex digits are mapped too, so an id can
+    never claim another's mapped segment."""
+    if (
+        value
+        and len(value) <= max_len
+        and value[0] != "$"
+        and value.strip() == value
+        and _UNSAFE.search(value) is None
+        and _MAPPED.search(value) is None
+    ):
+        return value
+    digest = hashlib.blake2s(value.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
     cleaned = _UNSAFE.sub("_", value).strip()
     if cleaned.startswith("$"):
         cleaned = "_" + cleaned[1:]
-    cleaned = cleaned[:max_len]
-    return cleaned or "_"
+    return f"{cleaned[: max_len - 9]}~{digest}"

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge import zoo
 from edge.config import Config, ConfigError, load_config
 from edge.daemon import Daemon, load_models
 from edge.runtime import LoadedModel, ModelLoadError
 
 log = logging.getLogger("edge.demo")
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "examples" / "home.yaml"
+DEFAULT_CONFIG = zoo.example("home.yaml")  # the checkout's examples/, or the wheel's copy
 TRUTH_PREFIX = "edge-infer-sim/truth/"
 
 

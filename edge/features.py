@@ -220,6 +220,18 @@ class SlidingWindow:
         self.since_prediction = int(state["since"])
 
 
+class WindowBudget:
+    """``limits.max_window_bytes``: one memory bound over the feature stores of all pipelines."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.stores: list[FeatureStore] = []
+
+    def used(self) -> int:
+        """Bytes the stores' device states hold (the states of one store are all one size)."""
+        return sum(store.held_bytes() for store in self.stores)
+
+
 class FeatureStore:
     """Per-device states of one pipeline, bounded in count and memory."""
 
@@ -229,11 +241,17 @@ class FeatureStore:
         *,
         max_devices: int,
         allowed: Sequence[str] | None = None,
+        budget: WindowBudget | None = None,
     ) -> None:
         self._make_state = make_state
         self.max_devices = max_devices
         self.allowed = frozenset(allowed) if allowed is not None else None
         self.states: dict[str, DeviceState] = {}
+        self.budget = budget
+        self._state_bytes = 0  # of one device's state, known after the first
+
+    def held_bytes(self) -> int:
+        return len(self.states) * self._state_bytes
 
     def get(self, device: str) -> DeviceState:
         state = self.states.get(device)
@@ -248,6 +266,14 @@ class FeatureStore:
                 "unknown_device", f"device {device[:64]!r} is beyond max_devices={self.max_devices}"
             )
         state = self._make_state()
+        self._state_bytes = state.nbytes()
+        budget = self.budget
+        if budget is not None and budget.used() + self._state_bytes > budget.limit:
+            raise DecodeError(
+                "unknown_device",
+                f"device {device[:64]!r} is beyond limits.max_window_bytes={budget.limit} "
+                f"(windows of all pipelines hold {budget.used()} bytes)",
+            )
         self.states[device] = state
 
         return state

@@ -110,6 +110,10 @@ BINARY_SENSOR_DEVICE_CLASSES: Final = frozenset(
 )  # fmt: skip
 
 
+# A retained discovery config read back from the broker larger than this is junk, not ours.
+MAX_READBACK_BYTES = 256 * 1024
+
+
 class DiscoveryError(ValueError):
     """A description that cannot be announced (an empty id, a classification without labels)."""
 
@@ -646,6 +650,7 @@ class DiscoveryTracker:
 
     bridge: BridgeInfo
     _announced: dict[str, dict[str, Any]] = field(default_factory=dict)
+    readback_rejected: int = 0  # retained configs too large or unparseable (junk on the prefix)
 
     @property
     def topics(self) -> frozenset[str]:
@@ -697,12 +702,18 @@ class DiscoveryTracker:
         prefix = f"{self.bridge.discovery_prefix}/device/"
         if not (topic.startswith(prefix) and topic.endswith("/config")):
             return False
+        if len(payload) > MAX_READBACK_BYTES:
+            self.readback_rejected += 1
+            return False
         text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
         if not text:
             return False
         try:
             config = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
+            # Not JSON, a nesting deeper than the interpreter's stack, or an integer past
+            # Python's digit limit: junk on the prefix is counted, never raised.
+            self.readback_rejected += 1
             return False
         if not isinstance(config, dict) or not self._owns(config):
             return False

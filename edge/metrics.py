@@ -564,7 +564,9 @@ class MetricsServer:
     ``health()`` returns ``(ok, reason)``; ``/healthz`` answers 200 ``ok`` or 503 with the
     reason (an exception from it is a 503 too). Everything else is 404, methods other than
     GET/HEAD 405, malformed or oversized requests 400, slow clients are cut off after
-    ``timeout`` seconds. Each response closes its connection.
+    ``timeout`` seconds. At most ``max_connections`` are open at once; at the cap a new
+    connection closes the one that has waited longest without sending its request, so idle
+    clients never keep ``/healthz`` from answering. Each response closes its connection.
 
     Use ``await server.start()`` / ``await server.close()``, or ``async with``; with
     ``port=0`` the bound port is in :attr:`port` after start.
@@ -585,7 +587,12 @@ class MetricsServer:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._slots = asyncio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        self.evicted = 0  # idle connections closed to make room for a new one
+        self._active: set[asyncio.Task[Any]] = set()
+        # connections still waiting for their request, oldest first (a dict keeps insertion order)
+        self._reading: dict[asyncio.Task[Any], None] = {}
+        self._evicted: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -640,30 +647,49 @@ class MetricsServer:
         return 503, "text/plain; charset=utf-8", " ".join(str(reason).split()) + "\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._slots.locked():
-            writer.close()
-            return
-        async with self._slots:
-            try:
-                status, ctype, body, head = await asyncio.wait_for(self._respond(reader), self.timeout)
-                payload = body.encode()
-                headers = (
-                    f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-                    f"Content-Type: {ctype}\r\n"
-                    f"Content-Length: {len(payload)}\r\n"
-                    "Cache-Control: no-store\r\n"
-                    "Connection: close\r\n\r\n"
-                )
-                writer.write(headers.encode() + (b"" if head else payload))
-                await asyncio.wait_for(writer.drain(), self.timeout)
-            except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-                pass
-            except Exception:
-                log.exception("metrics listener: unexpected error")
-            finally:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._active) >= self.max_connections:
+            # At the cap: the connection waiting longest for its request (an idle client) makes
+            # room, so idle connections can never keep a probe out. When every connection is
+            # busy answering, the newcomer is closed.
+            victim = next(iter(self._reading), None)
+            if victim is None:
                 writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+                return
+            del self._reading[victim]
+            self._evicted.add(victim)
+            self.evicted += 1
+            victim.cancel()
+        self._active.add(task)
+        self._reading[task] = None
+        try:
+            status, ctype, body, head = await asyncio.wait_for(self._respond(reader), self.timeout)
+            self._reading.pop(task, None)
+            payload = body.encode()
+            headers = (
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+                f"Content-Type: {ctype}\r\n"
+                f"Content-Length: {len(payload)}\r\n"
+                "Cache-Control: no-store\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            writer.write(headers.encode() + (b"" if head else payload))
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            if task not in self._evicted:
+                raise
+        except Exception:
+            log.exception("metrics listener: unexpected error")
+        finally:
+            self._active.discard(task)
+            self._reading.pop(task, None)
+            self._evicted.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, str, bool]:
         try:

@@ -1,4 +1,5 @@
-"""``edge-infer models show FILE``: a model's manifest and IO signature, with ONNX Runtime only."""
+"""``edge-infer models list`` (the bundled zoo) and ``edge-infer models show FILE|zoo:NAME`` (a model's
+manifest and IO signature), with ONNX Runtime only."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge import zoo
 from edge.manifest import ManifestError, manifest_from_metadata
 from edge.runtime import file_sha256
 
@@ -59,16 +61,51 @@ def _text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _list_text(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return "no bundled models found (the zoo is not installed)"
+    lines = []
+    for m in items:
+        acc = ", ".join(f"{v} {a:.3f}" for v, a in m["accuracy"].items())
+        shape = f"{m['layout']}"
+        if m.get("window"):
+            shape += f" of {m['window']}"
+            if m.get("sample_period_s"):
+                shape += f" x {m['sample_period_s']:g} s"
+        lines.append(
+            f"{m['ref']}  ({m['task']}; default variant {m['recommended']}, also "
+            + ", ".join(f"{m['ref']}.{v}" for v in m["variants"])
+            + ")"
+        )
+        lines.append(f"  inputs   {', '.join(m['features'] or [])}  [{shape}]")
+        lines.append(f"  labels   {', '.join(str(x) for x in m['labels'] or [])}")
+        lines.append(f"  accuracy {acc}  ({m['dataset']}, {m['split']} split)")
+        lines.append(f"  card     {m['card']}")
+    return "\n".join(lines)
+
+
 def cli_models(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="edge-infer models", description="Inspect model files.")
     sub = parser.add_subparsers(dest="action", required=True)
-    show = sub.add_parser("show", help="print a model's manifest and IO signature")
-    show.add_argument("files", nargs="+", type=Path)
+    listing = sub.add_parser("list", help="the bundled models (use them in a config as path: zoo:NAME)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    show = sub.add_parser("show", help="print a model's manifest and IO signature (a file or zoo:NAME)")
+    show.add_argument("files", nargs="+")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+    if args.action == "list":
+        items = [zoo.summary(name) for name in zoo.names()]
+        print(json.dumps(items, indent=2) if args.json else _list_text(items))
+        return 0
     status = 0
     results = []
-    for path in args.files:
+    for ref in args.files:
+        try:
+            path = zoo.resolve(ref).path if zoo.is_zoo_ref(ref) else Path(ref)
+        except zoo.ZooError as exc:
+            print(f"edge-infer models: {exc}", file=sys.stderr)
+            status = 2
+            continue
         try:
             info = describe(path)
         except ManifestError as exc:

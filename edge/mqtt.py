@@ -31,15 +31,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.config import MqttConfig
+from edge.intake import Intake
 
 log = logging.getLogger("edge.mqtt")
 
 
 AckToken = tuple[int, int, int]  # (connection generation, message id, QoS)
 ANSWERS_IN_FLIGHT_MAX = 256  # QoS 1/2 answers awaiting PUBACK at once, whatever the broker allows
-ANSWERS_QUEUED_HIGH = 1024  # answers in the link's queue, while connected, that pause the intake
 ANSWER_WINDOW_SLACK = 256  # answers paho queues beyond those in flight (the rest wait in MqttLink.queue)
-HOLD_MAX = 500  # inputs held while intake is paused before the socket is no longer read
 READ_CHUNK = 65536  # bytes read per socket wake-up at most (a few hundred small messages)
 WRITE_CHUNK = 65536  # QoS 0 answers coalesced into one socket write, bytes
 OUT_PACKETS_MAX = 256  # paho's unwritten packets before the sender waits for the socket to drain
@@ -144,6 +143,10 @@ class HeldInputs:
         self._count = 0
 
 
+MAX_PACKET = 268_435_455  # the largest packet MQTT can frame (a 4-byte remaining length)
+PACKET_HEADROOM = 65_536 + 4_096  # a topic of the longest length MQTT allows, plus properties
+
+
 class MqttLink:
     """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called."""
 
@@ -156,11 +159,24 @@ class MqttLink:
         on_connected: Callable[[], Awaitable[None]] | None = None,
         status_topic: str,
         subscriptions_file: Path | None = None,
+        max_payload_bytes: int | None = None,
+        intake: Intake | None = None,
     ) -> None:
         self.cfg = cfg
         # What this client id had subscribed, kept across restarts: a persistent session keeps
         # filters a changed config no longer has, and they are dropped at the next connect.
         self._subscriptions_file = subscriptions_file if cfg.persistent_session else None
+        # MQTT 5: the CONNECT's Maximum Packet Size, so the broker never sends a packet much larger
+        # than limits.max_payload_bytes (the headroom covers the longest topic and properties;
+        # payloads a little above the limit still arrive and are counted as oversized).
+        self.max_packet_bytes = (
+            None if max_payload_bytes is None else min(MAX_PACKET, max_payload_bytes + PACKET_HEADROOM)
+        )
+        # The back-pressure bounds and the pause/resume decision (edge/intake.py). on_room is
+        # called (reason "answers") when answers were handed to the socket while paused and
+        # the outgoing queue has drained: the daemon resumes then, not on a timer.
+        self.intake = intake or Intake(max_queued_inputs=1000, publish_queue=cfg.publish_queue)
+        self.on_room: Callable[[str], None] | None = None
         self._subscriptions = subscriptions
         self._consumer = on_message
         self._on_message = self._gate  # every input passes the intake gate (pause_intake)
@@ -193,8 +209,6 @@ class MqttLink:
         self._held: collections.deque[tuple[int, AckToken]] = collections.deque()
         # The socket reader of the live connection, so intake can pause (back-pressure).
         self._reader: tuple[int, Callable[[], None]] | None = None
-        self.intake_paused = False
-        self.intake_pauses = 0
         # Inputs read while intake is paused, in order; the socket stays read (so PUBACKs of
         # answers and PINGRESPs are handled) until HOLD_MAX of them wait.
         self._held_in = HeldInputs()
@@ -234,6 +248,14 @@ class MqttLink:
         except OSError as exc:
             log.warning("could not record the subscriptions in %s: %s", path, exc)
 
+    @property
+    def intake_paused(self) -> bool:
+        return self.intake.paused
+
+    @property
+    def intake_pauses(self) -> int:
+        return self.intake.pauses
+
     def _make_client(self) -> aiomqtt.Client:
         cfg = self.cfg
         v5 = cfg.protocol == "5"
@@ -243,6 +265,8 @@ class MqttLink:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             # Inputs stay unacknowledged until answered: allow enough of them in flight.
             properties.ReceiveMaximum = 1000
+            if self.max_packet_bytes is not None:
+                properties.MaximumPacketSize = self.max_packet_bytes
             if cfg.persistent_session:
                 properties.SessionExpiryInterval = cfg.session_expiry_s
                 kwargs["clean_start"] = False
@@ -299,12 +323,12 @@ class MqttLink:
         daemon then stops making answers and pauses the intake until :meth:`outgoing_drained`,
         so a backlog after an outage waits in the broker rather than as answers in memory; while
         the broker is away the queue fills up to mqtt.publish_queue."""
-        return len(self.queue) >= min(self.cfg.publish_queue // 2, ANSWERS_QUEUED_HIGH)
+        return self.intake.outgoing_full(len(self.queue))
 
     def outgoing_drained(self) -> bool:
         """The outgoing queue is down to a quarter of mqtt.publish_queue and half of
         ANSWERS_QUEUED_HIGH: intake may go on."""
-        return len(self.queue) <= min(self.cfg.publish_queue // 4, ANSWERS_QUEUED_HIGH // 2)
+        return self.intake.outgoing_drained(len(self.queue))
 
     def answers_held_back(self) -> bool:
         """Answers wait in the queue because paho holds all it may (ANSWER_WINDOW_SLACK): only
@@ -362,7 +386,7 @@ class MqttLink:
             self._consumer(topic, payload, token)
             return
         self._held_in.append((topic, payload, token))
-        if len(self._held_in) >= HOLD_MAX:
+        if self.intake.hold_full(len(self._held_in)):
             self._stop_reading()
 
     def pause_intake(self) -> None:
@@ -370,20 +394,17 @@ class MqttLink:
         read, so the broker's PUBACKs for answers and its PINGRESPs are handled (the answers
         drain, the connection stays alive); once HOLD_MAX inputs wait, reading stops too and
         further inputs wait in the broker and in TCP buffers."""
-        if self.intake_paused:
-            return
-        self.intake_paused = True
-        self.intake_pauses += 1
+        self.intake.pause()
 
     def resume_intake(self) -> None:
         """Hand the held inputs over in order (until the daemon pauses again), and read on."""
         if not self.intake_paused and not self._held_in and not self._reading_stopped:
             return
-        self.intake_paused = False
+        self.intake.paused = False
         held = self._held_in
-        while held and not self.intake_paused:
+        while held and not self.intake.paused:
             self._consumer(*held.popleft())
-        if len(held) < HOLD_MAX // 2:
+        if self.intake.may_read_again(len(held)):
             self._start_reading()
 
     def read_through(self) -> None:
@@ -767,7 +788,7 @@ class MqttLink:
 
         loop.remove_reader(sock.fileno())
         self._reader = (sock.fileno(), read)
-        self.intake_paused = False  # a new connection starts reading; the daemon pauses it again
+        self.intake.reset()  # a new connection starts reading; the daemon pauses it again
         self._reading_stopped = False
         loop.add_reader(sock.fileno(), read)
 
@@ -779,6 +800,9 @@ class MqttLink:
                     raise aiomqtt.MqttCodeError(paho.MQTT_ERR_NO_CONN, "not connected")
                 if len(raw._out_packet) > OUT_PACKETS_MAX or not self._flush(raw):
                     raw.loop_write()
+                    # paho holds all it may: only PUBACKs free it, and they may wait behind
+                    # held inputs while the socket is not read (intake paused at HOLD_MAX)
+                    self.read_through()
                     await asyncio.sleep(0.005)  # paho's queue is full: let the socket drain
                     continue
             self._wakeup.clear()
@@ -849,6 +873,8 @@ class MqttLink:
             if chunk is not None:
                 self._queue_chunk(raw, chunk, chunk_mid)
         raw.loop_write()  # what the socket takes now; paho registers a writer for the rest
+        if self.intake.paused and self.on_room is not None and self.intake.outgoing_drained(len(queue)):
+            self.on_room("answers")  # answers drained below the low mark: resume now if room
         return not full
 
     @staticmethod

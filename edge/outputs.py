@@ -25,6 +25,11 @@ def softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 _SECONDS: dict[int, str] = {}  # epoch second -> ISO 8601 up to the seconds, for iso_ms
 
 
+def _finite(value: float, digits: int) -> float | None:
+    """``value`` rounded, or ``None`` (JSON null) when it is NaN or infinite."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
 def iso_ms(ts: float) -> str:
     """``2026-11-30T07:19:34.123Z``: the same text as
     ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` with ``Z``, built
@@ -114,12 +119,12 @@ class PostProcessor:
                 **prediction.fields,
                 "model": self.spec.name,
                 "model_version": self.spec.version,
-                "latency_ms": latency,
+                "latency_ms": latency if latency - latency == 0.0 else None,
                 "ts": iso_ms(ts),
             }
             if instance is not None:
                 body["instance"] = instance
-            return json.dumps(body).encode()
+            return json.dumps(body, allow_nan=False).encode()
         if instance is None:
             end = '"}'
         else:
@@ -171,12 +176,12 @@ class PostProcessor:
                     )
                 results.append(Prediction(fields, label, None, head))
                 continue
-            # Not finite or not in [0, 1]: as json.dumps of the fields (NaN, Infinity, ...).
-            confidence = round(raw_confidence, 4)
-            fields = {"label": label, "confidence": confidence}
+            # Not finite or not in [0, 1]: as json.dumps of the fields, a value that is not finite
+            # as null (JSON has no NaN or Infinity; answers are always strict JSON).
+            fields = {"label": label, "confidence": _finite(raw_confidence, 4)}
             if top_k:
                 fields["top_k"] = [
-                    {"label": labels[i], "p": round(p, 4)} for i, p in zip(order, values[n], strict=True)
+                    {"label": labels[i], "p": _finite(p, 4)} for i, p in zip(order, values[n], strict=True)
                 ]
             results.append(Prediction(fields, label, None, None))
         return results
@@ -199,7 +204,7 @@ class PostProcessor:
             anomaly = bool(threshold is not None and score >= threshold)
             fields = {
                 "label": None if threshold is None else ("anomaly" if anomaly else "normal"),
-                "score": round(score, 6),
+                "score": _finite(score, 6),
                 "threshold": threshold,
                 "anomaly": anomaly,
             }

@@ -17,7 +17,17 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.config import Config, PipelineConfig, SnapshotFeatures, WindowFeatures
-from edge.decode import Availability, Decoded, Decoder, RuleDecoder, json_rules, sanitise_segment
+from edge.decode import (
+    Availability,
+    Decoded,
+    DecodeError,
+    Decoder,
+    RuleDecoder,
+    check_timestamp,
+    forbidden_in_topic,
+    json_rules,
+    sanitise_segment,
+)
 from edge.features import FeatureStore, SlidingWindow, SnapshotJoin
 from edge.outputs import PostProcessor, PublishPolicy
 from edge.runtime import ModelLoadError, ModelSpec
@@ -102,6 +112,7 @@ class Pipeline:
         self.cfg = cfg
         self.spec = spec
         self.base = config.mqtt.base_topic
+        self.max_skew_s = config.limits.max_clock_skew_s
         features = list(spec.features)
         inputs = cfg.inputs or {f: f for f in features}
         unknown = [k for k in inputs if k not in features]
@@ -117,6 +128,9 @@ class Pipeline:
             )
         self.readings = {feature: inputs[feature] for feature in features}
         self.decoder = build_decoder(name, cfg, self.readings)
+        bound = getattr(self.decoder, "bound_devices", None)
+        if callable(bound):  # a decoder with per-device state of its own (device profiles)
+            bound(cfg.max_devices)
         self.filters = self.decoder.filters
         self.store = FeatureStore(
             self._state_factory(name, cfg), max_devices=cfg.max_devices, allowed=cfg.devices
@@ -194,6 +208,15 @@ class Pipeline:
         events = self.decoder.decode(topic, payload)
         items: list[WorkItem] = []
         now = time.time()
+        for event in events:  # every event checked before any changes state: all or nothing
+            if forbidden_in_topic(event.device):
+                raise DecodeError(
+                    "bad_device_id",
+                    f"device id {event.device[:40]!r} on {topic!r} holds a control character or "
+                    "non-character, which no topic may carry",
+                )
+            if isinstance(event, Decoded) and event.ts is not None:
+                check_timestamp(event.ts, now, self.max_skew_s, f"sample time on {topic!r}")
         for event in events:
             if isinstance(event, Availability):
                 if not event.online:

@@ -184,15 +184,23 @@ mqtt:
   # password_file: /run/credentials/edge-infer.service/mqtt-password
 
 models:
+  # A bundled model (edge-infer models list). Your own: path: models/NAME.onnx
+  # (relative to this file: /etc/edge-infer/models/NAME.onnx).
   appliance:
-    path: models/appliance.onnx        # /etc/edge-infer/models/appliance.onnx
+    path: zoo:appliance
 
 pipelines:
+  # Which appliance each Zigbee2MQTT smart plug powers, from its last 1460 power readings on a
+  # 10 s grid (about 4 hours; docs/models.md). Enable Zigbee2MQTT's advanced.last_seen so that
+  # samples carry their time.
   appliance:
     model: appliance
     source:
       profile: zigbee2mqtt
-      topics: ["zigbee2mqtt/{device}"]
+      options: {base_topic: zigbee2mqtt}
+    inputs: {power: power}
+    features: {type: window, hop: 6, resample_period_s: 10, max_gap_s: 120}
+    output: {publish: on_change, heartbeat_s: 600}
 
 metrics:
   enabled: false                       # true: http://127.0.0.1:9109/metrics and /healthz
@@ -302,7 +310,7 @@ fi
 
 cat <<EOF
 install.sh: done.
-  1. put your models in $ETC/models/ and edit $ETC/config.yaml
+  1. edit $ETC/config.yaml (it serves the bundled appliance model; your own models go in $ETC/models/)
   2. check it:   $VENV/bin/edge-infer check -c $ETC/config.yaml
   3. start it:   systemctl start edge-infer   (status: systemctl status edge-infer)
   4. logs:       journalctl -u edge-infer -f

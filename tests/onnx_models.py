@@ -81,9 +81,9 @@ def slow_classifier(
     """A snapshot classifier that costs width² × depth multiply-adds per item (about 16 M by default):
     for tests that need a model slower than its inputs. One shared weight keeps the file small."""
     rng = np.random.default_rng(7)
-    w_in = rng.normal(size=(len(features), width)).astype(np.float32) / np.sqrt(len(features))
+    w_in = (rng.normal(size=(len(features), width)) / np.sqrt(len(features))).astype(np.float32)
     w_mid = (rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32)
-    w_out = rng.normal(size=(width, len(labels))).astype(np.float32) / np.sqrt(width)
+    w_out = (rng.normal(size=(width, len(labels))) / np.sqrt(width)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W_in"], ["h0"])]
     for i in range(depth):
         nodes += [

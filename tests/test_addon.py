@@ -160,7 +160,7 @@ def test_s6_service_start_script() -> None:
     assert (SERVICE.parent / "user" / "contents.d" / "edge-infer").exists()
     assert 'bashio::services mqtt "host"' in text
     assert 'bashio::services mqtt "password"' in text
-    assert "/data/options.json" in text
+    assert "${EDGE_INFER_ADDON_DATA:-/data}" in text and "options.json" in text
     assert 'exec edge-infer run -c "${CONFIG}"' in text
 
 
@@ -226,11 +226,17 @@ OPTIONS = {
             "name": "appliance",
             "model": "appliance",
             "profile": "zigbee2mqtt",
-            "topic": "zigbee2mqtt/{device}",
-            "availability_topic": "zigbee2mqtt/{device}/availability",
+            "prefix": "z2m",
+            "availability_topic": "z2m/{device}/availability",
+            "inputs": "power=power",
+            "devices": "kitchen_plug, washer",
+            "window_hop": 6,
+            "resample_period_s": 10,
+            "max_gap_s": 120,
             "publish": "on_change",
             "heartbeat_s": 60,
             "min_confidence": 0.6,
+            "entity_name": "Appliance",
         }
     ],
 }
@@ -244,7 +250,9 @@ def test_written_config_is_a_valid_edge_infer_config(
     out = tmp_path / "edge-infer.yaml"
     for key, value in MQTT_ENV.items():
         monkeypatch.setenv(key, value)
-    assert writer.main(["--options", str(options), "--config-dir", "/config", "--out", str(out)]) == 0
+    # --no-validate: /config/models/appliance.onnx is not here (tests/test_addon_run.py validates)
+    args = ["--options", str(options), "--config-dir", "/config", "--out", str(out), "--no-validate"]
+    assert writer.main(args) == 0
     text = out.read_text()
     assert "s3cret" not in text  # the password stays in the environment
     data = yaml.safe_load(text)
@@ -259,12 +267,30 @@ def test_written_config_is_a_valid_edge_infer_config(
     assert config.mqtt.resolved_password() == "s3cret"
     pipeline = config.pipelines["appliance"]
     assert pipeline.source.profile == "zigbee2mqtt"
-    assert pipeline.source.topics == ["zigbee2mqtt/{device}"]
-    assert pipeline.source.availability_topic == "zigbee2mqtt/{device}/availability"
+    assert pipeline.source.options == {"base_topic": "z2m"}
+    assert pipeline.source.availability_topic == "z2m/{device}/availability"
+    assert pipeline.inputs == {"power": "power"}
+    assert pipeline.devices == ["kitchen_plug", "washer"]
+    assert pipeline.features.type == "window"
+    assert (pipeline.features.hop, pipeline.features.resample_period_s, pipeline.features.max_gap_s) == (
+        6,
+        10,
+        120,
+    )
     assert pipeline.output.publish == "on_change"
     assert pipeline.output.heartbeat_s == 60
+    assert pipeline.homeassistant.name == "Appliance"
     assert config.homeassistant.enabled is True
     assert config.homeassistant.discovery_prefix == "homeassistant"
+
+
+def test_written_config_names_bundled_models(writer: ModuleType) -> None:
+    pipe = {"name": "p", "model": "zoo:appliance", "profile": "tasmota", "inputs": "power=power"}
+    data = writer.build_config({**OPTIONS, "models": [], "pipelines": [pipe]}, MQTT_ENV, Path("/config"))
+    assert data["models"] == {"appliance": {"path": "zoo:appliance"}}
+    # the model's manifest says window: the features default to it
+    assert data["pipelines"]["p"]["features"] == {"type": "window"}
+    parse_config(data)
 
 
 def test_written_config_tls_and_anonymous_broker(writer: ModuleType) -> None:
@@ -301,7 +327,10 @@ def test_written_config_errors(writer: ModuleType) -> None:
     with pytest.raises(writer.AddonConfigError, match="no pipelines"):
         writer.build_config({**OPTIONS, "pipelines": []}, MQTT_ENV, Path("/config"))
     bad = {**OPTIONS, "pipelines": [{**OPTIONS["pipelines"][0], "model": "nope"}]}  # type: ignore[dict-item]
-    with pytest.raises(writer.AddonConfigError, match="no model named"):
+    with pytest.raises(writer.AddonConfigError, match=r"option pipelines\[0\]\.model: 'nope' is neither"):
+        writer.build_config(bad, MQTT_ENV, Path("/config"))
+    bad = {**OPTIONS, "pipelines": [{**OPTIONS["pipelines"][0], "inputs": "power"}]}  # type: ignore[dict-item]
+    with pytest.raises(writer.AddonConfigError, match=r"option pipelines\[0\]\.inputs"):
         writer.build_config(bad, MQTT_ENV, Path("/config"))
     with pytest.raises(writer.AddonConfigError, match="no MQTT broker"):
         writer.build_config(OPTIONS, {}, Path("/config"))

@@ -25,18 +25,24 @@ def test_tiny_bench_run_writes_results(tmp_path: Path) -> None:
     assert data == json.loads(json.dumps(result))
     for key in ("schema", "date", "mode", "command", "machine", "systems", "scaling", "headline", "goals"):
         assert key in data
-    assert {"paho-echo", "edge-snapshot"} <= set(data["systems"])
+    assert {"paho-echo", "c-pipe", "edge-snapshot"} <= set(data["systems"])
     for system in data["systems"].values():
         assert {"label", "kind", "ready_s", "peak_rss_mb", "loads"} <= set(system)
         assert {"100", "saturation"} <= set(system["loads"])
         sat = system["loads"]["saturation"]
         assert {"throughput_msg_s", "latency_ms", "cpu_s_per_1000", "rss_mb"} <= set(sat)
+        # busy cores beside msg/s: the process's CPU per wall second, and the machine's
+        # (a tiny burst may take less CPU than the 10 ms a process's clock ticks in: >= 0)
+        assert sat["busy_cores"] is not None and sat["busy_cores"] >= 0
+        assert sat["machine_busy_cores"] is not None and sat["machine_busy_cores"] > 0
         assert set(sat["latency_ms"]) >= {"p50", "p95", "p99", "n"}
         assert sat["received"] > 0  # the answers were seen and matched to their inputs
         assert sat["latency_ms"]["n"] > 0
     assert [row["devices"] for row in data["scaling"]["devices"]] == [1, 10]
     assert [row["pipelines"] for row in data["scaling"]["pipelines"]] == [1]
     assert data["headline"]["ceiling_msg_s"] is not None
+    assert data["headline"]["c_pipe_msg_s"] is not None  # the C clients relayed every input
+    assert data["systems"]["c-pipe"]["loads"]["saturation"]["lost"] == 0
     assert data["headline"]["daemon_loaded_torch"] is False
     assert "saturation >= 0.8 x ceiling" in data["goals"]
     assert data["machine"]["usable_cpus"] >= 1
@@ -73,3 +79,20 @@ def test_micro_answers_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["answers", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "answers old:" in out and "answers new:" in out
+
+
+@pytest.mark.broker
+def test_ab_runs_qos1_inputs_into_several_pipelines_on_one_topic() -> None:
+    """``python -m bench.ab --qos 1 --pipeline shared-2``: QoS 1 inputs, two pipelines on one input
+    topic; every measured answer came back, with the busy-cores columns beside msg/s."""
+    from bench.ab import Variant, run_ab
+    from bench.systems import ROOT
+
+    result = run_ab(
+        [Variant("new", ROOT)], reps=1, burst=300, devices=3, pipeline="shared-2", qos=1, log=lambda _l: None
+    )
+    assert result["qos"] == 1 and result["pipeline"] == "shared-2"
+    (row,) = result["results"].values()
+    assert row["lost"] == 0 and row["msg_s_median"] > 0
+    assert row["busy_cores_median"] is not None and row["busy_cores_median"] > 0
+    assert row["machine_busy_cores_median"] is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +176,19 @@ def test_field_paths_and_sanitising() -> None:
     assert compile_path('["a.b"]')(data) == 3
     with pytest.raises(KeyError):
         compile_path("ENERGY.Voltage")(data)
-    assert sanitise_segment("a/b") == "a_b"
-    assert sanitise_segment("+") == "_" and sanitise_segment("#") == "_"
-    assert sanitise_segment("$SYS") == "_SYS"
-    assert sanitise_segment("") == "_"
-    assert sanitise_segment("x\x00y\n") == "x_y_"
+    # Safe ids are their own segment; others are sanitised plus '~' and a hash of the original.
+    assert sanitise_segment("kitchen_plug") == "kitchen_plug"
+    assert re.fullmatch(r"a_b~[0-9a-f]{8}", sanitise_segment("a/b"))
+    assert re.fullmatch(r"_~[0-9a-f]{8}", sanitise_segment("+"))
+    assert re.fullmatch(r"_SYS~[0-9a-f]{8}", sanitise_segment("$SYS"))
+    assert re.fullmatch(r"_?~[0-9a-f]{8}", sanitise_segment(""))
+    assert re.fullmatch(r"x_y_?~[0-9a-f]{8}", sanitise_segment("x\x00y\n"))
+    # Distinct ids never share a segment, also an id crafted to look like a mapped one.
+    ids = ["kitchen_plug", "kitchen/plug", "kitchen+plug", "kitchen#plug", " kitchen_plug"]
+    ids.append(sanitise_segment("kitchen/plug"))
+    segments = [sanitise_segment(i) for i in ids]
+    assert len(set(segments)) == len(ids), segments
+    assert all(len(sanitise_segment(i * 300)) <= 128 for i in ids)
 
 
 @pytest.mark.parametrize(

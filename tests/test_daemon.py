@@ -114,6 +114,8 @@ def test_predictions_equal_onnxruntime_and_devices_do_not_mix(
     # Availability of outputs is announced, retained.
     assert [m.payload for m in out.on(f"{p}/ei/plug/p1/availability")] == [b"online"]
     # Status went online, then offline at shutdown.
+    # (the broker forwards the daemon's last status to this subscriber asynchronously: wait for it)
+    out.wait(lambda ms: any(m.topic == f"{p}/ei/status" and m.payload == b"offline" for m in ms), 10)
     assert [m.payload for m in out.on(f"{p}/ei/status")][-1] == b"offline"
     out.close()
     pub.close()
@@ -138,8 +140,8 @@ def test_bad_input_is_counted_and_survived(mosquitto: Mosquitto, topic_prefix: s
             (f"{p}/z2m/a", '{"temperature": NaN, "humidity": 40, "co2": 500}', "not_finite"),
             (f"{p}/z2m/a", '{"temperature": Infinity, "humidity": 40, "co2": 500}', "not_finite"),
             (f"{p}/z2m/a", json.dumps({**good, "pad": "x" * 600}), "oversized"),
-            (f"{p}/tele/p1/SENSOR", {"t": 2000, "ENERGY": {"Power": 1}}, None),
-            (f"{p}/tele/p1/SENSOR", {"t": 1000, "ENERGY": {"Power": 1}}, "out_of_order"),
+            (f"{p}/tele/p1/SENSOR", {"t": 1_700_002_000, "ENERGY": {"Power": 1}}, None),
+            (f"{p}/tele/p1/SENSOR", {"t": 1_700_001_000, "ENERGY": {"Power": 1}}, "out_of_order"),
             (f"{p}/z2m/b", good, None),
             (f"{p}/z2m/c", good, "unknown_device"),  # a, b tracked already: c is one too many
         ]

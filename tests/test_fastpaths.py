@@ -147,14 +147,24 @@ def test_answers_are_byte_identical_to_json_dumps(top_k: int, instance: str | No
                 {"label": spec.labels[int(i)], "p": round(float(row[int(i)]), 4)}
                 for i in np.argsort(-row)[:top_k]
             ]
-        assert prediction.fields == fields or math.isnan(confidence)
+        if math.isnan(confidence):  # not finite: null, answers are strict JSON
+            assert prediction.fields["confidence"] is None and prediction.fields["label"] is None
+        else:
+            assert prediction.fields == fields
         latency = float(rng.uniform(0, 50)) if n != 9 else math.nan
         ts = float(1764486000 + rng.uniform(0, 1e5))
-        body = {**prediction.fields, "model": "ff", "model_version": "1.2.0", "latency_ms": round(latency, 3)}
+        shown = round(latency, 3) if math.isfinite(latency) else None
+        body = {**prediction.fields, "model": "ff", "model_version": "1.2.0", "latency_ms": shown}
         body["ts"] = _old_iso(ts)
         if instance is not None:
             body["instance"] = instance
-        assert post.answer(prediction, latency, ts, instance) == json.dumps(body).encode()
+        encoded = post.answer(prediction, latency, ts, instance)
+        assert encoded == json.dumps(body, allow_nan=False).encode()
+        json.loads(encoded, parse_constant=_no_constant)  # strict JSON: no NaN/Infinity
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} in an answer")
 
 
 def test_ten_thousandths_equal_round() -> None:
@@ -185,11 +195,15 @@ def test_probability_outputs_out_of_range_fall_back_to_json_dumps() -> None:
     raw = np.array([[0.25, 0.75], [1.5, -0.5], [np.inf, 0.0]], dtype=np.float32)
     for prediction, row in zip(post(raw), raw.tolist(), strict=True):
         order = sorted(range(2), key=lambda i: -row[i])
+
+        def shown(value: float) -> float | None:  # infinite as null: answers are strict JSON
+            return round(value, 4) if math.isfinite(value) else None
+
         fields = {
             "label": spec.labels[order[0]],
-            "confidence": round(row[order[0]], 4),
-            "top_k": [{"label": spec.labels[i], "p": round(row[i], 4)} for i in order],
+            "confidence": shown(row[order[0]]),
+            "top_k": [{"label": spec.labels[i], "p": shown(row[i])} for i in order],
         }
         assert prediction.fields == fields
         body = {**fields, "model": "m", "model_version": "1", "latency_ms": 1.5, "ts": _old_iso(1e9)}
-        assert post.answer(prediction, 1.5, 1e9) == json.dumps(body).encode()
+        assert post.answer(prediction, 1.5, 1e9) == json.dumps(body, allow_nan=False).encode()

@@ -587,3 +587,18 @@ def test_payloads_are_deterministic() -> None:
     one = device_discovery(BRIDGE, PLUG, [FORECAST, APPLIANCE])
     two = device_discovery(BRIDGE, PLUG, [APPLIANCE, FORECAST])
     assert one == two
+
+
+def test_readback_junk_is_counted_never_raised() -> None:
+    """Issue 19: a deep array, a 5,000-digit integer or an oversized payload retained on the
+    discovery prefix is counted, not raised (it used to kill the daemon at start)."""
+    from edge.homeassistant import MAX_READBACK_BYTES, BridgeInfo, DiscoveryTracker
+
+    tracker = DiscoveryTracker(
+        BridgeInfo(version="0", base_topic="edge", instance_id="main", discovery_prefix="homeassistant")
+    )
+    topic = "homeassistant/device/x/config"
+    junk = [b"[" * 200_000 + b"]" * 200_000, b"9" * 5000, b" " * (MAX_READBACK_BYTES + 1)]
+    for payload in junk:
+        assert tracker.observe_retained(topic, payload) is False
+    assert tracker.readback_rejected == len(junk)

@@ -91,7 +91,9 @@ def _covered(filt: str, topic: str) -> bool:
     return all(f in ("+", t) for f, t in zip(fp, tp, strict=True))
 
 
-def test_every_family_arrives_and_decodes(mosquitto: Mosquitto) -> None:
+def test_every_family_arrives_and_decodes(fresh_broker: Mosquitto) -> None:
+    # A broker of its own: other tests' simulators leave retained truth topics in the session's.
+    mosquitto = fresh_broker.start()
     collector = Collector(mosquitto)
     sim = Simulator(SimConfig(speed=600, devices=2, seed=3, imu_speed=5))
     counts = asyncio.run(sim.run(mosquitto.url, duration=2.0))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -319,7 +320,11 @@ def test_install_under_a_prefix_is_idempotent_and_keeps_the_config(tmp_path: Pat
     from edge.config import load_config
 
     cfg = load_config(etc / "config.yaml")
-    assert cfg.models["appliance"].path == etc / "models" / "appliance.onnx"
+    from edge import zoo
+
+    # a bundled model that exists (it used to name models/appliance.onnx, which did not)
+    assert cfg.models["appliance"].path == zoo.resolve("zoo:appliance").path
+    assert cfg.models["appliance"].path.is_file()
 
     # the user edits the config; a unit was tampered with; run again
     (etc / "config.yaml").write_text("# mine\n")
@@ -413,3 +418,80 @@ def test_install_creates_and_upgrades_the_venv(tmp_path: Path) -> None:
     )
     again = _install("--prefix", str(prefix), "--source", str(wheel), *offline)
     assert "upgrading the existing virtual environment" in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_install_then_the_units_exec_start_serves_predictions(tmp_path: Path, fresh_broker: Any) -> None:
+    """The user's path: install.sh (this checkout, for real) into a root, `check` the config it
+    wrote, then the daemon with exactly the unit's ExecStart and Environment= (prefix applied),
+    working directory /, against a real Mosquitto: predictions for simulated Zigbee2MQTT plugs."""
+    from tests.harness import Collector
+
+    mosquitto = fresh_broker.start()  # its own: the simulator's retained topics stay in it
+    prefix = tmp_path / "root"
+    _install("--prefix", str(prefix), "--python", sys.executable)
+    exe = prefix / "opt" / "edge-infer" / "venv" / "bin" / "edge-infer"
+    config = prefix / "etc" / "edge-infer" / "config.yaml"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGE_INFER_MQTT_URL")}
+    check = subprocess.run(
+        [str(exe), "check", "-c", str(config)], capture_output=True, text=True, timeout=120, env=env, cwd="/"
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "zoo" in check.stdout or "appliance" in check.stdout
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((prefix / "etc" / "systemd" / "system" / "edge-infer.service").read_text())
+    service = unit["Service"]
+    argv = service["ExecStart"].split()
+    argv = [str(prefix) + a if a.startswith(("/opt/", "/etc/")) else a for a in argv]
+    assert argv[:2] == [str(exe), "run"]
+    unit_env = dict(item.split("=", 1) for item in service["Environment"].split())
+    state = prefix / "var" / "lib" / "edge-infer"
+    state.mkdir(parents=True)
+    run_env = {
+        "PATH": os.environ["PATH"],
+        **unit_env,
+        "STATE_DIRECTORY": str(state),  # StateDirectory=edge-infer
+        "EDGE_INFER_MQTT_URL": mosquitto.url,  # the one override: this test's broker
+    }
+    collector = Collector(mosquitto.url, "edge-infer/appliance/#")
+    daemon = subprocess.Popen(
+        argv, cwd="/", env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "simulate",
+            "--mqtt-url",
+            mosquitto.url,
+            "--families",
+            "z2m_plug",
+            "--devices",
+            "2",
+            "--speed",
+            "600",
+            "--duration",
+            "150",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        got = collector.wait(
+            lambda ms: any(m.topic.count("/") == 2 and b'"label"' in m.payload for m in ms), timeout=150
+        )
+        answers = [m.json() for m in got if m.topic.count("/") == 2 and b'"label"' in m.payload]
+        assert answers and answers[0]["model"] == "appliance"
+        assert daemon.poll() is None
+    finally:
+        sim.terminate()
+        daemon.terminate()
+        out, _ = daemon.communicate(timeout=30)
+        sim.communicate(timeout=30)
+        collector.close()
+    assert daemon.returncode == 0, out[-3000:]
