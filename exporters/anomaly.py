@@ -23,10 +23,12 @@ synthetic fridge of :func:`fridge_power` (the figures in docs/models.md).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,8 @@ def windows(series: NDArray[Any], window: int, hop: int) -> FloatArray:
 
 
 def window_end_times(n_samples: int, window: int, hop: int, sample_period_s: float) -> NDArray[np.float64]:
-    return (np.arange(window, n_samples + 1, hop) - 1) * sample_period_s
+    ends = np.arange(window, n_samples + 1, hop, dtype=np.float64)
+    return np.asarray((ends - 1.0) * sample_period_s, dtype=np.float64)
 
 
 def choose_threshold(held_out_scores: NDArray[Any], recipe: AnomalyRecipe) -> dict[str, Any]:
@@ -157,11 +160,11 @@ def _model(recipe: AnomalyRecipe, mean: FloatArray, std: FloatArray) -> Any:
             d = recipe.window * len(recipe.features)
             dims = [d, *recipe.hidden]
             enc: list[nn.Module] = []
-            for a, b in zip(dims[:-1], dims[1:], strict=True):
+            for a, b in itertools.pairwise(dims):
                 enc += [nn.Linear(a, b), nn.ReLU()]
             dec: list[nn.Module] = []
             rev = dims[::-1]
-            for i, (a, b) in enumerate(zip(rev[:-1], rev[1:], strict=True)):
+            for i, (a, b) in enumerate(itertools.pairwise(rev)):
                 dec.append(nn.Linear(a, b))
                 if i < len(rev) - 2:
                     dec.append(nn.ReLU())
@@ -173,11 +176,13 @@ def _model(recipe: AnomalyRecipe, mean: FloatArray, std: FloatArray) -> Any:
         def reconstruct_error(self, x: torch.Tensor) -> torch.Tensor:
             if recipe.log1p:
                 x = torch.log1p(torch.clamp(x, min=0.0))
-            z = (x - self.mean) / self.std
+            mean, std = self.get_buffer("mean"), self.get_buffer("std")
+            z = (x - mean) / std
             if recipe.view == "sorted":
                 z = torch.topk(z, recipe.window, dim=1).values
             z = z.flatten(1)
-            return (self.decoder(self.encoder(z)) - z) ** 2
+            err: torch.Tensor = (self.decoder(self.encoder(z)) - z) ** 2
+            return err
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.reconstruct_error(x).mean(dim=1, keepdim=True)
@@ -228,7 +233,7 @@ def fit(normal: NDArray[Any], recipe: AnomalyRecipe, out: Path) -> AnomalyResult
     gen = torch.Generator().manual_seed(recipe.seed)
     for _ in range(recipe.epochs):
         model.train()
-        for idx in torch.randperm(len(data), generator=gen).split(recipe.batch_size):
+        for idx in torch.split(torch.randperm(len(data), generator=gen), recipe.batch_size):
             opt.zero_grad()
             loss = model(data[idx]).mean()
             loss.backward()
@@ -288,7 +293,7 @@ def onnx_scores(path: Path, series: NDArray[Any], window: int, hop: int) -> NDAr
     from exporters.onnxutil import session
 
     x = windows(series, window, hop)
-    return session(path).run(["score"], {"input": x})[0][:, 0]
+    return np.asarray(session(path).run(["score"], {"input": x})[0][:, 0], dtype=np.float32)
 
 
 # ------------------------------------------------------------- synthetic devices and faults
@@ -320,7 +325,7 @@ def fridge_power(
         for dur, watts in ((on, level), (off, 2.0)):
             if i >= n:
                 break
-            k = max(1, int(round(dur / period_s)))
+            k = max(1, round(dur / period_s))
             seg = np.full(k, watts, dtype=np.float32) + rng.normal(0, 1.0, k).astype(np.float32)
             if fault == "stuck_on":
                 times = t + np.arange(k) * period_s
@@ -365,7 +370,9 @@ def fridge_recipe(**kw: Any) -> AnomalyRecipe:
         "sample_period_s": 60.0,
         "window": 180,
         "hop": 10,
-        "description": "Fridge on a smart plug: unusual compressor behaviour (3 h windows), learned from normal days.",
+        "description": (
+            "Fridge on a smart plug: unusual compressor behaviour (3 h windows), learned from normal days."
+        ),
         "view": "sorted",
     }
     return AnomalyRecipe(**{**base, **kw})
@@ -379,7 +386,9 @@ def flow_recipe(**kw: Any) -> AnomalyRecipe:
         "sample_period_s": 60.0,
         "window": 180,
         "hop": 10,
-        "description": "Water-flow sensor: flow that does not return to zero (3 h windows), learned from normal days.",
+        "description": (
+            "Water-flow sensor: flow that does not return to zero (3 h windows), learned from normal days."
+        ),
         "view": "sorted",
         "log1p": True,
     }
@@ -394,10 +403,18 @@ def evaluate(
     rng = np.random.default_rng(seed)
     report: dict[str, Any] = {"train_days": train_days, "test_days": test_days, "seed": seed}
     onset = 2 * DAY_S
-    for kind, recipe, gen in (
-        ("fridge", fridge_recipe(), lambda d, **k: fridge_power(d, rng, **k)),
-        ("water_flow", flow_recipe(), lambda d, **k: water_flow(d, rng, **k)),
-    ):
+
+    def fridge_gen(days: float, **kw: Any) -> FloatArray:
+        return fridge_power(days, rng, **kw)
+
+    def flow_gen(days: float, **kw: Any) -> FloatArray:
+        return water_flow(days, rng, **kw)
+
+    generators: tuple[tuple[str, AnomalyRecipe, Callable[..., FloatArray]], ...] = (
+        ("fridge", fridge_recipe(), fridge_gen),
+        ("water_flow", flow_recipe(), flow_gen),
+    )
+    for kind, recipe, gen in generators:
         res = fit(gen(train_days), recipe, out_dir / f"{recipe.name}.onnx")
         thr = res.threshold["threshold"]
         normal = onnx_scores(res.path, gen(test_days), recipe.window, recipe.hop)
@@ -434,7 +451,8 @@ def card(report: dict[str, Any]) -> str:
     )
     lines += [
         "",
-        "| device | target false alarms/day | measured false alarms/day | threshold | fault | detection delay |",
+        "| device | target false alarms/day | measured false alarms/day | threshold | fault "
+        "| detection delay |",
         "|---|---|---|---|---|---|",
     ]
     for kind in ("fridge", "water_flow"):

@@ -63,7 +63,8 @@ def energy(logits: NDArray[Any]) -> NDArray[np.float64]:
     """``-logsumexp(z)`` per row (numpy reference of the graph branch)."""
     z = np.asarray(logits, dtype=np.float64)
     m = z.max(axis=1, keepdims=True)
-    return -(m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    out: NDArray[np.float64] = -(m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    return out
 
 
 def choose_threshold(known_scores: NDArray[Any], tpr: float = DEFAULT_TPR) -> float:
@@ -188,7 +189,7 @@ def features_of(model: onnx.ModelProto, x: NDArray[np.float32], feature: str) ->
     probe.CopyFrom(model)
     probe.graph.output.append(onnx.ValueInfoProto(name=feature))
     out = session(probe.SerializeToString()).run([feature], {"input": x})[0]
-    return out.reshape(len(x), -1)
+    return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
 
 
 def ood_record(
@@ -211,6 +212,7 @@ def add_ood_to_file(
     dst: Path,
     held_out_x: NDArray[np.float32],
     held_out: str,
+    *,
     tpr: float = DEFAULT_TPR,
     score: str = "energy",
     train: tuple[NDArray[np.float32], NDArray[Any]] | None = None,
@@ -269,7 +271,7 @@ def ood_scores(path: Path, x: NDArray[np.float32]) -> tuple[NDArray[np.float32],
 
 
 def acsf1_leave_classes_out(
-    holdout: list[int], out: Path, epochs: int, val_per_class: int, seed: int = 0, tpr: float = DEFAULT_TPR
+    holdout: list[int], out: Path, *, epochs: int, val_per_class: int, seed: int = 0, tpr: float = DEFAULT_TPR
 ) -> dict[str, Any]:
     """Train the appliance recipe (shortened to ``epochs``) without the ``holdout`` classes.
 
@@ -335,7 +337,7 @@ def acsf1_leave_classes_out(
             with_ood,
             ds.x_val,
             f"{len(va)} held-out training series of the known classes",
-            tpr,
+            tpr=tpr,
             score=score,
             train=(ds.x_train, ds.y_train),
         )
@@ -372,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         res = acsf1_leave_classes_out(
-            args.holdout, args.out or Path(tmp), args.epochs, args.val_per_class, args.seed
+            args.holdout,
+            args.out or Path(tmp),
+            epochs=args.epochs,
+            val_per_class=args.val_per_class,
+            seed=args.seed,
         )
     print(json.dumps(res, indent=2))
     return 0
