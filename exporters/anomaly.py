@@ -16,8 +16,9 @@ held-out scores. When the held-out data are too short to read that quantile off 
 ten expected exceedances), an exponential tail is fitted to the top 10 % of the held-out
 scores (peaks over threshold) and solved for the target share; the record says which.
 
-``python -m exporters.anomaly fridge --out DIR`` trains, exports and writes a card on the
-synthetic fridge of :func:`fridge_power` (the figures in docs/models.md).
+``python -m exporters.anomaly --out DIR`` trains, exports and writes a card on the synthetic
+fridge of :func:`fridge_power` and water-flow sensor of :func:`water_flow` (the figures in
+docs/exporting.md).
 """
 
 from __future__ import annotations
