@@ -710,6 +710,7 @@ class Daemon:
                     self._answer_failed(pipeline, batch[index], exc)
                 continue
             out = pipeline.cfg.output
+            retain = out.retain or self.discovery.retains(pipeline)  # HA reads it on subscribing
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
@@ -727,7 +728,7 @@ class Daemon:
                 if item.device not in pipeline.last_published:
                     self._first_answer(pipeline, item.device)
                 pipeline.last_published[item.device] = encoded
-                self.link.publish(Outgoing(topic, encoded, out.qos, out.retain))
+                self.link.publish(Outgoing(topic, encoded, out.qos, retain))
                 pipeline.stats.published += 1
                 self._settle(item)
 
@@ -775,7 +776,8 @@ class Daemon:
                         True,
                     )
                 )
-                self.link.publish(Outgoing(pipeline.output_topic(device), payload, out.qos, out.retain))
+                retain = out.retain or self.discovery.retains(pipeline)
+                self.link.publish(Outgoing(pipeline.output_topic(device), payload, out.qos, retain))
 
     def status_text(self) -> str:
         elapsed = max(time.time() - self.started, 1e-9)

@@ -135,6 +135,16 @@ class Discovery:
         self.on_ha_online: Callable[[], None] | None = None
         self.announcements = 0
 
+    def retains(self, pipeline: Pipeline) -> bool:
+        """Whether ``pipeline``'s predictions are published retained for Home Assistant.
+
+        Home Assistant subscribes to a state topic only when it creates the entity, so a state sent
+        before that is lost and, with ``expire_after``, the entity stays unavailable until the next
+        one (minutes). Retained, the broker hands the last state over on subscribing, whatever the
+        order of config and state; staleness is left to ``expire_after`` and the availability.
+        """
+        return self.enabled and pipeline.cfg.homeassistant.enabled
+
     def _availability_patterns(self) -> list[tuple[str, TopicPattern]]:
         """In a cluster: the retained availability topics of every pipeline's devices, whichever
         instance answers them (only where ``{device}`` is a whole segment of the output topic)."""

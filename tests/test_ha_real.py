@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 from edge.homeassistant import (
     Availability,
@@ -36,6 +38,9 @@ from edge.homeassistant import (
     bridge_info_payload,
 )
 from tests.broker import Mosquitto, free_port, wait_port
+from tests.harness import ROOT, DaemonThread, make_config
+
+HOME = ROOT / "examples" / "home.yaml"
 
 ENV_VENV = "EDGE_INFER_HA_VENV"
 BOOT_TIMEOUT_S = 240.0
@@ -396,6 +401,124 @@ def test_home_assistant_accepts_the_discovery(
         and any(source in line for source in ("components.mqtt", "components.sensor", "helpers.template"))
     ]
     assert not rejected, "\n".join(rejected)
+
+
+# ----------------------------------------------------------------------- the daemon, simulate, real HA
+
+SIM_SPEED = 1000.0  # a plug's 1460 x 10 s window (4 h) fills in ~15 s if the machine keeps up
+SIM_FAMILIES = ("z2m_plug", "tasmota_plug", "wearable", "z2m_climate", "esphome_climate")
+STATE_WITHIN_S = 5.0
+
+
+def _home_config(url: str, prefix: str, **homeassistant: Any) -> dict[str, Any]:
+    """examples/home.yaml as it is, on the test's broker, with this test's own base topic and
+    bridge id (Home Assistant reads the shared ``homeassistant`` discovery prefix)."""
+    data = yaml.safe_load(HOME.read_text())
+    data["mqtt"] = {
+        **data["mqtt"],
+        "url": url,
+        "base_topic": f"{prefix}/edge-infer",
+        "client_id": f"ei-{prefix}",
+    }
+    data["homeassistant"] = {**data["homeassistant"], "instance_id": prefix, **homeassistant}
+    return data
+
+
+def _simulate(url: str, log: Path, devices: int = 2, seed: int = 5) -> subprocess.Popen[bytes]:
+    argv = ["--mqtt-url", url, "--speed", str(SIM_SPEED), "--devices", str(devices), "--seed", str(seed)]
+    argv += ["--families", ",".join(SIM_FAMILIES), "--imu-speed", "3"]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "simulate", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class EntityClock:
+    """Polls Home Assistant and notes, per entity, when it first exists and when it first has a
+    state that came from a message (not ``unavailable``: every entity here has ``expire_after``,
+    which keeps it unavailable until its first message)."""
+
+    def __init__(self, ha: HomeAssistant, exclude_prefix: str) -> None:
+        self.ha = ha
+        self.exclude_prefix = exclude_prefix
+        self.created: dict[str, float] = {}
+        self.stated: dict[str, float] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for entity_id, state in self.ha.mqtt_states().items():
+            name = state["attributes"].get("friendly_name", "")
+            if name.startswith(self.exclude_prefix):
+                continue
+            self.states[entity_id] = state
+            self.created.setdefault(entity_id, now)
+            if state["state"] != "unavailable":
+                self.stated.setdefault(entity_id, now)
+
+    def late(self, within_s: float) -> dict[str, float | None]:
+        """Entities without a state within ``within_s`` of appearing (None: no state at all)."""
+        out: dict[str, float | None] = {}
+        for entity_id, created in self.created.items():
+            stated = self.stated.get(entity_id)
+            if stated is None or stated - created > within_s:
+                out[entity_id] = None if stated is None else round(stated - created, 2)
+        return out
+
+
+def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
+    home_assistant: HomeAssistant, mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The daemon serves `edge-infer simulate` at 1000x with examples/home.yaml: every prediction
+    entity Home Assistant creates has its first state within 5 s (its first prediction is retained,
+    so Home Assistant reads it when it subscribes on creating the entity)."""
+    data = _home_config(mosquitto.url, topic_prefix)
+    bridge_name = f"edge-infer {topic_prefix}"
+    devices = 2
+    expected_entities = 2 * devices * len(SIM_FAMILIES)  # main entity + confidence per device
+    clock = EntityClock(home_assistant, bridge_name)
+    sim = _simulate(mosquitto.url, tmp_path / "simulate.log", devices=devices)
+    try:
+        with DaemonThread(make_config(data, HOME.parent)):
+
+            def all_created() -> bool | None:
+                clock.poll()
+                return (len(clock.created) >= expected_entities and not clock.late(STATE_WITHIN_S)) or None
+
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not all_created():
+                # an entity still waiting for its state counts as late only once 5 s have passed
+                if len(clock.created) >= expected_entities and all(
+                    time.monotonic() - clock.created[e] > STATE_WITHIN_S + 1
+                    for e in clock.late(STATE_WITHIN_S)
+                ):
+                    break
+                time.sleep(0.5)
+    finally:
+        _stop_process(sim)
+    spans = sorted(clock.stated[e] - clock.created[e] for e in clock.stated if e in clock.created)
+    print(
+        f"entities {len(clock.created)}, with a state {len(clock.stated)}; "
+        f"state after creation: max {max(spans, default=float('nan')):.2f} s"
+    )
+    assert len(clock.created) == expected_entities, sorted(clock.created)
+    assert not clock.late(STATE_WITHIN_S), (
+        clock.late(STATE_WITHIN_S),
+        {e: clock.states[e]["state"] for e in clock.late(STATE_WITHIN_S)},
+    )
 
 
 def test_setup_script_exists_and_is_executable() -> None:
