@@ -490,6 +490,12 @@ class HomeAssistantConfig(_Model):
         description="Names this daemon's bridge device; default: 8 hex digits of the config's absolute "
         "path and mqtt.base_topic (as the client id), so each config on a host has its own.",
     )
+    forget_after_days: float | None = Field(
+        7.0,
+        gt=0,
+        description="A device no pipeline has answered for this long is removed from Home Assistant "
+        "(null: never). A restart never removes a device its config still covers.",
+    )
 
 
 class ClusterConfig(_Model):

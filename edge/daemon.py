@@ -1088,6 +1088,8 @@ class Daemon:
             self.metrics_port = server.port
         if self.config.state.file is not None:
             restore_state(self.config.state.file, self.pipelines)
+            for name, pipeline in self.pipelines.items():  # announced at once, not at their next answer
+                self.discovery.remember(name, pipeline.store.states)
             tasks.append(asyncio.create_task(self._keep_state(), name="state"))
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")

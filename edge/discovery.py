@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,6 +47,7 @@ from edge.pipeline import Pipeline
 log = logging.getLogger("edge.discovery")
 
 READBACK_S = 1.0
+SWEEP_MAX_S = 3600.0  # how often, at most, devices are checked for having answered
 
 
 def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
@@ -134,6 +136,17 @@ class Discovery:
         self._announce: asyncio.Task[None] | None = None
         self.on_ha_online: Callable[[], None] | None = None
         self.announcements = 0
+        self.plans = 0  # replans done (tests wait on it)
+        self.forgotten = 0  # (pipeline, device) pairs removed for being unseen
+        days = ha.forget_after_days
+        self.forget_after_s: float | None = None if days is None else days * 86400.0
+        # pipeline -> devices announced before this run (read back from the broker's retained
+        # configs, or restored from the state file): announced at once, never removed on restart
+        self._restored: dict[str, set[str]] = {}
+        self._seen: dict[tuple[str, str], float] = {}  # (pipeline, device) -> last answered (wall)
+        self._marks: dict[tuple[str, str], bytes] = {}  # the last_published payload last looked at
+        self._sweeper: asyncio.Task[None] | None = None
+        self._clock: Callable[[], float] = time.time
 
     def retains(self, pipeline: Pipeline) -> bool:
         """Whether ``pipeline``'s predictions are published retained for Home Assistant.
@@ -214,7 +227,77 @@ class Discovery:
         self._reading_back = True
         await asyncio.sleep(READBACK_S)
         self._reading_back = False
+        self._restore_from_readback()
         self.replan()
+        if self.forget_after_s is not None and (self._sweeper is None or self._sweeper.done()):
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def remember(self, pipeline: str, devices: Iterable[str]) -> None:
+        """Devices of ``pipeline`` known from before this run (the state file): they are announced
+        with the first plan, before their first new answer."""
+        self._restored.setdefault(pipeline, set()).update(devices)
+
+    def _restore_from_readback(self) -> None:
+        """Which (pipeline, device) pairs the retained configs of an earlier run announced, from
+        each component's state topic and the configured pipelines' output topics: a restart with
+        the same config re-announces them instead of removing them."""
+        patterns: list[tuple[str, TopicPattern]] = []
+        for pipeline in self._pipelines():
+            if not pipeline.cfg.homeassistant.enabled:
+                continue
+            text = pipeline.topic_template.replace("{base}", pipeline.base).replace(
+                "{pipeline}", pipeline.name
+            )
+            try:
+                pattern = TopicPattern(text)
+            except ValueError:
+                continue
+            if pattern.names == ["device"]:
+                patterns.append((pipeline.name, pattern))
+        trackers = [self.tracker] if self.shared is None else [self.tracker, self.shared]
+        for tracker in trackers:
+            for state_topic in tracker.announced_state_topics():
+                for name, pattern in patterns:
+                    match = pattern.match(state_topic)
+                    if match is not None:
+                        self._restored.setdefault(name, set()).add(match["device"])
+
+    async def _sweep(self) -> None:
+        """Now and then: note which devices answered, and remove those unseen for too long."""
+        assert self.forget_after_s is not None
+        interval = min(SWEEP_MAX_S, self.forget_after_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.replan()
+
+    def _unseen(self, pipeline: Pipeline, device: str, now: float) -> bool:
+        """Notes whether ``device`` answered since the last look; ``True`` when it has not for
+        ``forget_after_s`` (a device known only from before this run counts from the restart)."""
+        key = (pipeline.name, device)
+        payload = pipeline.last_published.get(device)
+        if payload is not None and self._marks.get(key) is not payload:
+            self._marks[key] = payload
+            self._seen[key] = now
+        seen = self._seen.setdefault(key, now)
+        return self.forget_after_s is not None and now - seen > self.forget_after_s
+
+    def _forget(self, pipeline: Pipeline, device: str) -> None:
+        key = (pipeline.name, device)
+        self._seen.pop(key, None)
+        self._marks.pop(key, None)
+        self._restored.get(pipeline.name, set()).discard(device)
+        pipeline.last_published.pop(device, None)  # its next answer announces it again
+        pipeline.availability.pop(device, None)
+        topic = pipeline.output_topic(device)  # no stale retained state or availability left behind
+        for retained in (topic, topic + "/availability"):
+            self._publish(Outgoing(retained, b"", 1, True))
+        self.forgotten += 1
+        log.info(
+            "pipeline=%s device %r unseen for %.1f days: removed from Home Assistant",
+            pipeline.name,
+            device[:64],
+            (self.forget_after_s or 0) / 86400,
+        )
 
     def warn_unsupported(self) -> None:
         for pipeline in self._pipelines():
@@ -224,14 +307,21 @@ class Discovery:
     def replan(self) -> None:
         if not self.enabled:
             return
+        self.plans += 1
+        now = self._clock()
         devices: list[tuple[SourceDevice, list[OutputEntity]]] = []
         by_device: dict[str, list[tuple[Pipeline, OutputEntity]]] = {}
         for pipeline in self._pipelines():
             if not pipeline.cfg.homeassistant.enabled:
                 continue
-            known = {sanitise_segment(d): d for d in self._learned.get(pipeline.name, ())}
+            known = {sanitise_segment(d): d for d in self._restored.get(pipeline.name, ())}
+            known.update({sanitise_segment(d): d for d in self._learned.get(pipeline.name, ())})
             known.update({sanitise_segment(d): d for d in pipeline.last_published})
+            learned = self._learned.get(pipeline.name, set())  # another instance answers those
             for device in known.values():
+                if device not in learned and self._unseen(pipeline, device, now):
+                    self._forget(pipeline, device)
+                    continue
                 by_device.setdefault(device, []).append((pipeline, output_entity(pipeline, device)))
         for device, entries in sorted(by_device.items()):
             devices.append((source_device(entries[0][0], device), [e for _, e in entries]))
@@ -272,7 +362,7 @@ class Discovery:
         self.announcements += len(messages)
 
     def close(self) -> None:
-        for task in (self._pending, self._announce):
+        for task in (self._pending, self._announce, self._sweeper):
             if task is not None:
                 task.cancel()
 

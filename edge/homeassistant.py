@@ -686,6 +686,23 @@ class DiscoveryTracker:
         self._announced = desired
         return messages
 
+    def announced_state_topics(self) -> list[str]:
+        """The state topics of every component announced (or read back), bridge's included."""
+        topics: list[str] = []
+        for config in self._announced.values():
+            cmps = config.get("cmps", config.get("components"))
+            if not isinstance(cmps, Mapping):
+                continue
+            for component in cmps.values():
+                topic = (
+                    component.get("state_topic", component.get("stat_t"))
+                    if isinstance(component, Mapping)
+                    else None
+                )
+                if isinstance(topic, str) and topic not in topics:
+                    topics.append(topic)
+        return topics
+
     def announce_all(self) -> list[DiscoveryMessage]:
         return [DiscoveryMessage(topic, _encode(config)) for topic, config in self._announced.items()]
 

@@ -151,3 +151,114 @@ def test_predictions_of_announced_pipelines_are_retained(
         watch.close()
         late.close()
     pub.close()
+
+
+def _wait_plans(runner: DaemonThread, count: int = 1, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        daemon = runner.daemon
+        if daemon is not None and daemon.discovery.plans >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError("discovery did not plan")
+
+
+def _device_configs(collector: Collector, prefix: str, since: int = 0) -> list[Any]:
+    return [m for m in collector.messages[since:] if m.topic.startswith(f"{prefix}/ha/device/")]
+
+
+def test_restart_with_the_same_config_removes_nothing(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The broker records every discovery message of two runs: the second run sends no empty
+    config, and re-announces both devices (read back from the retained configs) before either
+    has sent anything new."""
+    p = topic_prefix
+    data = _config(mosquitto.url, p, tmp_path)
+    watch = Collector(mosquitto.url, f"{p}/ha/device/+/config")
+    pub = Publisher(mosquitto.url)
+    with DaemonThread(make_config(data, tmp_path)):
+        for device in ("kitchen", "office"):
+            pub.send(f"{p}/z2m/{device}", {"temperature": 21, "co2": 800})
+        watch.wait(
+            lambda m: sum(1 for c in _configs(watch, p).values() if c and "via_device" in c["dev"]) == 2
+        )
+    mark = len(watch.messages)
+    runner = DaemonThread(make_config(data, tmp_path)).start()
+    try:
+        _wait_plans(runner)
+        time.sleep(0.5)  # what the plan published has reached the collector
+        second = _device_configs(watch, p, mark)
+        assert not [m.topic for m in second if not m.payload], "a restart removed devices"
+        assert runner.daemon is not None
+        announced = {t for t, c in _configs(watch, p).items() if c and "via_device" in c["dev"]}
+        assert len(announced) == 2 and runner.daemon.discovery.status()["announced"] == 3
+    finally:
+        runner.stop()
+        pub.close()
+    watch.close()
+
+
+def test_devices_restored_from_the_state_file_are_announced_at_once(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    p = topic_prefix
+    data = _config(mosquitto.url, p, tmp_path)
+    data["state"] = {"file": str(tmp_path / "state.json")}
+    pub = Publisher(mosquitto.url)
+    watch = Collector(mosquitto.url, f"{p}/ha/device/+/config")
+    with DaemonThread(make_config(data, tmp_path)):
+        pub.send(f"{p}/z2m/kitchen", {"temperature": 21, "co2": 800})
+        watch.wait(
+            lambda m: any(c and c["dev"].get("name") == "kitchen" for c in _configs(watch, p).values())
+        )
+    assert (tmp_path / "state.json").exists()
+    # the broker forgets every retained config: only the state file knows the kitchen now
+    for topic in {m.topic for m in watch.messages}:
+        pub.send(topic, "", retain=True)
+    time.sleep(0.3)
+    mark = len(watch.messages)
+    runner = DaemonThread(make_config(data, tmp_path)).start()
+    try:
+        _wait_plans(runner)
+        watch.wait(
+            lambda m: any(
+                x.payload and json.loads(x.payload)["dev"].get("name") == "kitchen" for x in m[mark:]
+            ),
+            timeout=10,
+        )
+    finally:
+        runner.stop()
+        pub.close()
+    watch.close()
+
+
+def test_a_device_unseen_for_forget_after_is_removed(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """``forget_after_days`` (here 2 s): the silent device is removed, the answering one stays."""
+    p = topic_prefix
+    data = _config(mosquitto.url, p, tmp_path)
+    data["homeassistant"]["forget_after_days"] = 2.0 / 86400
+    pub = Publisher(mosquitto.url)
+    watch = Collector(mosquitto.url, f"{p}/ha/device/+/config", f"{p}/ei/occupancy/office")
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        for device in ("kitchen", "office"):
+            pub.send(f"{p}/z2m/{device}", {"temperature": 21, "co2": 800})
+        watch.wait(
+            lambda m: sum(1 for c in _configs(watch, p).values() if c and "via_device" in c["dev"]) == 2
+        )
+        office = next(t for t, c in _configs(watch, p).items() if c and c["dev"].get("name") == "office")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _configs(watch, p).get(office) is not None:
+            pub.send(f"{p}/z2m/kitchen", {"temperature": 21 + time.monotonic() % 1, "co2": 800})
+            time.sleep(0.3)
+        configs = _configs(watch, p)
+        assert configs[office] is None, "the silent device was not removed"
+        kitchen = [t for t, c in configs.items() if c and c["dev"].get("name") == "kitchen"]
+        assert kitchen, "the device that kept answering was removed"
+        assert runner.daemon is not None and runner.daemon.discovery.forgotten == 2  # both pipelines
+        cleared = [m for m in watch.on(f"{p}/ei/occupancy/office") if not m.payload]
+        assert cleared, "its retained state was left on the broker"
+    pub.close()
+    watch.close()

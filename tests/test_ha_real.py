@@ -38,7 +38,8 @@ from edge.homeassistant import (
     bridge_info_payload,
 )
 from tests.broker import Mosquitto, free_port, wait_port
-from tests.harness import ROOT, DaemonThread, make_config
+from tests.harness import ROOT, Collector, DaemonThread, Publisher, make_config
+from tests.onnx_models import snapshot_classifier
 
 HOME = ROOT / "examples" / "home.yaml"
 
@@ -203,6 +204,26 @@ class HomeAssistant:
         )
         wanted = set(ids if isinstance(ids, list) else json.loads(ids))
         return {k: v for k, v in self.states().items() if k in wanted}
+
+    def ws(self, *commands: dict[str, Any]) -> list[Any]:
+        """WebSocket API commands (registry edits exist only there), through tests/ha/ws.py run by
+        Home Assistant's own Python; the result of each, in order."""
+        script = Path(__file__).parent / "ha" / "ws.py"
+        url = f"ws://127.0.0.1:{self.port}/api/websocket"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+        done = subprocess.run(
+            [str(self.hass.parent / "python"), str(script), url, self.token or ""],
+            input=json.dumps(list(commands)).encode(),
+            capture_output=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        results = json.loads(done.stdout)
+        for command, result in zip(commands, results, strict=True):
+            assert result.get("success"), (command, result)
+        return [r.get("result") for r in results]
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else "(no log)"
@@ -509,6 +530,7 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
                 time.sleep(0.5)
     finally:
         _stop_process(sim)
+        _clear_discovery(mosquitto.url, BridgeInfo(version="0", instance_id=topic_prefix).identifier)
     spans = sorted(clock.stated[e] - clock.created[e] for e in clock.stated if e in clock.created)
     print(
         f"entities {len(clock.created)}, with a state {len(clock.stated)}; "
@@ -519,6 +541,110 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
         clock.late(STATE_WITHIN_S),
         {e: clock.states[e]["state"] for e in clock.late(STATE_WITHIN_S)},
     )
+
+
+def _clear_discovery(url: str, bridge_identifier: str) -> None:
+    """Remove every retained config of this test's bridge (the session's broker and discovery
+    prefix are shared with the next test's Home Assistant)."""
+    seen = Collector(url, "homeassistant/device/+/config")
+    time.sleep(1.0)
+    topics = {m.topic for m in seen.messages if m.payload and bridge_identifier in m.topic}
+    seen.close()
+    pub = Publisher(url)
+    for topic in sorted(topics):
+        pub.send(topic, "", retain=True)
+    pub.close()
+
+
+def _small_config(url: str, prefix: str, tmp_path: Path) -> dict[str, Any]:
+    """One occupancy classification of Zigbee2MQTT-style rooms, announced to the real HA."""
+    snapshot_classifier(tmp_path / "occ.onnx", ["temperature", "co2"], ["empty", "occupied"], name="occ")
+    return {
+        "mqtt": {"url": url, "base_topic": f"{prefix}/ei", "client_id": f"ei-{prefix}"},
+        "models": {"occ": {"path": "occ.onnx"}},
+        "pipelines": {
+            "occupancy": {
+                "model": "occ",
+                "source": {"profile": "zigbee2mqtt", "options": {"base_topic": f"{prefix}/z2m"}},
+                "output": {"publish": "on_change", "heartbeat_s": 600},
+            },
+        },
+        "homeassistant": {"instance_id": prefix},
+    }
+
+
+def _wait_plans(runner: DaemonThread, count: int = 1, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runner.daemon is not None and runner.daemon.discovery.plans >= count:
+            return
+        time.sleep(0.1)
+    pytest.fail("the daemon's discovery did not plan")
+
+
+def test_a_rename_and_an_area_set_in_home_assistant_survive_a_daemon_restart(
+    home_assistant: HomeAssistant, mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Rename the prediction entity and give its device an area through Home Assistant's API,
+    restart the daemon with the same config: the broker records no empty config from the second
+    run, and Home Assistant still has the name, the area and the entity with its state."""
+    data = _small_config(mosquitto.url, topic_prefix, tmp_path)
+    bridge_id = BridgeInfo(version="0", instance_id=topic_prefix).identifier
+    reading = f"{topic_prefix}/z2m/hall_sensor"
+    pub = Publisher(mosquitto.url)
+    record = Collector(mosquitto.url, "homeassistant/device/+/config")
+    try:
+        with DaemonThread(make_config(data, tmp_path)):
+            pub.send(reading, {"temperature": 21, "co2": 900})
+
+            def entity() -> dict[str, Any] | None:
+                entries = home_assistant.ws({"type": "config/entity_registry/list"})[0]
+                mine = [e for e in entries if e["unique_id"].startswith(f"{bridge_id}_hall_sensor_occupancy")]
+                main = [e for e in mine if not e["unique_id"].endswith("_confidence")]
+                return main[0] if main else None
+
+            main = home_assistant._wait(entity, "the prediction entity in the entity registry", timeout=60)
+            area = home_assistant.ws({"type": "config/area_registry/create", "name": f"Hall {topic_prefix}"})[
+                0
+            ]
+            home_assistant.ws(
+                {
+                    "type": "config/entity_registry/update",
+                    "entity_id": main["entity_id"],
+                    "name": "Hall presence",
+                },
+                {
+                    "type": "config/device_registry/update",
+                    "device_id": main["device_id"],
+                    "area_id": area["area_id"],
+                },
+            )
+        mark = len(record.messages)
+        runner = DaemonThread(make_config(data, tmp_path)).start()
+        try:
+            _wait_plans(runner)
+            pub.send(reading, {"temperature": 22, "co2": 400})
+            time.sleep(3.0)  # Home Assistant has handled whatever the second run sent
+            second = [m for m in record.messages[mark:] if bridge_id in m.topic]
+            # the retained configs are what the config still means: nothing to send, nothing removed
+            assert not [m.topic for m in second if not m.payload], "the restart removed devices"
+            after = entity()
+            assert after is not None, "the entity was removed and not re-created"
+            assert after["entity_id"] == main["entity_id"] and after["name"] == "Hall presence", after
+            devices = home_assistant.ws({"type": "config/device_registry/list"})[0]
+            device = next(d for d in devices if d["id"] == main["device_id"])
+            assert device["area_id"] == area["area_id"], device
+            state = home_assistant.states()[main["entity_id"]]
+            assert (
+                state["state"] in ("empty", "occupied")
+                and state["attributes"]["friendly_name"] == "Hall presence"
+            )
+        finally:
+            runner.stop()
+    finally:
+        record.close()
+        pub.close()
+        _clear_discovery(mosquitto.url, bridge_id)
 
 
 def test_setup_script_exists_and_is_executable() -> None:

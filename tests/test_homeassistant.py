@@ -602,3 +602,17 @@ def test_readback_junk_is_counted_never_raised() -> None:
     for payload in junk:
         assert tracker.observe_retained(topic, payload) is False
     assert tracker.readback_rejected == len(junk)
+
+
+def test_tracker_lists_the_state_topics_it_read_back() -> None:
+    """What the daemon matches against its pipelines' output topics to re-announce, not remove,
+    the devices of an earlier run that the config still covers."""
+    earlier = DiscoveryTracker(BRIDGE)
+    retained = earlier.plan([(PLUG, [APPLIANCE, FORECAST])])
+    restarted = DiscoveryTracker(BRIDGE)
+    for message in retained:
+        restarted.observe_retained(message.topic, message.payload.encode())
+    topics = restarted.announced_state_topics()
+    assert APPLIANCE.state_topic in topics and FORECAST.state_topic in topics
+    assert BRIDGE.info_topic in topics
+    assert len(topics) == len(set(topics)) == 3
