@@ -35,18 +35,24 @@ from edge.homeassistant import (
     BridgeInfo,
     DiscoveryMessage,
     DiscoveryTracker,
+    Identity,
     OutputEntity,
     SourceDevice,
     check_output,
     is_ha_online,
     reannounce_delay,
+    tasmota_identity,
+    zigbee2mqtt_identities,
 )
 from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
+from edge.safejson import loads_bounded
 
 log = logging.getLogger("edge.discovery")
 
 READBACK_S = 1.0
+TASMOTA_DISCOVERY = "tasmota/discovery/+/config"  # Tasmota's own discovery (SetOption19 0)
+MAX_IDENTITIES = 100_000  # Tasmota identities kept at most
 SWEEP_MAX_S = 3600.0  # how often, at most, devices are checked for having answered
 
 
@@ -71,7 +77,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
     )
 
 
-def source_device(pipeline: Pipeline, device: str) -> SourceDevice:
+def source_device(pipeline: Pipeline, device: str, identity: Identity | None = None) -> SourceDevice:
     info = getattr(pipeline.decoder, "device_info", None)
     name = model = manufacturer = None
     if callable(info):
@@ -79,7 +85,12 @@ def source_device(pipeline: Pipeline, device: str) -> SourceDevice:
         name, model, manufacturer = details.name, details.model, details.manufacturer
     availability = Availability(topic=pipeline.output_topic(device) + "/availability")
     return SourceDevice(
-        id=device, name=name, model=model, manufacturer=manufacturer, availability=availability
+        id=device,
+        name=name,
+        model=model,
+        manufacturer=manufacturer,
+        availability=availability,
+        identity=identity,
     )
 
 
@@ -146,6 +157,11 @@ class Discovery:
         self._seen: dict[tuple[str, str], float] = {}  # (pipeline, device) -> last answered (wall)
         self._marks: dict[tuple[str, str], bytes] = {}  # the last_published payload last looked at
         self._sweeper: asyncio.Task[None] | None = None
+        # identity source (Zigbee2MQTT's bridge/devices topic, Tasmota's discovery filter) ->
+        # device id -> how the family's own integration identifies it in Home Assistant
+        self._identities: dict[str, dict[str, Identity]] = {}
+        self._tasmota_topics: dict[str, str] = {}  # Tasmota discovery topic -> its device's topic
+        self.identity_rejected = 0  # identity payloads that were not what the family publishes
         self._clock: Callable[[], float] = time.time
 
     def retains(self, pipeline: Pipeline) -> bool:
@@ -179,11 +195,36 @@ class Discovery:
                 patterns.append((pipeline.name, pattern))
         return patterns
 
+    def _identity_sources(self) -> dict[str, set[str]]:
+        """Where the families publish their devices' identities -> the pipelines they serve:
+        Zigbee2MQTT's retained ``<base_topic>/bridge/devices``, Tasmota's retained discovery."""
+        sources: dict[str, set[str]] = {}
+        for pipeline in self._pipelines():
+            if not pipeline.cfg.homeassistant.enabled:
+                continue
+            source = pipeline.cfg.source
+            if source.profile == "zigbee2mqtt":
+                base = str(source.options.get("base_topic", "zigbee2mqtt"))
+                sources.setdefault(f"{base}/bridge/devices", set()).add(pipeline.name)
+            elif source.profile == "tasmota":
+                sources.setdefault(TASMOTA_DISCOVERY, set()).add(pipeline.name)
+        return sources
+
+    def identity(self, pipeline: str, device: str) -> Identity | None:
+        """The family's own identity of ``device`` as served by ``pipeline``, when known."""
+        for source, pipelines in self._identity_sources().items():
+            if pipeline in pipelines:
+                found = self._identities.get(source, {}).get(device)
+                if found is not None:
+                    return found
+        return None
+
     def subscriptions(self) -> list[tuple[str, int]]:
         if not self.enabled:
             return []
         subs = [(self.status_topic, 1), (self.bridge.discovery_subscription, 1)]
         subs += [(pattern.filter, 1) for _, pattern in self._availability_patterns()]
+        subs += [(source, 1) for source in sorted(self._identity_sources())]
         return subs
 
     def handles(self, topic: str) -> bool:
@@ -191,9 +232,48 @@ class Discovery:
             topic == self.status_topic
             or topic.startswith(f"{self.bridge.discovery_prefix}/")
             or (self.shared is not None and topic.endswith("/availability"))
+            or self._identity_source_of(topic) is not None
         )
 
+    def _identity_source_of(self, topic: str) -> str | None:
+        if topic.endswith("/bridge/devices"):
+            return topic if topic in self._identity_sources() else None
+        if topic.startswith("tasmota/discovery/") and topic.endswith("/config") and topic.count("/") == 3:
+            return TASMOTA_DISCOVERY if TASMOTA_DISCOVERY in self._identity_sources() else None
+        return None
+
+    def _learn_identity(self, source: str, topic: str, payload: bytes) -> None:
+        before = dict(self._identities.get(source, {}))
+        try:
+            data = loads_bounded(payload) if payload else None
+        except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
+            self.identity_rejected += 1
+            if self.identity_rejected == 1 or self.identity_rejected % 1000 == 0:
+                log.warning(
+                    "%s: not JSON, device identities not read (%d such payloads)",
+                    topic,
+                    self.identity_rejected,
+                )
+            return
+        if source == TASMOTA_DISCOVERY:
+            known = self._identities.setdefault(source, {})
+            old = self._tasmota_topics.pop(topic, None)
+            if old is not None:
+                known.pop(old, None)
+            found = tasmota_identity(data) if data is not None else None
+            if found is not None and len(known) < MAX_IDENTITIES:
+                known[found[0]] = found[1]
+                self._tasmota_topics[topic] = found[0]
+        else:
+            self._identities[source] = zigbee2mqtt_identities(data)
+        if self._identities.get(source, {}) != before:
+            self.device_seen()
+
     def on_message(self, topic: str, payload: bytes) -> None:
+        source = self._identity_source_of(topic)
+        if source is not None:
+            self._learn_identity(source, topic, payload)
+            return
         if topic == self.status_topic:
             if is_ha_online(payload):
                 log.info("Home Assistant is online: re-announcing")
@@ -324,7 +404,8 @@ class Discovery:
                     continue
                 by_device.setdefault(device, []).append((pipeline, output_entity(pipeline, device)))
         for device, entries in sorted(by_device.items()):
-            devices.append((source_device(entries[0][0], device), [e for _, e in entries]))
+            identity = next((i for p, _ in entries if (i := self.identity(p.name, device)) is not None), None)
+            devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
         if self.shared is None:
             self._send(self.tracker.plan(devices))
             return

@@ -205,8 +205,24 @@ class BridgeInfo:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """How the source family's own Home Assistant integration identifies a device: MQTT
+    ``identifiers`` (Zigbee2MQTT's ``zigbee2mqtt_<ieee>``) and/or ``connections`` such as
+    ``("mac", "aa:bb:cc:dd:ee:ff")`` (Tasmota, ESPHome, Shelly). Home Assistant's device registry
+    puts entities whose device shares one identifier or one connection on the same device."""
+
+    identifiers: tuple[str, ...] = ()
+    connections: tuple[tuple[str, str], ...] = ()
+    name: str | None = None  # the name the family gives the device (the same as its integration's)
+
+
+@dataclass(frozen=True)
 class SourceDevice:
-    """A physical device whose readings feed pipelines (names come from its device profile)."""
+    """A physical device whose readings feed pipelines (names come from its device profile).
+
+    With an ``identity`` its entities are attached to the family's own Home Assistant device
+    (the plug's page); without one edge-infer makes its own device, linked ``via_device`` to the
+    bridge."""
 
     id: str
     name: str | None = None
@@ -214,10 +230,15 @@ class SourceDevice:
     manufacturer: str | None = None
     suggested_area: str | None = None
     availability: Availability | None = None
+    identity: Identity | None = None
 
     @property
     def display_name(self) -> str:
         return self.name or self.id
+
+    @property
+    def linked(self) -> bool:
+        return self.identity is not None and bool(self.identity.identifiers or self.identity.connections)
 
 
 @dataclass(frozen=True)
@@ -502,17 +523,28 @@ def device_config(
     """The device discovery payload (as a dict) of one source device and its pipeline outputs."""
     if not outputs:
         raise DiscoveryError(f"device {device.id!r}: nothing to announce (no outputs)")
-    dev: dict[str, Any] = {
-        "identifiers": [device_identifier(bridge, device)],
-        "name": device.display_name,
-        "via_device": bridge.identifier,
-    }
-    if device.manufacturer:
-        dev["manufacturer"] = device.manufacturer
-    if device.model:
-        dev["model"] = device.model
-    if device.suggested_area:
-        dev["suggested_area"] = device.suggested_area
+    dev: dict[str, Any]
+    if device.linked:
+        # The family's own device: only what identifies it and the name it has there, so that
+        # neither config overwrites the other's model, manufacturer or via_device.
+        assert device.identity is not None
+        dev = {}
+        if device.identity.identifiers:
+            dev["identifiers"] = list(device.identity.identifiers)
+        if device.identity.connections:
+            dev["connections"] = [list(c) for c in device.identity.connections]
+        if device.identity.name:
+            dev["name"] = device.identity.name
+    else:
+        dev = {
+            "identifiers": [device_identifier(bridge, device)],
+            "name": device.display_name,
+            "via_device": bridge.identifier,
+            "manufacturer": device.manufacturer or "edge-infer",
+            "model": device.model or "Predictions",
+        }
+        if device.suggested_area:
+            dev["suggested_area"] = device.suggested_area
     cmps: dict[str, Any] = {}
     for output in sorted(outputs, key=lambda o: o.pipeline):
         for component in output_components(bridge, device, output):
@@ -612,6 +644,55 @@ def bridge_info_payload(
         **extra,
     }
     return json.dumps(info, separators=(",", ":"), sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------ the families' identities
+
+_IEEE = re.compile(r"0x[0-9a-fA-F]{16}")
+_MAC = re.compile(r"[0-9a-fA-F]{12}")
+
+
+def mac_connection(mac: str) -> tuple[str, str] | None:
+    """``("mac", "aa:bb:cc:dd:ee:ff")`` from a MAC in any usual spelling, as Home Assistant's
+    device registry normalises it; ``None`` for anything else."""
+    digits = re.sub(r"[:\-.]", "", mac.strip())
+    if not _MAC.fullmatch(digits):
+        return None
+    digits = digits.lower()
+    return ("mac", ":".join(digits[i : i + 2] for i in range(0, 12, 2)))
+
+
+def zigbee2mqtt_identities(devices: Any) -> dict[str, Identity]:
+    """Friendly name -> identity from Zigbee2MQTT's retained ``<base>/bridge/devices`` (a JSON
+    list of devices with ``ieee_address`` and ``friendly_name``). Zigbee2MQTT's own discovery
+    identifies each device as ``zigbee2mqtt_<ieee_address>``. Entries that do not fit are skipped;
+    the coordinator has no entities."""
+    out: dict[str, Identity] = {}
+    if not isinstance(devices, list):
+        return out
+    for entry in devices:
+        if not isinstance(entry, Mapping) or entry.get("type") == "Coordinator":
+            continue
+        ieee, name = entry.get("ieee_address"), entry.get("friendly_name")
+        if isinstance(ieee, str) and _IEEE.fullmatch(ieee) and isinstance(name, str) and name:
+            out[name] = Identity(identifiers=(f"zigbee2mqtt_{ieee}",), name=name)
+    return out
+
+
+def tasmota_identity(config: Any) -> tuple[str, Identity] | None:
+    """(topic, identity) from Tasmota's retained ``tasmota/discovery/<MAC>/config``: the
+    device's ``t`` (its ``%topic%``, the device id in ``tele/<topic>/SENSOR``) and ``mac``, which
+    Home Assistant's Tasmota integration registers as the device's connection."""
+    if not isinstance(config, Mapping):
+        return None
+    topic, mac = config.get("t"), config.get("mac")
+    if not (isinstance(topic, str) and topic and isinstance(mac, str)):
+        return None
+    connection = mac_connection(mac)
+    if connection is None:
+        return None
+    name = config.get("dn")
+    return topic, Identity(connections=(connection,), name=name if isinstance(name, str) and name else None)
 
 
 # ------------------------------------------------------------------------------ Home Assistant birth
@@ -747,7 +828,17 @@ class DiscoveryTracker:
         ids = dev.get("identifiers", dev.get("ids"))
         ids = [ids] if isinstance(ids, str) else ids
         via = dev.get("via_device", dev.get("via_dev"))
-        return via == self.bridge.identifier or (isinstance(ids, list) and self.bridge.identifier in ids)
+        if via == self.bridge.identifier or (isinstance(ids, list) and self.bridge.identifier in ids):
+            return True
+        # a device attached to the family's own device: every component's unique id is ours
+        cmps = config.get("cmps", config.get("components"))
+        if not isinstance(cmps, Mapping) or not cmps:
+            return False
+        mine = f"{self.bridge.identifier}_".lower()
+        return all(
+            isinstance(c, Mapping) and str(c.get("unique_id", c.get("uniq_id", ""))).lower().startswith(mine)
+            for c in cmps.values()
+        )
 
 
 def _component_removals(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:

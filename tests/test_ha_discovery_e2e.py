@@ -262,3 +262,69 @@ def test_a_device_unseen_for_forget_after_is_removed(
         assert cleared, "its retained state was left on the broker"
     pub.close()
     watch.close()
+
+
+def test_devices_are_linked_to_zigbee2mqtt_and_tasmota_identities(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Zigbee2MQTT's retained bridge/devices gives the plug's ``zigbee2mqtt_<ieee>``, Tasmota's
+    retained discovery its MAC: the prediction entities go on those devices. A device the family
+    does not describe keeps its own device, linked via_device to the bridge."""
+    p = topic_prefix
+    snapshot_classifier(tmp_path / "occ.onnx", ["power"], ["off", "on"], name="occ")
+    mac_topic = f"tasmota/discovery/A4CF12{p[-6:].upper()}/config"
+    data: dict[str, Any] = {
+        "mqtt": {"url": mosquitto.url, "base_topic": f"{p}/ei", "client_id": f"ei-{p}"},
+        "models": {"occ": {"path": "occ.onnx"}},
+        "pipelines": {
+            "z2m": {
+                "model": "occ",
+                "source": {"profile": "zigbee2mqtt", "options": {"base_topic": f"{p}/z2m"}},
+            },
+            "tas": {
+                "model": "occ",
+                "source": {"profile": "tasmota", "options": {"tele_prefix": f"{p}/tele"}},
+            },
+        },
+        "homeassistant": {
+            "discovery_prefix": f"{p}/ha",
+            "status_topic": f"{p}/ha/status",
+            "instance_id": p,
+        },
+    }
+    pub = Publisher(mosquitto.url)
+    devices = [
+        {"ieee_address": "0x00124b0012345678", "type": "Coordinator", "friendly_name": "Coordinator"},
+        {"ieee_address": "0x00158d0001a2b3c4", "type": "Router", "friendly_name": "plug1"},
+    ]
+    pub.send(f"{p}/z2m/bridge/devices", devices, retain=True)
+    pub.send(mac_topic, {"t": "dryer", "mac": f"A4CF12{p[-6:].upper()}", "dn": "Dryer"}, retain=True)
+    watch = Collector(mosquitto.url, f"{p}/ha/device/+/config")
+    try:
+        with DaemonThread(make_config(data, tmp_path)):
+            pub.send(f"{p}/z2m/plug1", {"power": 3})
+            pub.send(f"{p}/z2m/plug2", {"power": 3})
+            pub.send(f"{p}/tele/dryer/SENSOR", {"ENERGY": {"Power": 3}})
+
+            bridge_topic = f"{p}/ha/device/edge_infer_{p}/config"
+
+            def devs() -> dict[str, Any]:
+                return {t: c["dev"] for t, c in _configs(watch, p).items() if c and t != bridge_topic}
+
+            watch.wait(lambda m: len(devs()) == 3, timeout=15)
+            by_kind = {json.dumps(d, sort_keys=True) for d in devs().values()}
+            assert (
+                json.dumps(
+                    {"identifiers": ["zigbee2mqtt_0x00158d0001a2b3c4"], "name": "plug1"}, sort_keys=True
+                )
+                in by_kind
+            )
+            mac = ":".join(f"a4cf12{p[-6:].lower()}"[i : i + 2] for i in range(0, 12, 2))
+            assert json.dumps({"connections": [["mac", mac]], "name": "Dryer"}, sort_keys=True) in by_kind
+            own = [d for d in devs().values() if d.get("name") == "plug2"]
+            assert own and own[0]["via_device"] == f"edge_infer_{p}"
+    finally:
+        pub.send(f"{p}/z2m/bridge/devices", "", retain=True)
+        pub.send(mac_topic, "", retain=True)
+        watch.close()
+        pub.close()

@@ -647,6 +647,100 @@ def test_a_rename_and_an_area_set_in_home_assistant_survive_a_daemon_restart(
         _clear_discovery(mosquitto.url, bridge_id)
 
 
+def _mqtt_problems(ha: HomeAssistant) -> list[str]:
+    return [
+        line
+        for line in ha.log().splitlines()
+        if (" WARNING " in line or " ERROR " in line)
+        and any(source in line for source in ("components.mqtt", "components.sensor", "helpers.template"))
+    ]
+
+
+def test_a_zigbee2mqtt_device_and_its_prediction_are_one_home_assistant_device(
+    home_assistant: HomeAssistant, mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A simulated Zigbee2MQTT publishes its retained bridge/devices and its own discovery for a
+    climate sensor (as Zigbee2MQTT 2.x does: one config per entity, ``zigbee2mqtt_<ieee>``
+    identifiers, via its bridge); the daemon's prediction for that sensor ends on the same Home
+    Assistant device, which holds both, and there is no second device of that name."""
+    z2m = f"{topic_prefix}/z2m"
+    ieee = "0x00158d0001a2b3c4"
+    data = _small_config(mosquitto.url, topic_prefix, tmp_path)
+    bridge_id = BridgeInfo(version="0", instance_id=topic_prefix).identifier
+    z2m_device = {
+        "identifiers": [f"zigbee2mqtt_{ieee}"],
+        "manufacturer": "Aqara",
+        "model": "Temperature and humidity sensor",
+        "model_id": "WSDCGQ11LM",
+        "name": "hall_sensor",
+        "via_device": "zigbee2mqtt_bridge_0x00124b0012345678",
+    }
+    z2m_origin = {"name": "Zigbee2MQTT", "sw": "2.1.0", "url": "https://www.zigbee2mqtt.io"}
+    z2m_configs = {
+        f"homeassistant/sensor/{ieee}/{key}/config": {
+            "availability": [{"topic": f"{z2m}/bridge/state", "value_template": "{{ value_json.state }}"}],
+            "device": z2m_device,
+            "device_class": key,
+            "object_id": f"hall_sensor_{key}",
+            "origin": z2m_origin,
+            "state_class": "measurement",
+            "state_topic": f"{z2m}/hall_sensor",
+            "unique_id": f"{ieee}_{key}_zigbee2mqtt",
+            "unit_of_measurement": unit,
+            "value_template": "{{ value_json." + key + " }}",
+        }
+        for key, unit in (("temperature", "°C"), ("carbon_dioxide", "ppm"))
+    }
+    bridge_devices = [
+        {"ieee_address": "0x00124b0012345678", "type": "Coordinator", "friendly_name": "Coordinator"},
+        {
+            "ieee_address": ieee,
+            "type": "EndDevice",
+            "friendly_name": "hall_sensor",
+            "definition": {"model": "WSDCGQ11LM", "vendor": "Aqara"},
+        },
+    ]
+    pub = Publisher(mosquitto.url)
+    try:
+        pub.send(f"{z2m}/bridge/state", {"state": "online"}, retain=True)
+        pub.send(f"{z2m}/bridge/devices", bridge_devices, retain=True)
+        for topic, config in z2m_configs.items():
+            pub.send(topic, config, retain=True)
+        with DaemonThread(make_config(data, tmp_path)):
+            pub.send(f"{z2m}/hall_sensor", {"temperature": 21.5, "carbon_dioxide": 900, "co2": 900})
+
+            def linked() -> tuple[list[Any], list[Any]] | None:
+                entities = home_assistant.ws({"type": "config/entity_registry/list"})[0]
+                ours = [e for e in entities if e["unique_id"].startswith(f"{bridge_id}_hall_sensor")]
+                theirs = [e for e in entities if e["unique_id"].startswith(f"{ieee}_")]
+                return (ours, theirs) if len(ours) == 2 and len(theirs) == 2 else None
+
+            ours, theirs = home_assistant._wait(linked, "both families' entities", timeout=60)
+            device_ids = {e["device_id"] for e in ours + theirs}
+            devices = home_assistant.ws({"type": "config/device_registry/list"})[0]
+            named = [
+                d for d in devices if d["name"] == "hall_sensor" or d.get("name_by_user") == "hall_sensor"
+            ]
+            print(
+                f"devices named hall_sensor: {len(named)}; devices holding the 4 entities: {len(device_ids)}"
+            )
+            assert len(device_ids) == 1, (ours, theirs)
+            assert len(named) == 1, named
+            device = named[0]
+            assert device["id"] in device_ids
+            assert ["mqtt", f"zigbee2mqtt_{ieee}"] in device["identifiers"], device
+            assert device["manufacturer"] == "Aqara" and device["model"] == "Temperature and humidity sensor"
+            states = home_assistant.states()
+            main = next(e for e in ours if not e["unique_id"].endswith("_confidence"))
+            assert states[main["entity_id"]]["state"] in ("empty", "occupied")
+    finally:
+        for topic in (*z2m_configs, f"{z2m}/bridge/devices", f"{z2m}/bridge/state"):
+            pub.send(topic, "", retain=True)
+        pub.close()
+        _clear_discovery(mosquitto.url, bridge_id)
+    assert not _mqtt_problems(home_assistant), "\n".join(_mqtt_problems(home_assistant))
+
+
 def test_setup_script_exists_and_is_executable() -> None:
     script = Path(__file__).parent / "ha" / "setup_ha_venv.sh"
     assert script.stat().st_mode & 0o111

@@ -19,6 +19,7 @@ from edge.homeassistant import (
     DiscoveryError,
     DiscoveryMessage,
     DiscoveryTracker,
+    Identity,
     OutputEntity,
     SourceDevice,
     bridge_discovery,
@@ -29,9 +30,12 @@ from edge.homeassistant import (
     device_topic,
     expire_after,
     is_ha_online,
+    mac_connection,
     reannounce_delay,
     slug,
+    tasmota_identity,
     topic_id,
+    zigbee2mqtt_identities,
 )
 
 BRIDGE = BridgeInfo(version="1.2.3", instance_id="home", support_url="https://example.invalid/support")
@@ -616,3 +620,74 @@ def test_tracker_lists_the_state_topics_it_read_back() -> None:
     assert APPLIANCE.state_topic in topics and FORECAST.state_topic in topics
     assert BRIDGE.info_topic in topics
     assert len(topics) == len(set(topics)) == 3
+
+
+# ------------------------------------------------------------------------------ device linking
+
+Z2M_DEVICES = [
+    {"ieee_address": "0x00124b0012345678", "type": "Coordinator", "friendly_name": "Coordinator"},
+    {
+        "ieee_address": "0x00158d0001a2b3c4",
+        "type": "Router",
+        "friendly_name": "kitchen_plug",
+        "definition": {"model": "BW-SHP13", "vendor": "BlitzWolf"},
+    },
+    {"ieee_address": "not-an-ieee", "type": "EndDevice", "friendly_name": "junk"},
+    {"ieee_address": "0x00158d0001a2b3c5", "type": "EndDevice"},
+    "not a device",
+]
+
+
+def test_zigbee2mqtt_identities_from_bridge_devices() -> None:
+    identities = zigbee2mqtt_identities(Z2M_DEVICES)
+    assert identities == {
+        "kitchen_plug": Identity(identifiers=("zigbee2mqtt_0x00158d0001a2b3c4",), name="kitchen_plug")
+    }
+    assert zigbee2mqtt_identities({"not": "a list"}) == {}
+
+
+def test_tasmota_identity_and_mac_spellings() -> None:
+    config = {"t": "tasmota_1A2B3C", "mac": "A4CF121A2B3C", "dn": "Dryer plug", "ip": "10.0.0.9"}
+    assert tasmota_identity(config) == (
+        "tasmota_1A2B3C",
+        Identity(connections=(("mac", "a4:cf:12:1a:2b:3c"),), name="Dryer plug"),
+    )
+    assert tasmota_identity({"t": "x", "mac": "nope"}) is None
+    assert tasmota_identity(["t"]) is None
+    for spelling in ("A4:CF:12:1A:2B:3C", "a4-cf-12-1a-2b-3c", "a4cf.121a.2b3c"):
+        assert mac_connection(spelling) == ("mac", "a4:cf:12:1a:2b:3c")
+
+
+def test_a_linked_device_is_the_familys_own_device() -> None:
+    """Only what identifies the device and its name: no via_device, model or manufacturer that
+    would fight the family's own config over the same Home Assistant device."""
+    linked = SourceDevice(
+        "kitchen_plug",
+        name="Kitchen plug",
+        model="BW-SHP13",
+        manufacturer="BlitzWolf",
+        identity=Identity(identifiers=("zigbee2mqtt_0x00158d0001a2b3c4",), name="kitchen_plug"),
+    )
+    dev = payload_of(device_discovery(BRIDGE, linked, [APPLIANCE]))["dev"]
+    assert dev == {"identifiers": ["zigbee2mqtt_0x00158d0001a2b3c4"], "name": "kitchen_plug"}
+    tasmota = SourceDevice("dryer", identity=Identity(connections=(("mac", "a4:cf:12:1a:2b:3c"),)))
+    dev = payload_of(device_discovery(BRIDGE, tasmota, [APPLIANCE]))["dev"]
+    assert dev == {"connections": [["mac", "a4:cf:12:1a:2b:3c"]]}
+    # the topic and unique ids stay edge-infer's, whatever device the entities sit on
+    assert device_discovery(BRIDGE, linked, [APPLIANCE]).topic == device_topic(BRIDGE, PLUG)
+
+
+def test_a_linked_device_read_back_is_recognised_as_ours() -> None:
+    """A linked config names neither the bridge as via_device nor an edge-infer identifier: it is
+    recognised by its origin and its components' unique ids, so restarts handle it like the rest."""
+    linked = SourceDevice("kitchen_plug", identity=Identity(identifiers=("zigbee2mqtt_0x00158d0001a2b3c4",)))
+    message = device_discovery(BRIDGE, linked, [APPLIANCE])
+    assert DiscoveryTracker(BRIDGE).observe_retained(message.topic, message.payload.encode())
+    other = BridgeInfo(version="1", instance_id="garage")
+    assert not DiscoveryTracker(other).observe_retained(message.topic, message.payload.encode())
+
+
+def test_own_devices_have_a_model_and_manufacturer() -> None:
+    dev = payload_of(device_discovery(BRIDGE, SourceDevice("fan"), [FORECAST]))["dev"]
+    assert dev["manufacturer"] == "edge-infer" and dev["model"] == "Predictions"
+    assert dev["via_device"] == BRIDGE.identifier
