@@ -428,6 +428,11 @@ class EntityConfig(_Model):
     )
     unit: str | None = Field(None, description="Unit of a regression value (default: the model's).")
     icon: str | None = Field(None, description="mdi: icon.")
+    label_names: dict[str, str] | None = Field(
+        None,
+        description="Class label -> the name Home Assistant shows (default: the label made readable, "
+        "fridge_freezer -> Fridge freezer); the raw label stays in the entity's 'label' attribute.",
+    )
 
 
 class PipelineConfig(_Model):

@@ -37,7 +37,7 @@ from edge.config import (
     read_limited,
 )
 from edge.decode import DecodeError, TopicPattern
-from edge.discovery import Discovery
+from edge.discovery import Discovery, holdout_accuracy
 from edge.features import WindowBudget
 from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
@@ -821,6 +821,7 @@ class Daemon:
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
+            "started": _iso(self.started),  # the bridge's Started timestamp sensor
             "messages_per_s": round(rate, 3),
             "drops": sum(sum(p.stats.dropped.values()) for p in self.pipelines.values()),
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
@@ -841,6 +842,7 @@ class Daemon:
                     "task": m.spec.task,
                     "sha256": m.spec.sha256,
                     "providers": m.providers,
+                    "accuracy": holdout_accuracy(m.spec),  # the bridge's per-model diagnostic
                     "batches": self.batchers[name].batches if name in self.batchers else 0,
                     "items": self.batchers[name].items if name in self.batchers else 0,
                 }

@@ -39,6 +39,7 @@ from edge.homeassistant import (
     OutputEntity,
     SourceDevice,
     check_output,
+    humanise,
     is_ha_online,
     reannounce_delay,
     tasmota_identity,
@@ -46,6 +47,7 @@ from edge.homeassistant import (
 )
 from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
+from edge.runtime import ModelSpec
 from edge.safejson import loads_bounded
 
 log = logging.getLogger("edge.discovery")
@@ -74,7 +76,27 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         cadence_s=cadence,
         name=ha.name,
         icon=ha.icon,
+        label_names=readable_labels(spec.labels, ha.label_names),
     )
+
+
+def holdout_accuracy(spec: ModelSpec) -> float | None:
+    """The accuracy the model's manifest gives for held-out data (a ``*test*`` entry of its
+    ``metrics`` first, e.g. ``pytorch_test``), or ``None`` when it gives none."""
+    metrics = spec.manifest.metrics if spec.manifest is not None else {}
+    for key in sorted(metrics, key=lambda k: ("test" not in k, k)):
+        entry = metrics[key]
+        value = entry.get("accuracy") if isinstance(entry, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+            return float(value)
+    return None
+
+
+def readable_labels(labels: Iterable[str], names: dict[str, str] | None) -> tuple[str, ...]:
+    """The state names Home Assistant shows: ``homeassistant.label_names`` where given, else the
+    model card's labels made readable (``fridge_freezer`` -> ``Fridge freezer``)."""
+    given = names or {}
+    return tuple(given.get(label) or humanise(label) for label in labels)
 
 
 def source_device(pipeline: Pipeline, device: str, identity: Identity | None = None) -> SourceDevice:
@@ -406,10 +428,11 @@ class Discovery:
         for device, entries in sorted(by_device.items()):
             identity = next((i for p, _ in entries if (i := self.identity(p.name, device)) is not None), None)
             devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
+        models = sorted({p.cfg.model for p in self._pipelines()})
         if self.shared is None:
-            self._send(self.tracker.plan(devices))
+            self._send(self.tracker.plan(devices, models=models))
             return
-        self._send(self.tracker.plan([]))
+        self._send(self.tracker.plan([], models=models))
         if self._is_leader():
             self._send(self.shared.plan(devices))
 

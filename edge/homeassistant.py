@@ -46,7 +46,7 @@ NORMAL_LABEL: Final = "normal"
 Platform = Literal["sensor", "binary_sensor"]
 
 # Keys of the retained ``<base>/bridge/info`` JSON that the bridge's diagnostic sensors read.
-BRIDGE_INFO_KEYS: Final = ("version", "uptime_s", "messages_per_s", "drops", "latency_ms")
+BRIDGE_INFO_KEYS: Final = ("version", "started", "messages_per_s", "drops", "latency_ms")
 
 _TOPIC_ID = re.compile(r"[^a-zA-Z0-9_-]+")
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -270,10 +270,21 @@ class OutputEntity:
     name: str | None = None  # entity name; default: the pipeline name, humanised
     icon: str | None = None
     display_precision: int | None = None
+    # Readable class names, one per label (classification); the state shows these, the raw label
+    # stays in the entity's ``label`` attribute. Empty: the raw labels.
+    label_names: tuple[str, ...] = ()
 
     @property
     def display_name(self) -> str:
         return self.name or humanise(self.pipeline)
+
+    @property
+    def readable_labels(self) -> dict[str, str]:
+        """raw label -> readable name, when ``label_names`` fits (one distinct name per label)."""
+        names = self.label_names
+        if len(names) != len(self.labels) or len(set(names)) != len(names) or not all(names):
+            return {}
+        return {raw: name for raw, name in zip(self.labels, names, strict=True) if raw != name}
 
     @property
     def platform(self) -> Platform:
@@ -436,9 +447,22 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         main["value_template"] = _binary_template(output)
         add("state", "binary_sensor", main)
     elif output.task == "classification":
+        readable = output.readable_labels
         main["device_class"] = "enum"
-        main["options"] = list(output.labels)
-        main["value_template"] = "{{ " + _field("label") + " }}"
+        main["options"] = [readable.get(label, label) for label in output.labels]
+        if readable:
+            names = json.dumps(readable, ensure_ascii=False, sort_keys=True)
+            main["value_template"] = (
+                "{% set l = " + _field("label") + " %}{{ 'None' if l is none else " + names + ".get(l, l) }}"
+            )
+        else:
+            main["value_template"] = "{{ " + _field("label") + " }}"
+        # the raw label (what automations compare), the model and its version as attributes
+        main["json_attributes_topic"] = output.state_topic
+        main["json_attributes_template"] = (
+            "{{ {'label': " + _field("label") + ", 'model': " + _field("model")
+            + ", 'model_version': " + _field("model_version") + "} | tojson }}"
+        )  # fmt: skip
         add("state", "sensor", main)
     else:  # regression
         device_class = output.device_class
@@ -554,8 +578,9 @@ def device_config(
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, device), "cmps": cmps}
 
 
-def bridge_config(bridge: BridgeInfo) -> dict[str, Any]:
-    """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``."""
+def bridge_config(bridge: BridgeInfo, models: Sequence[str] = ()) -> dict[str, Any]:
+    """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
+    with a version and a holdout accuracy sensor per model in ``models``."""
     dev: dict[str, Any] = {
         "identifiers": [bridge.identifier],
         "name": bridge.display_name,
@@ -583,8 +608,7 @@ def bridge_config(bridge: BridgeInfo) -> dict[str, Any]:
     cmps = dict(
         [
             sensor("version", "Version", "version", icon="mdi:tag-outline"),
-            sensor("uptime", "Uptime", "uptime_s", device_class="duration", unit_of_measurement="s",
-                   state_class="total_increasing", suggested_display_precision=0),
+            sensor("started", "Started", "started", device_class="timestamp", icon="mdi:clock-start"),
             sensor("messages_per_s", "Messages per second", "messages_per_s", unit_of_measurement="msg/s",
                    state_class="measurement", suggested_display_precision=1, icon="mdi:swap-vertical"),
             sensor("drops", "Dropped messages", "drops", state_class="total_increasing",
@@ -593,6 +617,26 @@ def bridge_config(bridge: BridgeInfo) -> dict[str, Any]:
                    unit_of_measurement="ms", state_class="measurement", suggested_display_precision=2),
         ]
     )  # fmt: skip
+    for model in sorted(set(models)):
+        key = f"model_{topic_id(model)}"
+        model_field = "value_json.get('models', {}).get(" + json.dumps(model) + ", {})"
+        label = humanise(model)
+        cmps[f"{key}_version"] = sensor(
+            f"{key}_version", f"{label} model version", "version", icon="mdi:tag-outline"
+        )[1]
+        cmps[f"{key}_version"]["value_template"] = "{{ " + model_field + ".get('version') }}"
+        cmps[f"{key}_accuracy"] = sensor(
+            f"{key}_accuracy",
+            f"{label} holdout accuracy",
+            "accuracy",
+            unit_of_measurement="%",
+            suggested_display_precision=1,
+            icon="mdi:bullseye-arrow",
+        )[1]
+        cmps[f"{key}_accuracy"]["value_template"] = (
+            "{% set a = " + model_field + ".get('accuracy') %}"
+            "{{ (a * 100) | round(2) if a is number else 'None' }}"
+        )  # fmt: skip
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -600,9 +644,9 @@ def _encode(config: Mapping[str, Any]) -> str:
     return json.dumps(config, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-def bridge_discovery(bridge: BridgeInfo) -> DiscoveryMessage:
+def bridge_discovery(bridge: BridgeInfo, models: Sequence[str] = ()) -> DiscoveryMessage:
     """The retained discovery message of the bridge device."""
-    return DiscoveryMessage(device_topic(bridge), _encode(bridge_config(bridge)))
+    return DiscoveryMessage(device_topic(bridge), _encode(bridge_config(bridge, models)))
 
 
 def device_discovery(
@@ -629,6 +673,7 @@ def bridge_info_payload(
     messages_per_s: float,
     drops: int,
     latency_ms: float | None,
+    started: str | None = None,
     **extra: Any,
 ) -> str:
     """The retained ``<base>/bridge/info`` JSON, with the keys the bridge's sensors read.
@@ -638,6 +683,7 @@ def bridge_info_payload(
     info: dict[str, Any] = {
         "version": version,
         "uptime_s": round(uptime_s, 1),
+        "started": started,  # ISO 8601 with time zone: the Started timestamp sensor
         "messages_per_s": round(messages_per_s, 3),
         "drops": drops,
         "latency_ms": None if latency_ms is None else round(latency_ms, 3),
@@ -742,10 +788,11 @@ class DiscoveryTracker:
         devices: Iterable[tuple[SourceDevice, Sequence[OutputEntity]]],
         *,
         include_bridge: bool = True,
+        models: Sequence[str] = (),
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:
-            desired[device_topic(self.bridge)] = bridge_config(self.bridge)
+            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models)
         for device, outputs in devices:
             if not outputs:
                 continue

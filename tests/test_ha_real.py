@@ -36,6 +36,7 @@ from edge.homeassistant import (
     OutputEntity,
     SourceDevice,
     bridge_info_payload,
+    humanise,
 )
 from tests.broker import Mosquitto, free_port, wait_port
 from tests.harness import ROOT, Collector, DaemonThread, Publisher, make_config
@@ -289,7 +290,14 @@ def test_home_assistant_accepts_the_discovery(
     try:
         _publish(client, bridge.status_topic, "online", retain=True)
         _publish(client, plug_availability, json.dumps({"state": "online"}), retain=True)
-        info = bridge_info_payload(version="0.1.0", uptime_s=42, messages_per_s=3.5, drops=1, latency_ms=0.75)
+        info = bridge_info_payload(
+            version="0.1.0",
+            uptime_s=42,
+            messages_per_s=3.5,
+            drops=1,
+            latency_ms=0.75,
+            started="2026-12-03T16:00:00.123Z",
+        )
         _publish(client, bridge.info_topic, info, retain=True)
         _publish_all(client, tracker.plan([(plug, outputs)]))
         expected = {
@@ -305,10 +313,7 @@ def test_home_assistant_accepts_the_discovery(
             "Kitchen plug Anomaly": ("on", {"device_class": "problem"}),
             "Kitchen plug Anomaly score": ("0.93", {"state_class": "measurement"}),
             f"{bridge.display_name} Version": ("0.1.0", {}),
-            f"{bridge.display_name} Uptime": (
-                "42",
-                {"device_class": "duration", "unit_of_measurement": "s"},
-            ),
+            f"{bridge.display_name} Started": ("2026-12-03T16:00:00+00:00", {"device_class": "timestamp"}),
             f"{bridge.display_name} Messages per second": ("3.5", {"unit_of_measurement": "msg/s"}),
             f"{bridge.display_name} Dropped messages": ("1", {"state_class": "total_increasing"}),
             f"{bridge.display_name} Inference latency": (
@@ -528,6 +533,11 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
                 ):
                     break
                 time.sleep(0.5)
+            bridge_states = [
+                s
+                for s in home_assistant.mqtt_states().values()
+                if s["attributes"].get("friendly_name", "").startswith(bridge_name)
+            ]
     finally:
         _stop_process(sim)
         _clear_discovery(mosquitto.url, BridgeInfo(version="0", instance_id=topic_prefix).identifier)
@@ -537,6 +547,21 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
         f"state after creation: max {max(spans, default=float('nan')):.2f} s"
     )
     assert len(clock.created) == expected_entities, sorted(clock.created)
+    # the readable class names of the model card's labels, the raw label beside them
+    appliances = [
+        s for s in clock.states.values() if s["attributes"].get("options") and "appliance" in s["entity_id"]
+    ]
+    assert appliances and all(
+        s["state"] in s["attributes"]["options"] for s in appliances if s["state"] != "unavailable"
+    )
+    assert "Fridge freezer" in appliances[0]["attributes"]["options"]
+    for state in appliances:  # the readable name shown, the card's raw label kept as attribute
+        assert state["state"] == humanise(state["attributes"]["label"]), state
+    # the bridge's start time and, per model, version and holdout accuracy (models/*/card.md)
+    bridge = {s["attributes"]["friendly_name"]: s["state"] for s in bridge_states}
+    assert bridge[f"{bridge_name} Appliance model version"] == "1.0.0", bridge
+    assert bridge[f"{bridge_name} Appliance holdout accuracy"] == "90.0", bridge
+    assert bridge[f"{bridge_name} Started"].endswith("+00:00"), bridge
     assert not clock.late(STATE_WITHIN_S), (
         clock.late(STATE_WITHIN_S),
         {e: clock.states[e]["state"] for e in clock.late(STATE_WITHIN_S)},
@@ -635,10 +660,9 @@ def test_a_rename_and_an_area_set_in_home_assistant_survive_a_daemon_restart(
             device = next(d for d in devices if d["id"] == main["device_id"])
             assert device["area_id"] == area["area_id"], device
             state = home_assistant.states()[main["entity_id"]]
-            assert (
-                state["state"] in ("empty", "occupied")
-                and state["attributes"]["friendly_name"] == "Hall presence"
-            )
+            assert state["state"] in ("Empty", "Occupied"), state  # the card's labels, readable
+            assert state["attributes"]["friendly_name"] == "Hall presence"
+            assert state["attributes"]["label"] in ("empty", "occupied")  # the raw label, for automations
         finally:
             runner.stop()
     finally:
@@ -732,7 +756,7 @@ def test_a_zigbee2mqtt_device_and_its_prediction_are_one_home_assistant_device(
             assert device["manufacturer"] == "Aqara" and device["model"] == "Temperature and humidity sensor"
             states = home_assistant.states()
             main = next(e for e in ours if not e["unique_id"].endswith("_confidence"))
-            assert states[main["entity_id"]]["state"] in ("empty", "occupied")
+            assert states[main["entity_id"]]["state"] in ("Empty", "Occupied")
     finally:
         for topic in (*z2m_configs, f"{z2m}/bridge/devices", f"{z2m}/bridge/state"):
             pub.send(topic, "", retain=True)

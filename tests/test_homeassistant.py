@@ -418,7 +418,7 @@ def test_bridge_device_and_diagnostics() -> None:
     ]
     assert data["availability_mode"] == "all"
     components = data["cmps"]
-    assert set(components) == {"version", "uptime", "messages_per_s", "drops", "latency"}
+    assert set(components) == {"version", "started", "messages_per_s", "drops", "latency"}
     for component in components.values():
         assert component["platform"] == "sensor"
         assert component["entity_category"] == "diagnostic"
@@ -427,20 +427,28 @@ def test_bridge_device_and_diagnostics() -> None:
         assert component["default_entity_id"].startswith("sensor.edge_infer_home_")
     assert components["latency"]["device_class"] == "duration"
     assert components["latency"]["unit_of_measurement"] == "ms"
-    assert components["uptime"]["unit_of_measurement"] == "s"
+    # uptime as the start time: one state per run, not one per bridge info in the recorder
+    assert components["started"]["device_class"] == "timestamp"
+    assert "state_class" not in components["started"] and "unit_of_measurement" not in components["started"]
 
 
 def test_bridge_templates_read_bridge_info() -> None:
     info = json.loads(
         bridge_info_payload(
-            version="1.2.3", uptime_s=3600.04, messages_per_s=12.5, drops=3, latency_ms=0.8123, models=["m"]
+            version="1.2.3",
+            uptime_s=3600.04,
+            messages_per_s=12.5,
+            drops=3,
+            latency_ms=0.8123,
+            started="2026-12-03T16:00:00.000Z",
+            models=["m"],
         )
     )
     assert set(BRIDGE_INFO_KEYS) <= set(info)
     assert info["models"] == ["m"]
     components = cmps(bridge_discovery(BRIDGE))
     assert render(components["version"]["value_template"], info) == "1.2.3"
-    assert render(components["uptime"]["value_template"], info) == "3600.0"
+    assert render(components["started"]["value_template"], info) == "2026-12-03T16:00:00.000Z"
     assert render(components["messages_per_s"]["value_template"], info) == "12.5"
     assert render(components["drops"]["value_template"], info) == "3"
     assert render(components["latency"]["value_template"], info) == "0.812"
@@ -691,3 +699,66 @@ def test_own_devices_have_a_model_and_manufacturer() -> None:
     dev = payload_of(device_discovery(BRIDGE, SourceDevice("fan"), [FORECAST]))["dev"]
     assert dev["manufacturer"] == "edge-infer" and dev["model"] == "Predictions"
     assert dev["via_device"] == BRIDGE.identifier
+
+
+# ---------------------------------------------------------------------------------- extras
+
+
+def test_readable_class_names_with_the_raw_label_as_attribute() -> None:
+    named = OutputEntity(
+        "appliance",
+        "classification",
+        "edge-infer/appliance/kitchen_plug",
+        labels=("fridge_freezer", "coffee_machine", "off"),
+        label_names=("Fridge freezer", "Coffee machine", "Off"),
+    )
+    component = cmps(device_discovery(BRIDGE, PLUG, [named]))["appliance"]
+    assert component["options"] == ["Fridge freezer", "Coffee machine", "Off"]
+    prediction = {**PREDICTION, "label": "coffee_machine"}
+    assert render(component["value_template"], prediction) == "Coffee machine"
+    assert render(component["value_template"], {**PREDICTION, "label": None}) == "None"
+    assert component["json_attributes_topic"] == named.state_topic
+    attributes = json.loads(render(component["json_attributes_template"], prediction))
+    assert attributes == {"label": "coffee_machine", "model": "appliance", "model_version": "1.2.0"}
+    # names that do not fit (too few, or two labels with one name) leave the raw labels
+    for names in (("Fridge",), ("Same", "Same", "Off")):
+        odd = OutputEntity("a", "classification", "t", labels=named.labels, label_names=names)
+        assert cmps(device_discovery(BRIDGE, PLUG, [odd]))["a"]["options"] == list(named.labels)
+
+
+def test_readable_labels_from_config_or_the_card() -> None:
+    from edge.discovery import readable_labels
+
+    assert readable_labels(["fridge_freezer", "tv"], None) == ("Fridge freezer", "Tv")
+    assert readable_labels(["fridge_freezer", "tv"], {"tv": "Television"}) == ("Fridge freezer", "Television")
+
+
+def test_bridge_has_version_and_holdout_accuracy_per_model() -> None:
+    components = cmps(DiscoveryMessage("t", json.dumps(bridge_config_of(["appliance", "occupancy"]))))
+    info = {"models": {"appliance": {"version": "1.0.0", "accuracy": 0.9}, "occupancy": {"version": "2"}}}
+    assert render(components["model_appliance_version"]["value_template"], info) == "1.0.0"
+    assert render(components["model_appliance_accuracy"]["value_template"], info) == "90.0"
+    assert render(components["model_occupancy_accuracy"]["value_template"], info) == "None"
+    assert components["model_appliance_accuracy"]["unit_of_measurement"] == "%"
+    assert all(c["entity_category"] == "diagnostic" for c in components.values())
+    assert len({c["unique_id"] for c in components.values()}) == len(components)
+
+
+def bridge_config_of(models: list[str]) -> dict[str, Any]:
+    from edge.homeassistant import bridge_config
+
+    return bridge_config(BRIDGE, models)
+
+
+def test_holdout_accuracy_from_the_manifest() -> None:
+    from edge.discovery import holdout_accuracy
+    from edge.manifest import Manifest
+
+    class Spec:
+        def __init__(self, metrics: dict[str, Any] | None) -> None:
+            self.manifest = None if metrics is None else Manifest.model_construct(metrics=metrics)
+
+    assert holdout_accuracy(Spec({"train": {"accuracy": 1.0}, "pytorch_test": {"accuracy": 0.9}})) == 0.9  # type: ignore[arg-type]
+    assert holdout_accuracy(Spec({"val": {"accuracy": 0.8}})) == 0.8  # type: ignore[arg-type]
+    assert holdout_accuracy(Spec({"test": {"f1": 0.8}})) is None  # type: ignore[arg-type]
+    assert holdout_accuracy(Spec(None)) is None  # type: ignore[arg-type]
