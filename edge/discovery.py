@@ -39,6 +39,7 @@ from edge.homeassistant import (
     OutputEntity,
     SourceDevice,
     check_output,
+    esphome_identity,
     humanise,
     is_ha_online,
     reannounce_delay,
@@ -230,6 +231,8 @@ class Discovery:
                 sources.setdefault(f"{base}/bridge/devices", set()).add(pipeline.name)
             elif source.profile == "tasmota":
                 sources.setdefault(TASMOTA_DISCOVERY, set()).add(pipeline.name)
+            elif source.profile == "esphome":  # ESPHome's own discovery, one config per entity
+                sources.setdefault(f"{self.bridge.discovery_prefix}/+/+/+/config", set()).add(pipeline.name)
         return sources
 
     def identity(self, pipeline: str, device: str) -> Identity | None:
@@ -262,6 +265,10 @@ class Discovery:
             return topic if topic in self._identity_sources() else None
         if topic.startswith("tasmota/discovery/") and topic.endswith("/config") and topic.count("/") == 3:
             return TASMOTA_DISCOVERY if TASMOTA_DISCOVERY in self._identity_sources() else None
+        prefix = f"{self.bridge.discovery_prefix}/"
+        if topic.startswith(prefix) and topic.endswith("/config") and topic[len(prefix) :].count("/") == 3:
+            esphome = f"{prefix}+/+/+/config"
+            return esphome if esphome in self._identity_sources() else None
         return None
 
     def _learn_identity(self, source: str, topic: str, payload: bytes) -> None:
@@ -286,6 +293,11 @@ class Discovery:
             if found is not None and len(known) < MAX_IDENTITIES:
                 known[found[0]] = found[1]
                 self._tasmota_topics[topic] = found[0]
+        elif source.endswith("/+/+/+/config"):  # ESPHome: every entity's config names its node
+            known = self._identities.setdefault(source, {})
+            found = esphome_identity(data) if data is not None else None
+            if found is not None and (found[0] in known or len(known) < MAX_IDENTITIES):
+                known[found[0]] = found[1]
         else:
             self._identities[source] = zigbee2mqtt_identities(data)
         if self._identities.get(source, {}) != before:

@@ -741,6 +741,52 @@ def tasmota_identity(config: Any) -> tuple[str, Identity] | None:
     return topic, Identity(connections=(connection,), name=name if isinstance(name, str) and name else None)
 
 
+def esphome_identity(config: Any) -> tuple[str, Identity] | None:
+    """(node, identity) from one of ESPHome's own MQTT discovery configs
+    (``<prefix>/<component>/<node>/<object_id>/config``): its ``dev`` gives the identifier
+    (the MAC, as ESPHome writes it) and the MAC ``connections``; the node is the topic prefix of
+    its availability topic ``<node>/status`` (or the first level of its state topic), the device
+    id of the esphome profile. ``None`` for configs that are not ESPHome's."""
+    if not isinstance(config, Mapping):
+        return None
+    dev = config.get("dev", config.get("device"))
+    origin = config.get("o", config.get("origin"))
+    if not isinstance(dev, Mapping):
+        return None
+    sw = dev.get("sw", dev.get("sw_version"))
+    by_origin = isinstance(origin, Mapping) and str(origin.get("name", "")).lower() == "esphome"
+    if not (by_origin or (isinstance(sw, str) and sw.lower().startswith("esphome"))):
+        return None
+    node = None
+    availability = config.get("avty_t", config.get("availability_topic"))
+    state = config.get("stat_t", config.get("state_topic"))
+    if isinstance(availability, str) and availability.endswith("/status") and len(availability) > 7:
+        node = availability[: -len("/status")]
+    elif isinstance(state, str) and "/" in state:
+        node = state.split("/", 1)[0]
+    if not node:
+        return None
+    ids = dev.get("ids", dev.get("identifiers"))
+    ids = [ids] if isinstance(ids, str) else ids
+    identifiers = tuple(i for i in ids if isinstance(i, str) and i) if isinstance(ids, list) else ()
+    cns = dev.get("cns", dev.get("connections"))
+    connections: list[tuple[str, str]] = []
+    for entry in cns if isinstance(cns, list) else []:
+        if (
+            isinstance(entry, list | tuple)
+            and len(entry) == 2
+            and entry[0] == "mac"
+            and isinstance(entry[1], str)
+        ):
+            connection = mac_connection(entry[1])
+            if connection is not None and connection not in connections:
+                connections.append(connection)
+    if not identifiers and not connections:
+        return None
+    name = dev.get("name")
+    return node, Identity(identifiers, tuple(connections), name if isinstance(name, str) and name else None)
+
+
 # ------------------------------------------------------------------------------ Home Assistant birth
 
 

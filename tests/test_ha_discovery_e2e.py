@@ -264,11 +264,12 @@ def test_a_device_unseen_for_forget_after_is_removed(
     watch.close()
 
 
-def test_devices_are_linked_to_zigbee2mqtt_and_tasmota_identities(
+def test_devices_are_linked_to_zigbee2mqtt_tasmota_and_esphome_identities(
     mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
 ) -> None:
     """Zigbee2MQTT's retained bridge/devices gives the plug's ``zigbee2mqtt_<ieee>``, Tasmota's
-    retained discovery its MAC: the prediction entities go on those devices. A device the family
+    retained discovery its MAC, ESPHome's own discovery its identifier and MAC: the prediction
+    entities go on those devices. A device the family
     does not describe keeps its own device, linked via_device to the bridge."""
     p = topic_prefix
     snapshot_classifier(tmp_path / "occ.onnx", ["power"], ["off", "on"], name="occ")
@@ -285,6 +286,7 @@ def test_devices_are_linked_to_zigbee2mqtt_and_tasmota_identities(
                 "model": "occ",
                 "source": {"profile": "tasmota", "options": {"tele_prefix": f"{p}/tele"}},
             },
+            "esp": {"model": "occ", "source": {"profile": "esphome", "options": {"prefix": f"esp{p}"}}},
         },
         "homeassistant": {
             "discovery_prefix": f"{p}/ha",
@@ -299,19 +301,31 @@ def test_devices_are_linked_to_zigbee2mqtt_and_tasmota_identities(
     ]
     pub.send(f"{p}/z2m/bridge/devices", devices, retain=True)
     pub.send(mac_topic, {"t": "dryer", "mac": f"A4CF12{p[-6:].upper()}", "dn": "Dryer"}, retain=True)
+    # ESPHome's own discovery of one of its sensors (abbreviated keys, as ESPHome writes them)
+    esp_topic = f"{p}/ha/sensor/esp{p}/power/config"
+    esp_config = {
+        "name": "Power",
+        "stat_t": f"esp{p}/sensor/power/state",
+        "avty_t": f"esp{p}/status",
+        "uniq_id": f"esp{p}sensorpower",
+        "dev": {"ids": "b4e62d0a1b2c", "name": f"esp{p}", "sw": "esphome v2025.2.0", "mf": "espressif",
+                "cns": [["mac", "b4e62d0a1b2c"]]},
+    }  # fmt: skip
+    pub.send(esp_topic, esp_config, retain=True)
     watch = Collector(mosquitto.url, f"{p}/ha/device/+/config")
     try:
         with DaemonThread(make_config(data, tmp_path)):
             pub.send(f"{p}/z2m/plug1", {"power": 3})
             pub.send(f"{p}/z2m/plug2", {"power": 3})
             pub.send(f"{p}/tele/dryer/SENSOR", {"ENERGY": {"Power": 3}})
+            pub.send(f"esp{p}/sensor/power/state", "3")
 
             bridge_topic = f"{p}/ha/device/edge_infer_{p}/config"
 
             def devs() -> dict[str, Any]:
                 return {t: c["dev"] for t, c in _configs(watch, p).items() if c and t != bridge_topic}
 
-            watch.wait(lambda m: len(devs()) == 3, timeout=15)
+            watch.wait(lambda m: len(devs()) == 4, timeout=15)
             by_kind = {json.dumps(d, sort_keys=True) for d in devs().values()}
             assert (
                 json.dumps(
@@ -321,10 +335,17 @@ def test_devices_are_linked_to_zigbee2mqtt_and_tasmota_identities(
             )
             mac = ":".join(f"a4cf12{p[-6:].lower()}"[i : i + 2] for i in range(0, 12, 2))
             assert json.dumps({"connections": [["mac", mac]], "name": "Dryer"}, sort_keys=True) in by_kind
+            esphome = {
+                "identifiers": ["b4e62d0a1b2c"],
+                "connections": [["mac", "b4:e6:2d:0a:1b:2c"]],
+                "name": f"esp{p}",
+            }
+            assert json.dumps(esphome, sort_keys=True) in by_kind
             own = [d for d in devs().values() if d.get("name") == "plug2"]
             assert own and own[0]["via_device"] == f"edge_infer_{p}"
     finally:
         pub.send(f"{p}/z2m/bridge/devices", "", retain=True)
         pub.send(mac_topic, "", retain=True)
+        pub.send(esp_topic, "", retain=True)
         watch.close()
         pub.close()

@@ -28,6 +28,7 @@ from edge.homeassistant import (
     device_discovery,
     device_removal,
     device_topic,
+    esphome_identity,
     expire_after,
     is_ha_online,
     mac_connection,
@@ -762,3 +763,22 @@ def test_holdout_accuracy_from_the_manifest() -> None:
     assert holdout_accuracy(Spec({"val": {"accuracy": 0.8}})) == 0.8  # type: ignore[arg-type]
     assert holdout_accuracy(Spec({"test": {"f1": 0.8}})) is None  # type: ignore[arg-type]
     assert holdout_accuracy(Spec(None)) is None  # type: ignore[arg-type]
+
+
+def test_esphome_identity_from_its_own_discovery() -> None:
+    config = {
+        "stat_t": "livingroom/sensor/temperature/state",
+        "avty_t": "livingroom/status",
+        "dev": {"ids": "a4cf12abcdef", "name": "livingroom", "sw": "esphome v2025.2.0",
+                "cns": [["mac", "a4cf12abcdef"]]},
+    }  # fmt: skip
+    assert esphome_identity(config) == (
+        "livingroom",
+        Identity(("a4cf12abcdef",), (("mac", "a4:cf:12:ab:cd:ef"),), "livingroom"),
+    )
+    no_availability = {**config, "avty_t": None}
+    assert esphome_identity(no_availability) == esphome_identity(config)  # node from the state topic
+    zigbee = {**config, "dev": {"ids": ["zigbee2mqtt_0x1"], "sw": "2.1.0"}, "o": {"name": "Zigbee2MQTT"}}
+    assert esphome_identity(zigbee) is None
+    assert esphome_identity({**config, "dev": {"sw": "esphome v1"}}) is None  # nothing to link by
+    assert esphome_identity("junk") is None
