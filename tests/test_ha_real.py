@@ -768,6 +768,84 @@ def test_a_zigbee2mqtt_device_and_its_prediction_are_one_home_assistant_device(
     assert not _mqtt_problems(home_assistant), "\n".join(_mqtt_problems(home_assistant))
 
 
+def test_an_esphome_node_and_its_prediction_are_one_home_assistant_device(
+    home_assistant: HomeAssistant, mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """An ESPHome node with the MQTT component: its own discovery (abbreviated keys, the MAC as
+    identifier and connection) and its plain state topics; the daemon's prediction for the node
+    lands on ESPHome's device."""
+    node = f"esp{topic_prefix}"
+    mac = "b4e62d0a1b2c"
+    snapshot_classifier(tmp_path / "occ.onnx", ["temperature", "co2"], ["empty", "occupied"], name="occ")
+    data = {
+        "mqtt": {"url": mosquitto.url, "base_topic": f"{topic_prefix}/ei", "client_id": f"ei-{topic_prefix}"},
+        "models": {"occ": {"path": "occ.onnx"}},
+        "pipelines": {
+            "occupancy": {"model": "occ", "source": {"profile": "esphome", "options": {"prefix": node}}}
+        },
+        "homeassistant": {"instance_id": topic_prefix},
+    }
+    bridge_id = BridgeInfo(version="0", instance_id=topic_prefix).identifier
+    dev = {"ids": mac, "name": node, "sw": "esphome v2025.2.0 Feb 12 2025", "mdl": "esp32dev",
+           "mf": "espressif", "cns": [["mac", mac]]}  # fmt: skip
+    esp_configs = {
+        f"homeassistant/sensor/{node}/{key}/config": {
+            "dev_cla": device_class,
+            "unit_of_meas": unit,
+            "stat_cla": "measurement",
+            "name": key.title(),
+            "stat_t": f"{node}/sensor/{key}/state",
+            "avty_t": f"{node}/status",
+            "uniq_id": f"ESPsensor{key}{topic_prefix}",
+            "dev": dev,
+        }
+        for key, device_class, unit in (
+            ("temperature", "temperature", "°C"),
+            ("co2", "carbon_dioxide", "ppm"),
+        )
+    }
+    pub = Publisher(mosquitto.url)
+    try:
+        pub.send(f"{node}/status", "online", retain=True)
+        for topic, config in esp_configs.items():
+            pub.send(topic, config, retain=True)
+        with DaemonThread(make_config(data, tmp_path)):
+            pub.send(f"{node}/sensor/temperature/state", "21.5")
+            pub.send(f"{node}/sensor/co2/state", "900")
+
+            def linked() -> tuple[list[Any], list[Any]] | None:
+                entities = home_assistant.ws({"type": "config/entity_registry/list"})[0]
+                ours = [e for e in entities if e["unique_id"].startswith(f"{bridge_id}_{node}_")]
+                theirs = [
+                    e
+                    for e in entities
+                    if e["unique_id"].startswith("ESPsensor") and topic_prefix in e["unique_id"]
+                ]
+                seen["ours"], seen["theirs"] = (
+                    [e["unique_id"] for e in ours],
+                    [e["unique_id"] for e in theirs],
+                )
+                return (ours, theirs) if len(ours) == 2 and len(theirs) == 2 else None
+
+            seen: dict[str, Any] = {}
+            ours, theirs = home_assistant._wait(
+                linked, lambda: f"both families' entities, seen {seen}", timeout=60
+            )
+            device_ids = {e["device_id"] for e in ours + theirs}
+            devices = home_assistant.ws({"type": "config/device_registry/list"})[0]
+            named = [d for d in devices if d["name"] == node]
+            print(f"devices named {node}: {len(named)}; devices holding the 4 entities: {len(device_ids)}")
+            assert len(device_ids) == 1 and len(named) == 1, (named, ours, theirs)
+            assert ["mac", "b4:e6:2d:0a:1b:2c"] in named[0]["connections"], named[0]
+            assert named[0]["model"] == "esp32dev" and named[0]["manufacturer"] == "espressif"
+    finally:
+        for topic in (*esp_configs, f"{node}/status"):
+            pub.send(topic, "", retain=True)
+        pub.close()
+        _clear_discovery(mosquitto.url, bridge_id)
+    assert not _mqtt_problems(home_assistant), "\n".join(_mqtt_problems(home_assistant))
+
+
 def test_setup_script_exists_and_is_executable() -> None:
     script = Path(__file__).parent / "ha" / "setup_ha_venv.sh"
     assert script.stat().st_mode & 0o111
