@@ -442,11 +442,26 @@ class Discovery:
             devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
         models = sorted({p.cfg.model for p in self._pipelines()})
         if self.shared is None:
-            self._send(self.tracker.plan(devices, models=models))
+            self._plan(self.tracker, devices, models)
             return
         self._send(self.tracker.plan([], models=models))
         if self._is_leader():
-            self._send(self.shared.plan(devices))
+            self._plan(self.shared, devices, [])
+
+    def _plan(
+        self,
+        tracker: DiscoveryTracker,
+        devices: list[tuple[SourceDevice, list[OutputEntity]]],
+        models: list[str],
+    ) -> None:
+        """Publish a plan, then clear the retained states of the entities it removed (a pipeline
+        that left the config, in this run or since the last, a device gone): they were retained
+        for Home Assistant only."""
+        before = set(tracker.announced_state_topics())
+        self._send(tracker.plan(devices, models=models))
+        for topic in sorted(before - set(tracker.announced_state_topics())):
+            if topic != tracker.bridge.info_topic:
+                self._publish(Outgoing(topic, b"", 1, True))
 
     def device_seen(self) -> None:
         """A device's first prediction: announce it soon, coalescing a burst of new devices."""

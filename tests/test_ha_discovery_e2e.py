@@ -349,3 +349,39 @@ def test_devices_are_linked_to_zigbee2mqtt_tasmota_and_esphome_identities(
         pub.send(esp_topic, "", retain=True)
         watch.close()
         pub.close()
+
+
+def test_a_pipeline_removed_by_a_reload_leaves_no_retained_state(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The states were retained for Home Assistant; when the pipeline's entities are removed, so
+    are its retained states. The pipeline that stays keeps its own."""
+    p = topic_prefix
+    data = _config(mosquitto.url, p, tmp_path)
+    path = write_config(data, tmp_path / "c.yaml")
+    pub = Publisher(mosquitto.url)
+    runner = DaemonThread(make_config(data, tmp_path)).start()
+    try:
+        assert runner.daemon is not None
+        runner.daemon.config_path = path
+        watch = Collector(mosquitto.url, f"{p}/ei/power/kitchen", f"{p}/ei/occupancy/kitchen")
+        pub.send(f"{p}/z2m/kitchen", {"temperature": 21, "co2": 800})
+        watch.wait(lambda m: {x.topic for x in m} >= {f"{p}/ei/power/kitchen", f"{p}/ei/occupancy/kitchen"})
+        configs = Collector(mosquitto.url, f"{p}/ha/device/+/config")
+        configs.wait(
+            lambda m: any(c and c["dev"].get("name") == "kitchen" for c in _configs(configs, p).values())
+        )
+        configs.close()
+        del data["pipelines"]["power"]
+        write_config(data, path)
+        assert asyncio.run_coroutine_threadsafe(runner.daemon.reload("test"), runner.loop).result(20)
+        watch.wait(lambda m: any(x.topic == f"{p}/ei/power/kitchen" and not x.payload for x in m), timeout=10)
+        late = Collector(mosquitto.url, f"{p}/ei/power/kitchen", f"{p}/ei/occupancy/kitchen")
+        late.wait(lambda m: len(m) >= 1, timeout=10)
+        time.sleep(0.5)
+        assert [m.topic for m in late.messages] == [f"{p}/ei/occupancy/kitchen"]
+        watch.close()
+        late.close()
+    finally:
+        runner.stop()
+        pub.close()
