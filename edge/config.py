@@ -430,6 +430,11 @@ class EntityConfig(_Model):
     )
     unit: str | None = Field(None, description="Unit of a regression value (default: the model's).")
     icon: str | None = Field(None, description="mdi: icon.")
+    label_names: dict[str, str] | None = Field(
+        None,
+        description="Class label -> the name Home Assistant shows (default: the label made readable, "
+        "fridge_freezer -> Fridge freezer); the raw label stays in the entity's 'label' attribute.",
+    )
 
 
 class PipelineConfig(_Model):
@@ -491,6 +496,12 @@ class HomeAssistantConfig(_Model):
         "",
         description="Names this daemon's bridge device; default: 8 hex digits of the config's absolute "
         "path and mqtt.base_topic (as the client id), so each config on a host has its own.",
+    )
+    forget_after_days: float | None = Field(
+        7.0,
+        gt=0,
+        description="A device no pipeline has answered for this long is removed from Home Assistant "
+        "(null: never). A restart never removes a device its config still covers.",
     )
 
 

@@ -37,7 +37,7 @@ from edge.config import (
     read_limited,
 )
 from edge.decode import DecodeError, TopicPattern
-from edge.discovery import Discovery
+from edge.discovery import Discovery, holdout_accuracy
 from edge.features import WindowBudget
 from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
@@ -710,6 +710,7 @@ class Daemon:
                     self._answer_failed(pipeline, batch[index], exc)
                 continue
             out = pipeline.cfg.output
+            retain = out.retain or self.discovery.retains(pipeline)  # HA reads it on subscribing
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
@@ -727,7 +728,7 @@ class Daemon:
                 if item.device not in pipeline.last_published:
                     self._first_answer(pipeline, item.device)
                 pipeline.last_published[item.device] = encoded
-                self.link.publish(Outgoing(topic, encoded, out.qos, out.retain))
+                self.link.publish(Outgoing(topic, encoded, out.qos, retain))
                 pipeline.stats.published += 1
                 self._settle(item)
 
@@ -775,7 +776,8 @@ class Daemon:
                         True,
                     )
                 )
-                self.link.publish(Outgoing(pipeline.output_topic(device), payload, out.qos, out.retain))
+                retain = out.retain or self.discovery.retains(pipeline)
+                self.link.publish(Outgoing(pipeline.output_topic(device), payload, out.qos, retain))
 
     def status_text(self) -> str:
         elapsed = max(time.time() - self.started, 1e-9)
@@ -813,6 +815,7 @@ class Daemon:
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
+            "started": _iso(self.started),  # the bridge's Started timestamp sensor
             "messages_per_s": round(rate, 3),
             "drops": sum(sum(p.stats.dropped.values()) for p in self.pipelines.values()),
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
@@ -833,6 +836,7 @@ class Daemon:
                     "task": m.spec.task,
                     "sha256": m.spec.sha256,
                     "providers": m.providers,
+                    "accuracy": holdout_accuracy(m.spec),  # the bridge's per-model diagnostic
                     "batches": self.batchers[name].batches if name in self.batchers else 0,
                     "items": self.batchers[name].items if name in self.batchers else 0,
                 }
@@ -1135,6 +1139,8 @@ class Daemon:
         ]
         if self.config.state.file is not None:
             restore_state(self.config.state.file, self.pipelines)
+            for name, pipeline in self.pipelines.items():  # announced at once, not at their next answer
+                self.discovery.remember(name, pipeline.store.states)
             periodic.append(self._spawn(self._keep_state(), "state"))
         link_task = self._spawn(self._run_link(), "mqtt")
         try:

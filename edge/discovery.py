@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,18 +35,28 @@ from edge.homeassistant import (
     BridgeInfo,
     DiscoveryMessage,
     DiscoveryTracker,
+    Identity,
     OutputEntity,
     SourceDevice,
     check_output,
+    esphome_identity,
+    humanise,
     is_ha_online,
     reannounce_delay,
+    tasmota_identity,
+    zigbee2mqtt_identities,
 )
 from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
+from edge.runtime import ModelSpec
+from edge.safejson import loads_bounded
 
 log = logging.getLogger("edge.discovery")
 
 READBACK_S = 1.0
+TASMOTA_DISCOVERY = "tasmota/discovery/+/config"  # Tasmota's own discovery (SetOption19 0)
+MAX_IDENTITIES = 100_000  # Tasmota identities kept at most
+SWEEP_MAX_S = 3600.0  # how often, at most, devices are checked for having answered
 
 
 def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
@@ -66,10 +77,30 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         cadence_s=cadence,
         name=ha.name,
         icon=ha.icon,
+        label_names=readable_labels(spec.labels, ha.label_names),
     )
 
 
-def source_device(pipeline: Pipeline, device: str) -> SourceDevice:
+def holdout_accuracy(spec: ModelSpec) -> float | None:
+    """The accuracy the model's manifest gives for held-out data (a ``*test*`` entry of its
+    ``metrics`` first, e.g. ``pytorch_test``), or ``None`` when it gives none."""
+    metrics = spec.manifest.metrics if spec.manifest is not None else {}
+    for key in sorted(metrics, key=lambda k: ("test" not in k, k)):
+        entry = metrics[key]
+        value = entry.get("accuracy") if isinstance(entry, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+            return float(value)
+    return None
+
+
+def readable_labels(labels: Iterable[str], names: dict[str, str] | None) -> tuple[str, ...]:
+    """The state names Home Assistant shows: ``homeassistant.label_names`` where given, else the
+    model card's labels made readable (``fridge_freezer`` -> ``Fridge freezer``)."""
+    given = names or {}
+    return tuple(given.get(label) or humanise(label) for label in labels)
+
+
+def source_device(pipeline: Pipeline, device: str, identity: Identity | None = None) -> SourceDevice:
     info = getattr(pipeline.decoder, "device_info", None)
     name = model = manufacturer = None
     if callable(info):
@@ -77,7 +108,12 @@ def source_device(pipeline: Pipeline, device: str) -> SourceDevice:
         name, model, manufacturer = details.name, details.model, details.manufacturer
     availability = Availability(topic=pipeline.output_topic(device) + "/availability")
     return SourceDevice(
-        id=device, name=name, model=model, manufacturer=manufacturer, availability=availability
+        id=device,
+        name=name,
+        model=model,
+        manufacturer=manufacturer,
+        availability=availability,
+        identity=identity,
     )
 
 
@@ -134,6 +170,32 @@ class Discovery:
         self._announce: asyncio.Task[None] | None = None
         self.on_ha_online: Callable[[], None] | None = None
         self.announcements = 0
+        self.plans = 0  # replans done (tests wait on it)
+        self.forgotten = 0  # (pipeline, device) pairs removed for being unseen
+        days = ha.forget_after_days
+        self.forget_after_s: float | None = None if days is None else days * 86400.0
+        # pipeline -> devices announced before this run (read back from the broker's retained
+        # configs, or restored from the state file): announced at once, never removed on restart
+        self._restored: dict[str, set[str]] = {}
+        self._seen: dict[tuple[str, str], float] = {}  # (pipeline, device) -> last answered (wall)
+        self._marks: dict[tuple[str, str], bytes] = {}  # the last_published payload last looked at
+        self._sweeper: asyncio.Task[None] | None = None
+        # identity source (Zigbee2MQTT's bridge/devices topic, Tasmota's discovery filter) ->
+        # device id -> how the family's own integration identifies it in Home Assistant
+        self._identities: dict[str, dict[str, Identity]] = {}
+        self._tasmota_topics: dict[str, str] = {}  # Tasmota discovery topic -> its device's topic
+        self.identity_rejected = 0  # identity payloads that were not what the family publishes
+        self._clock: Callable[[], float] = time.time
+
+    def retains(self, pipeline: Pipeline) -> bool:
+        """Whether ``pipeline``'s predictions are published retained for Home Assistant.
+
+        Home Assistant subscribes to a state topic only when it creates the entity, so a state sent
+        before that is lost and, with ``expire_after``, the entity stays unavailable until the next
+        one (minutes). Retained, the broker hands the last state over on subscribing, whatever the
+        order of config and state; staleness is left to ``expire_after`` and the availability.
+        """
+        return self.enabled and pipeline.cfg.homeassistant.enabled
 
     def _availability_patterns(self) -> list[tuple[str, TopicPattern]]:
         """In a cluster: the retained availability topics of every pipeline's devices, whichever
@@ -156,11 +218,38 @@ class Discovery:
                 patterns.append((pipeline.name, pattern))
         return patterns
 
+    def _identity_sources(self) -> dict[str, set[str]]:
+        """Where the families publish their devices' identities -> the pipelines they serve:
+        Zigbee2MQTT's retained ``<base_topic>/bridge/devices``, Tasmota's retained discovery."""
+        sources: dict[str, set[str]] = {}
+        for pipeline in self._pipelines():
+            if not pipeline.cfg.homeassistant.enabled:
+                continue
+            source = pipeline.cfg.source
+            if source.profile == "zigbee2mqtt":
+                base = str(source.options.get("base_topic", "zigbee2mqtt"))
+                sources.setdefault(f"{base}/bridge/devices", set()).add(pipeline.name)
+            elif source.profile == "tasmota":
+                sources.setdefault(TASMOTA_DISCOVERY, set()).add(pipeline.name)
+            elif source.profile == "esphome":  # ESPHome's own discovery, one config per entity
+                sources.setdefault(f"{self.bridge.discovery_prefix}/+/+/+/config", set()).add(pipeline.name)
+        return sources
+
+    def identity(self, pipeline: str, device: str) -> Identity | None:
+        """The family's own identity of ``device`` as served by ``pipeline``, when known."""
+        for source, pipelines in self._identity_sources().items():
+            if pipeline in pipelines:
+                found = self._identities.get(source, {}).get(device)
+                if found is not None:
+                    return found
+        return None
+
     def subscriptions(self) -> list[tuple[str, int]]:
         if not self.enabled:
             return []
         subs = [(self.status_topic, 1), (self.bridge.discovery_subscription, 1)]
         subs += [(pattern.filter, 1) for _, pattern in self._availability_patterns()]
+        subs += [(source, 1) for source in sorted(self._identity_sources())]
         return subs
 
     def handles(self, topic: str) -> bool:
@@ -168,9 +257,57 @@ class Discovery:
             topic == self.status_topic
             or topic.startswith(f"{self.bridge.discovery_prefix}/")
             or (self.shared is not None and topic.endswith("/availability"))
+            or self._identity_source_of(topic) is not None
         )
 
+    def _identity_source_of(self, topic: str) -> str | None:
+        if topic.endswith("/bridge/devices"):
+            return topic if topic in self._identity_sources() else None
+        if topic.startswith("tasmota/discovery/") and topic.endswith("/config") and topic.count("/") == 3:
+            return TASMOTA_DISCOVERY if TASMOTA_DISCOVERY in self._identity_sources() else None
+        prefix = f"{self.bridge.discovery_prefix}/"
+        if topic.startswith(prefix) and topic.endswith("/config") and topic[len(prefix) :].count("/") == 3:
+            esphome = f"{prefix}+/+/+/config"
+            return esphome if esphome in self._identity_sources() else None
+        return None
+
+    def _learn_identity(self, source: str, topic: str, payload: bytes) -> None:
+        before = dict(self._identities.get(source, {}))
+        try:
+            data = loads_bounded(payload) if payload else None
+        except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
+            self.identity_rejected += 1
+            if self.identity_rejected == 1 or self.identity_rejected % 1000 == 0:
+                log.warning(
+                    "%s: not JSON, device identities not read (%d such payloads)",
+                    topic,
+                    self.identity_rejected,
+                )
+            return
+        if source == TASMOTA_DISCOVERY:
+            known = self._identities.setdefault(source, {})
+            old = self._tasmota_topics.pop(topic, None)
+            if old is not None:
+                known.pop(old, None)
+            found = tasmota_identity(data) if data is not None else None
+            if found is not None and len(known) < MAX_IDENTITIES:
+                known[found[0]] = found[1]
+                self._tasmota_topics[topic] = found[0]
+        elif source.endswith("/+/+/+/config"):  # ESPHome: every entity's config names its node
+            known = self._identities.setdefault(source, {})
+            found = esphome_identity(data) if data is not None else None
+            if found is not None and (found[0] in known or len(known) < MAX_IDENTITIES):
+                known[found[0]] = found[1]
+        else:
+            self._identities[source] = zigbee2mqtt_identities(data)
+        if self._identities.get(source, {}) != before:
+            self.device_seen()
+
     def on_message(self, topic: str, payload: bytes) -> None:
+        source = self._identity_source_of(topic)
+        if source is not None:
+            self._learn_identity(source, topic, payload)
+            return
         if topic == self.status_topic:
             if is_ha_online(payload):
                 log.info("Home Assistant is online: re-announcing")
@@ -204,7 +341,77 @@ class Discovery:
         self._reading_back = True
         await asyncio.sleep(READBACK_S)
         self._reading_back = False
+        self._restore_from_readback()
         self.replan()
+        if self.forget_after_s is not None and (self._sweeper is None or self._sweeper.done()):
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def remember(self, pipeline: str, devices: Iterable[str]) -> None:
+        """Devices of ``pipeline`` known from before this run (the state file): they are announced
+        with the first plan, before their first new answer."""
+        self._restored.setdefault(pipeline, set()).update(devices)
+
+    def _restore_from_readback(self) -> None:
+        """Which (pipeline, device) pairs the retained configs of an earlier run announced, from
+        each component's state topic and the configured pipelines' output topics: a restart with
+        the same config re-announces them instead of removing them."""
+        patterns: list[tuple[str, TopicPattern]] = []
+        for pipeline in self._pipelines():
+            if not pipeline.cfg.homeassistant.enabled:
+                continue
+            text = pipeline.topic_template.replace("{base}", pipeline.base).replace(
+                "{pipeline}", pipeline.name
+            )
+            try:
+                pattern = TopicPattern(text)
+            except ValueError:
+                continue
+            if pattern.names == ["device"]:
+                patterns.append((pipeline.name, pattern))
+        trackers = [self.tracker] if self.shared is None else [self.tracker, self.shared]
+        for tracker in trackers:
+            for state_topic in tracker.announced_state_topics():
+                for name, pattern in patterns:
+                    match = pattern.match(state_topic)
+                    if match is not None:
+                        self._restored.setdefault(name, set()).add(match["device"])
+
+    async def _sweep(self) -> None:
+        """Now and then: note which devices answered, and remove those unseen for too long."""
+        assert self.forget_after_s is not None
+        interval = min(SWEEP_MAX_S, self.forget_after_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.replan()
+
+    def _unseen(self, pipeline: Pipeline, device: str, now: float) -> bool:
+        """Notes whether ``device`` answered since the last look; ``True`` when it has not for
+        ``forget_after_s`` (a device known only from before this run counts from the restart)."""
+        key = (pipeline.name, device)
+        payload = pipeline.last_published.get(device)
+        if payload is not None and self._marks.get(key) is not payload:
+            self._marks[key] = payload
+            self._seen[key] = now
+        seen = self._seen.setdefault(key, now)
+        return self.forget_after_s is not None and now - seen > self.forget_after_s
+
+    def _forget(self, pipeline: Pipeline, device: str) -> None:
+        key = (pipeline.name, device)
+        self._seen.pop(key, None)
+        self._marks.pop(key, None)
+        self._restored.get(pipeline.name, set()).discard(device)
+        pipeline.last_published.pop(device, None)  # its next answer announces it again
+        pipeline.availability.pop(device, None)
+        topic = pipeline.output_topic(device)  # no stale retained state or availability left behind
+        for retained in (topic, topic + "/availability"):
+            self._publish(Outgoing(retained, b"", 1, True))
+        self.forgotten += 1
+        log.info(
+            "pipeline=%s device %r unseen for %.1f days: removed from Home Assistant",
+            pipeline.name,
+            device[:64],
+            (self.forget_after_s or 0) / 86400,
+        )
 
     def warn_unsupported(self) -> None:
         for pipeline in self._pipelines():
@@ -214,23 +421,47 @@ class Discovery:
     def replan(self) -> None:
         if not self.enabled:
             return
+        self.plans += 1
+        now = self._clock()
         devices: list[tuple[SourceDevice, list[OutputEntity]]] = []
         by_device: dict[str, list[tuple[Pipeline, OutputEntity]]] = {}
         for pipeline in self._pipelines():
             if not pipeline.cfg.homeassistant.enabled:
                 continue
-            known = {sanitise_segment(d): d for d in self._learned.get(pipeline.name, ())}
+            known = {sanitise_segment(d): d for d in self._restored.get(pipeline.name, ())}
+            known.update({sanitise_segment(d): d for d in self._learned.get(pipeline.name, ())})
             known.update({sanitise_segment(d): d for d in pipeline.last_published})
+            learned = self._learned.get(pipeline.name, set())  # another instance answers those
             for device in known.values():
+                if device not in learned and self._unseen(pipeline, device, now):
+                    self._forget(pipeline, device)
+                    continue
                 by_device.setdefault(device, []).append((pipeline, output_entity(pipeline, device)))
         for device, entries in sorted(by_device.items()):
-            devices.append((source_device(entries[0][0], device), [e for _, e in entries]))
+            identity = next((i for p, _ in entries if (i := self.identity(p.name, device)) is not None), None)
+            devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
+        models = sorted({p.cfg.model for p in self._pipelines()})
         if self.shared is None:
-            self._send(self.tracker.plan(devices))
+            self._plan(self.tracker, devices, models)
             return
-        self._send(self.tracker.plan([]))
+        self._send(self.tracker.plan([], models=models))
         if self._is_leader():
-            self._send(self.shared.plan(devices))
+            self._plan(self.shared, devices, [])
+
+    def _plan(
+        self,
+        tracker: DiscoveryTracker,
+        devices: list[tuple[SourceDevice, list[OutputEntity]]],
+        models: list[str],
+    ) -> None:
+        """Publish a plan, then clear the retained states of the entities it removed (a pipeline
+        that left the config, in this run or since the last, a device gone): they were retained
+        for Home Assistant only."""
+        before = set(tracker.announced_state_topics())
+        self._send(tracker.plan(devices, models=models))
+        for topic in sorted(before - set(tracker.announced_state_topics())):
+            if topic != tracker.bridge.info_topic:
+                self._publish(Outgoing(topic, b"", 1, True))
 
     def device_seen(self) -> None:
         """A device's first prediction: announce it soon, coalescing a burst of new devices."""
@@ -262,7 +493,7 @@ class Discovery:
         self.announcements += len(messages)
 
     def close(self) -> None:
-        for task in (self._pending, self._announce):
+        for task in (self._pending, self._announce, self._sweeper):
             if task is not None:
                 task.cancel()
 

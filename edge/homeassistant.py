@@ -46,7 +46,7 @@ NORMAL_LABEL: Final = "normal"
 Platform = Literal["sensor", "binary_sensor"]
 
 # Keys of the retained ``<base>/bridge/info`` JSON that the bridge's diagnostic sensors read.
-BRIDGE_INFO_KEYS: Final = ("version", "uptime_s", "messages_per_s", "drops", "latency_ms")
+BRIDGE_INFO_KEYS: Final = ("version", "started", "messages_per_s", "drops", "latency_ms")
 
 _TOPIC_ID = re.compile(r"[^a-zA-Z0-9_-]+")
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -205,8 +205,24 @@ class BridgeInfo:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """How the source family's own Home Assistant integration identifies a device: MQTT
+    ``identifiers`` (Zigbee2MQTT's ``zigbee2mqtt_<ieee>``) and/or ``connections`` such as
+    ``("mac", "aa:bb:cc:dd:ee:ff")`` (Tasmota, ESPHome, Shelly). Home Assistant's device registry
+    puts entities whose device shares one identifier or one connection on the same device."""
+
+    identifiers: tuple[str, ...] = ()
+    connections: tuple[tuple[str, str], ...] = ()
+    name: str | None = None  # the name the family gives the device (the same as its integration's)
+
+
+@dataclass(frozen=True)
 class SourceDevice:
-    """A physical device whose readings feed pipelines (names come from its device profile)."""
+    """A physical device whose readings feed pipelines (names come from its device profile).
+
+    With an ``identity`` its entities are attached to the family's own Home Assistant device
+    (the plug's page); without one edge-infer makes its own device, linked ``via_device`` to the
+    bridge."""
 
     id: str
     name: str | None = None
@@ -214,10 +230,15 @@ class SourceDevice:
     manufacturer: str | None = None
     suggested_area: str | None = None
     availability: Availability | None = None
+    identity: Identity | None = None
 
     @property
     def display_name(self) -> str:
         return self.name or self.id
+
+    @property
+    def linked(self) -> bool:
+        return self.identity is not None and bool(self.identity.identifiers or self.identity.connections)
 
 
 @dataclass(frozen=True)
@@ -249,10 +270,21 @@ class OutputEntity:
     name: str | None = None  # entity name; default: the pipeline name, humanised
     icon: str | None = None
     display_precision: int | None = None
+    # Readable class names, one per label (classification); the state shows these, the raw label
+    # stays in the entity's ``label`` attribute. Empty: the raw labels.
+    label_names: tuple[str, ...] = ()
 
     @property
     def display_name(self) -> str:
         return self.name or humanise(self.pipeline)
+
+    @property
+    def readable_labels(self) -> dict[str, str]:
+        """raw label -> readable name, when ``label_names`` fits (one distinct name per label)."""
+        names = self.label_names
+        if len(names) != len(self.labels) or len(set(names)) != len(names) or not all(names):
+            return {}
+        return {raw: name for raw, name in zip(self.labels, names, strict=True) if raw != name}
 
     @property
     def platform(self) -> Platform:
@@ -415,9 +447,22 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         main["value_template"] = _binary_template(output)
         add("state", "binary_sensor", main)
     elif output.task == "classification":
+        readable = output.readable_labels
         main["device_class"] = "enum"
-        main["options"] = list(output.labels)
-        main["value_template"] = "{{ " + _field("label") + " }}"
+        main["options"] = [readable.get(label, label) for label in output.labels]
+        if readable:
+            names = json.dumps(readable, ensure_ascii=False, sort_keys=True)
+            main["value_template"] = (
+                "{% set l = " + _field("label") + " %}{{ 'None' if l is none else " + names + ".get(l, l) }}"
+            )
+        else:
+            main["value_template"] = "{{ " + _field("label") + " }}"
+        # the raw label (what automations compare), the model and its version as attributes
+        main["json_attributes_topic"] = output.state_topic
+        main["json_attributes_template"] = (
+            "{{ {'label': " + _field("label") + ", 'model': " + _field("model")
+            + ", 'model_version': " + _field("model_version") + "} | tojson }}"
+        )  # fmt: skip
         add("state", "sensor", main)
     else:  # regression
         device_class = output.device_class
@@ -502,17 +547,28 @@ def device_config(
     """The device discovery payload (as a dict) of one source device and its pipeline outputs."""
     if not outputs:
         raise DiscoveryError(f"device {device.id!r}: nothing to announce (no outputs)")
-    dev: dict[str, Any] = {
-        "identifiers": [device_identifier(bridge, device)],
-        "name": device.display_name,
-        "via_device": bridge.identifier,
-    }
-    if device.manufacturer:
-        dev["manufacturer"] = device.manufacturer
-    if device.model:
-        dev["model"] = device.model
-    if device.suggested_area:
-        dev["suggested_area"] = device.suggested_area
+    dev: dict[str, Any]
+    if device.linked:
+        # The family's own device: only what identifies it and the name it has there, so that
+        # neither config overwrites the other's model, manufacturer or via_device.
+        assert device.identity is not None
+        dev = {}
+        if device.identity.identifiers:
+            dev["identifiers"] = list(device.identity.identifiers)
+        if device.identity.connections:
+            dev["connections"] = [list(c) for c in device.identity.connections]
+        if device.identity.name:
+            dev["name"] = device.identity.name
+    else:
+        dev = {
+            "identifiers": [device_identifier(bridge, device)],
+            "name": device.display_name,
+            "via_device": bridge.identifier,
+            "manufacturer": device.manufacturer or "edge-infer",
+            "model": device.model or "Predictions",
+        }
+        if device.suggested_area:
+            dev["suggested_area"] = device.suggested_area
     cmps: dict[str, Any] = {}
     for output in sorted(outputs, key=lambda o: o.pipeline):
         for component in output_components(bridge, device, output):
@@ -522,8 +578,9 @@ def device_config(
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, device), "cmps": cmps}
 
 
-def bridge_config(bridge: BridgeInfo) -> dict[str, Any]:
-    """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``."""
+def bridge_config(bridge: BridgeInfo, models: Sequence[str] = ()) -> dict[str, Any]:
+    """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
+    with a version and a holdout accuracy sensor per model in ``models``."""
     dev: dict[str, Any] = {
         "identifiers": [bridge.identifier],
         "name": bridge.display_name,
@@ -551,8 +608,7 @@ def bridge_config(bridge: BridgeInfo) -> dict[str, Any]:
     cmps = dict(
         [
             sensor("version", "Version", "version", icon="mdi:tag-outline"),
-            sensor("uptime", "Uptime", "uptime_s", device_class="duration", unit_of_measurement="s",
-                   state_class="total_increasing", suggested_display_precision=0),
+            sensor("started", "Started", "started", device_class="timestamp", icon="mdi:clock-start"),
             sensor("messages_per_s", "Messages per second", "messages_per_s", unit_of_measurement="msg/s",
                    state_class="measurement", suggested_display_precision=1, icon="mdi:swap-vertical"),
             sensor("drops", "Dropped messages", "drops", state_class="total_increasing",
@@ -561,6 +617,26 @@ def bridge_config(bridge: BridgeInfo) -> dict[str, Any]:
                    unit_of_measurement="ms", state_class="measurement", suggested_display_precision=2),
         ]
     )  # fmt: skip
+    for model in sorted(set(models)):
+        key = f"model_{topic_id(model)}"
+        model_field = "value_json.get('models', {}).get(" + json.dumps(model) + ", {})"
+        label = humanise(model)
+        cmps[f"{key}_version"] = sensor(
+            f"{key}_version", f"{label} model version", "version", icon="mdi:tag-outline"
+        )[1]
+        cmps[f"{key}_version"]["value_template"] = "{{ " + model_field + ".get('version') }}"
+        cmps[f"{key}_accuracy"] = sensor(
+            f"{key}_accuracy",
+            f"{label} holdout accuracy",
+            "accuracy",
+            unit_of_measurement="%",
+            suggested_display_precision=1,
+            icon="mdi:bullseye-arrow",
+        )[1]
+        cmps[f"{key}_accuracy"]["value_template"] = (
+            "{% set a = " + model_field + ".get('accuracy') %}"
+            "{{ (a * 100) | round(2) if a is number else 'None' }}"
+        )  # fmt: skip
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -568,9 +644,9 @@ def _encode(config: Mapping[str, Any]) -> str:
     return json.dumps(config, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
-def bridge_discovery(bridge: BridgeInfo) -> DiscoveryMessage:
+def bridge_discovery(bridge: BridgeInfo, models: Sequence[str] = ()) -> DiscoveryMessage:
     """The retained discovery message of the bridge device."""
-    return DiscoveryMessage(device_topic(bridge), _encode(bridge_config(bridge)))
+    return DiscoveryMessage(device_topic(bridge), _encode(bridge_config(bridge, models)))
 
 
 def device_discovery(
@@ -597,6 +673,7 @@ def bridge_info_payload(
     messages_per_s: float,
     drops: int,
     latency_ms: float | None,
+    started: str | None = None,
     **extra: Any,
 ) -> str:
     """The retained ``<base>/bridge/info`` JSON, with the keys the bridge's sensors read.
@@ -606,12 +683,108 @@ def bridge_info_payload(
     info: dict[str, Any] = {
         "version": version,
         "uptime_s": round(uptime_s, 1),
+        "started": started,  # ISO 8601 with time zone: the Started timestamp sensor
         "messages_per_s": round(messages_per_s, 3),
         "drops": drops,
         "latency_ms": None if latency_ms is None else round(latency_ms, 3),
         **extra,
     }
     return json.dumps(info, separators=(",", ":"), sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------ the families' identities
+
+_IEEE = re.compile(r"0x[0-9a-fA-F]{16}")
+_MAC = re.compile(r"[0-9a-fA-F]{12}")
+
+
+def mac_connection(mac: str) -> tuple[str, str] | None:
+    """``("mac", "aa:bb:cc:dd:ee:ff")`` from a MAC in any usual spelling, as Home Assistant's
+    device registry normalises it; ``None`` for anything else."""
+    digits = re.sub(r"[:\-.]", "", mac.strip())
+    if not _MAC.fullmatch(digits):
+        return None
+    digits = digits.lower()
+    return ("mac", ":".join(digits[i : i + 2] for i in range(0, 12, 2)))
+
+
+def zigbee2mqtt_identities(devices: Any) -> dict[str, Identity]:
+    """Friendly name -> identity from Zigbee2MQTT's retained ``<base>/bridge/devices`` (a JSON
+    list of devices with ``ieee_address`` and ``friendly_name``). Zigbee2MQTT's own discovery
+    identifies each device as ``zigbee2mqtt_<ieee_address>``. Entries that do not fit are skipped;
+    the coordinator has no entities."""
+    out: dict[str, Identity] = {}
+    if not isinstance(devices, list):
+        return out
+    for entry in devices:
+        if not isinstance(entry, Mapping) or entry.get("type") == "Coordinator":
+            continue
+        ieee, name = entry.get("ieee_address"), entry.get("friendly_name")
+        if isinstance(ieee, str) and _IEEE.fullmatch(ieee) and isinstance(name, str) and name:
+            out[name] = Identity(identifiers=(f"zigbee2mqtt_{ieee}",), name=name)
+    return out
+
+
+def tasmota_identity(config: Any) -> tuple[str, Identity] | None:
+    """(topic, identity) from Tasmota's retained ``tasmota/discovery/<MAC>/config``: the
+    device's ``t`` (its ``%topic%``, the device id in ``tele/<topic>/SENSOR``) and ``mac``, which
+    Home Assistant's Tasmota integration registers as the device's connection."""
+    if not isinstance(config, Mapping):
+        return None
+    topic, mac = config.get("t"), config.get("mac")
+    if not (isinstance(topic, str) and topic and isinstance(mac, str)):
+        return None
+    connection = mac_connection(mac)
+    if connection is None:
+        return None
+    name = config.get("dn")
+    return topic, Identity(connections=(connection,), name=name if isinstance(name, str) and name else None)
+
+
+def esphome_identity(config: Any) -> tuple[str, Identity] | None:
+    """(node, identity) from one of ESPHome's own MQTT discovery configs
+    (``<prefix>/<component>/<node>/<object_id>/config``): its ``dev`` gives the identifier
+    (the MAC, as ESPHome writes it) and the MAC ``connections``; the node is the topic prefix of
+    its availability topic ``<node>/status`` (or the first level of its state topic), the device
+    id of the esphome profile. ``None`` for configs that are not ESPHome's."""
+    if not isinstance(config, Mapping):
+        return None
+    dev = config.get("dev", config.get("device"))
+    origin = config.get("o", config.get("origin"))
+    if not isinstance(dev, Mapping):
+        return None
+    sw = dev.get("sw", dev.get("sw_version"))
+    by_origin = isinstance(origin, Mapping) and str(origin.get("name", "")).lower() == "esphome"
+    if not (by_origin or (isinstance(sw, str) and sw.lower().startswith("esphome"))):
+        return None
+    node = None
+    availability = config.get("avty_t", config.get("availability_topic"))
+    state = config.get("stat_t", config.get("state_topic"))
+    if isinstance(availability, str) and availability.endswith("/status") and len(availability) > 7:
+        node = availability[: -len("/status")]
+    elif isinstance(state, str) and "/" in state:
+        node = state.split("/", 1)[0]
+    if not node:
+        return None
+    ids = dev.get("ids", dev.get("identifiers"))
+    ids = [ids] if isinstance(ids, str) else ids
+    identifiers = tuple(i for i in ids if isinstance(i, str) and i) if isinstance(ids, list) else ()
+    cns = dev.get("cns", dev.get("connections"))
+    connections: list[tuple[str, str]] = []
+    for entry in cns if isinstance(cns, list) else []:
+        if (
+            isinstance(entry, list | tuple)
+            and len(entry) == 2
+            and entry[0] == "mac"
+            and isinstance(entry[1], str)
+        ):
+            connection = mac_connection(entry[1])
+            if connection is not None and connection not in connections:
+                connections.append(connection)
+    if not identifiers and not connections:
+        return None
+    name = dev.get("name")
+    return node, Identity(identifiers, tuple(connections), name if isinstance(name, str) and name else None)
 
 
 # ------------------------------------------------------------------------------ Home Assistant birth
@@ -661,10 +834,11 @@ class DiscoveryTracker:
         devices: Iterable[tuple[SourceDevice, Sequence[OutputEntity]]],
         *,
         include_bridge: bool = True,
+        models: Sequence[str] = (),
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:
-            desired[device_topic(self.bridge)] = bridge_config(self.bridge)
+            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models)
         for device, outputs in devices:
             if not outputs:
                 continue
@@ -685,6 +859,23 @@ class DiscoveryTracker:
             messages.append(DiscoveryMessage(topic, _encode(config)))
         self._announced = desired
         return messages
+
+    def announced_state_topics(self) -> list[str]:
+        """The state topics of every component announced (or read back), bridge's included."""
+        topics: list[str] = []
+        for config in self._announced.values():
+            cmps = config.get("cmps", config.get("components"))
+            if not isinstance(cmps, Mapping):
+                continue
+            for component in cmps.values():
+                topic = (
+                    component.get("state_topic", component.get("stat_t"))
+                    if isinstance(component, Mapping)
+                    else None
+                )
+                if isinstance(topic, str) and topic not in topics:
+                    topics.append(topic)
+        return topics
 
     def announce_all(self) -> list[DiscoveryMessage]:
         return [DiscoveryMessage(topic, _encode(config)) for topic, config in self._announced.items()]
@@ -730,7 +921,17 @@ class DiscoveryTracker:
         ids = dev.get("identifiers", dev.get("ids"))
         ids = [ids] if isinstance(ids, str) else ids
         via = dev.get("via_device", dev.get("via_dev"))
-        return via == self.bridge.identifier or (isinstance(ids, list) and self.bridge.identifier in ids)
+        if via == self.bridge.identifier or (isinstance(ids, list) and self.bridge.identifier in ids):
+            return True
+        # a device attached to the family's own device: every component's unique id is ours
+        cmps = config.get("cmps", config.get("components"))
+        if not isinstance(cmps, Mapping) or not cmps:
+            return False
+        mine = f"{self.bridge.identifier}_".lower()
+        return all(
+            isinstance(c, Mapping) and str(c.get("unique_id", c.get("uniq_id", ""))).lower().startswith(mine)
+            for c in cmps.values()
+        )
 
 
 def _component_removals(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from edge.homeassistant import (
     DiscoveryError,
     DiscoveryMessage,
     DiscoveryTracker,
+    Identity,
     OutputEntity,
     SourceDevice,
     bridge_discovery,
@@ -27,11 +28,15 @@ from edge.homeassistant import (
     device_discovery,
     device_removal,
     device_topic,
+    esphome_identity,
     expire_after,
     is_ha_online,
+    mac_connection,
     reannounce_delay,
     slug,
+    tasmota_identity,
     topic_id,
+    zigbee2mqtt_identities,
 )
 
 BRIDGE = BridgeInfo(version="1.2.3", instance_id="home", support_url="https://example.invalid/support")
@@ -414,7 +419,7 @@ def test_bridge_device_and_diagnostics() -> None:
     ]
     assert data["availability_mode"] == "all"
     components = data["cmps"]
-    assert set(components) == {"version", "uptime", "messages_per_s", "drops", "latency"}
+    assert set(components) == {"version", "started", "messages_per_s", "drops", "latency"}
     for component in components.values():
         assert component["platform"] == "sensor"
         assert component["entity_category"] == "diagnostic"
@@ -423,20 +428,28 @@ def test_bridge_device_and_diagnostics() -> None:
         assert component["default_entity_id"].startswith("sensor.edge_infer_home_")
     assert components["latency"]["device_class"] == "duration"
     assert components["latency"]["unit_of_measurement"] == "ms"
-    assert components["uptime"]["unit_of_measurement"] == "s"
+    # uptime as the start time: one state per run, not one per bridge info in the recorder
+    assert components["started"]["device_class"] == "timestamp"
+    assert "state_class" not in components["started"] and "unit_of_measurement" not in components["started"]
 
 
 def test_bridge_templates_read_bridge_info() -> None:
     info = json.loads(
         bridge_info_payload(
-            version="1.2.3", uptime_s=3600.04, messages_per_s=12.5, drops=3, latency_ms=0.8123, models=["m"]
+            version="1.2.3",
+            uptime_s=3600.04,
+            messages_per_s=12.5,
+            drops=3,
+            latency_ms=0.8123,
+            started="2026-12-03T16:00:00.000Z",
+            models=["m"],
         )
     )
     assert set(BRIDGE_INFO_KEYS) <= set(info)
     assert info["models"] == ["m"]
     components = cmps(bridge_discovery(BRIDGE))
     assert render(components["version"]["value_template"], info) == "1.2.3"
-    assert render(components["uptime"]["value_template"], info) == "3600.0"
+    assert render(components["started"]["value_template"], info) == "2026-12-03T16:00:00.000Z"
     assert render(components["messages_per_s"]["value_template"], info) == "12.5"
     assert render(components["drops"]["value_template"], info) == "3"
     assert render(components["latency"]["value_template"], info) == "0.812"
@@ -602,3 +615,170 @@ def test_readback_junk_is_counted_never_raised() -> None:
     for payload in junk:
         assert tracker.observe_retained(topic, payload) is False
     assert tracker.readback_rejected == len(junk)
+
+
+def test_tracker_lists_the_state_topics_it_read_back() -> None:
+    """What the daemon matches against its pipelines' output topics to re-announce, not remove,
+    the devices of an earlier run that the config still covers."""
+    earlier = DiscoveryTracker(BRIDGE)
+    retained = earlier.plan([(PLUG, [APPLIANCE, FORECAST])])
+    restarted = DiscoveryTracker(BRIDGE)
+    for message in retained:
+        restarted.observe_retained(message.topic, message.payload.encode())
+    topics = restarted.announced_state_topics()
+    assert APPLIANCE.state_topic in topics and FORECAST.state_topic in topics
+    assert BRIDGE.info_topic in topics
+    assert len(topics) == len(set(topics)) == 3
+
+
+# ------------------------------------------------------------------------------ device linking
+
+Z2M_DEVICES = [
+    {"ieee_address": "0x00124b0012345678", "type": "Coordinator", "friendly_name": "Coordinator"},
+    {
+        "ieee_address": "0x00158d0001a2b3c4",
+        "type": "Router",
+        "friendly_name": "kitchen_plug",
+        "definition": {"model": "BW-SHP13", "vendor": "BlitzWolf"},
+    },
+    {"ieee_address": "not-an-ieee", "type": "EndDevice", "friendly_name": "junk"},
+    {"ieee_address": "0x00158d0001a2b3c5", "type": "EndDevice"},
+    "not a device",
+]
+
+
+def test_zigbee2mqtt_identities_from_bridge_devices() -> None:
+    identities = zigbee2mqtt_identities(Z2M_DEVICES)
+    assert identities == {
+        "kitchen_plug": Identity(identifiers=("zigbee2mqtt_0x00158d0001a2b3c4",), name="kitchen_plug")
+    }
+    assert zigbee2mqtt_identities({"not": "a list"}) == {}
+
+
+def test_tasmota_identity_and_mac_spellings() -> None:
+    config = {"t": "tasmota_1A2B3C", "mac": "A4CF121A2B3C", "dn": "Dryer plug", "ip": "10.0.0.9"}
+    assert tasmota_identity(config) == (
+        "tasmota_1A2B3C",
+        Identity(connections=(("mac", "a4:cf:12:1a:2b:3c"),), name="Dryer plug"),
+    )
+    assert tasmota_identity({"t": "x", "mac": "nope"}) is None
+    assert tasmota_identity(["t"]) is None
+    for spelling in ("A4:CF:12:1A:2B:3C", "a4-cf-12-1a-2b-3c", "a4cf.121a.2b3c"):
+        assert mac_connection(spelling) == ("mac", "a4:cf:12:1a:2b:3c")
+
+
+def test_a_linked_device_is_the_familys_own_device() -> None:
+    """Only what identifies the device and its name: no via_device, model or manufacturer that
+    would fight the family's own config over the same Home Assistant device."""
+    linked = SourceDevice(
+        "kitchen_plug",
+        name="Kitchen plug",
+        model="BW-SHP13",
+        manufacturer="BlitzWolf",
+        identity=Identity(identifiers=("zigbee2mqtt_0x00158d0001a2b3c4",), name="kitchen_plug"),
+    )
+    dev = payload_of(device_discovery(BRIDGE, linked, [APPLIANCE]))["dev"]
+    assert dev == {"identifiers": ["zigbee2mqtt_0x00158d0001a2b3c4"], "name": "kitchen_plug"}
+    tasmota = SourceDevice("dryer", identity=Identity(connections=(("mac", "a4:cf:12:1a:2b:3c"),)))
+    dev = payload_of(device_discovery(BRIDGE, tasmota, [APPLIANCE]))["dev"]
+    assert dev == {"connections": [["mac", "a4:cf:12:1a:2b:3c"]]}
+    # the topic and unique ids stay edge-infer's, whatever device the entities sit on
+    assert device_discovery(BRIDGE, linked, [APPLIANCE]).topic == device_topic(BRIDGE, PLUG)
+
+
+def test_a_linked_device_read_back_is_recognised_as_ours() -> None:
+    """A linked config names neither the bridge as via_device nor an edge-infer identifier: it is
+    recognised by its origin and its components' unique ids, so restarts handle it like the rest."""
+    linked = SourceDevice("kitchen_plug", identity=Identity(identifiers=("zigbee2mqtt_0x00158d0001a2b3c4",)))
+    message = device_discovery(BRIDGE, linked, [APPLIANCE])
+    assert DiscoveryTracker(BRIDGE).observe_retained(message.topic, message.payload.encode())
+    other = BridgeInfo(version="1", instance_id="garage")
+    assert not DiscoveryTracker(other).observe_retained(message.topic, message.payload.encode())
+
+
+def test_own_devices_have_a_model_and_manufacturer() -> None:
+    dev = payload_of(device_discovery(BRIDGE, SourceDevice("fan"), [FORECAST]))["dev"]
+    assert dev["manufacturer"] == "edge-infer" and dev["model"] == "Predictions"
+    assert dev["via_device"] == BRIDGE.identifier
+
+
+# ---------------------------------------------------------------------------------- extras
+
+
+def test_readable_class_names_with_the_raw_label_as_attribute() -> None:
+    named = OutputEntity(
+        "appliance",
+        "classification",
+        "edge-infer/appliance/kitchen_plug",
+        labels=("fridge_freezer", "coffee_machine", "off"),
+        label_names=("Fridge freezer", "Coffee machine", "Off"),
+    )
+    component = cmps(device_discovery(BRIDGE, PLUG, [named]))["appliance"]
+    assert component["options"] == ["Fridge freezer", "Coffee machine", "Off"]
+    prediction = {**PREDICTION, "label": "coffee_machine"}
+    assert render(component["value_template"], prediction) == "Coffee machine"
+    assert render(component["value_template"], {**PREDICTION, "label": None}) == "None"
+    assert component["json_attributes_topic"] == named.state_topic
+    attributes = json.loads(render(component["json_attributes_template"], prediction))
+    assert attributes == {"label": "coffee_machine", "model": "appliance", "model_version": "1.2.0"}
+    # names that do not fit (too few, or two labels with one name) leave the raw labels
+    for names in (("Fridge",), ("Same", "Same", "Off")):
+        odd = OutputEntity("a", "classification", "t", labels=named.labels, label_names=names)
+        assert cmps(device_discovery(BRIDGE, PLUG, [odd]))["a"]["options"] == list(named.labels)
+
+
+def test_readable_labels_from_config_or_the_card() -> None:
+    from edge.discovery import readable_labels
+
+    assert readable_labels(["fridge_freezer", "tv"], None) == ("Fridge freezer", "Tv")
+    assert readable_labels(["fridge_freezer", "tv"], {"tv": "Television"}) == ("Fridge freezer", "Television")
+
+
+def test_bridge_has_version_and_holdout_accuracy_per_model() -> None:
+    components = cmps(DiscoveryMessage("t", json.dumps(bridge_config_of(["appliance", "occupancy"]))))
+    info = {"models": {"appliance": {"version": "1.0.0", "accuracy": 0.9}, "occupancy": {"version": "2"}}}
+    assert render(components["model_appliance_version"]["value_template"], info) == "1.0.0"
+    assert render(components["model_appliance_accuracy"]["value_template"], info) == "90.0"
+    assert render(components["model_occupancy_accuracy"]["value_template"], info) == "None"
+    assert components["model_appliance_accuracy"]["unit_of_measurement"] == "%"
+    assert all(c["entity_category"] == "diagnostic" for c in components.values())
+    assert len({c["unique_id"] for c in components.values()}) == len(components)
+
+
+def bridge_config_of(models: list[str]) -> dict[str, Any]:
+    from edge.homeassistant import bridge_config
+
+    return bridge_config(BRIDGE, models)
+
+
+def test_holdout_accuracy_from_the_manifest() -> None:
+    from edge.discovery import holdout_accuracy
+    from edge.manifest import Manifest
+
+    class Spec:
+        def __init__(self, metrics: dict[str, Any] | None) -> None:
+            self.manifest = None if metrics is None else Manifest.model_construct(metrics=metrics)
+
+    assert holdout_accuracy(Spec({"train": {"accuracy": 1.0}, "pytorch_test": {"accuracy": 0.9}})) == 0.9  # type: ignore[arg-type]
+    assert holdout_accuracy(Spec({"val": {"accuracy": 0.8}})) == 0.8  # type: ignore[arg-type]
+    assert holdout_accuracy(Spec({"test": {"f1": 0.8}})) is None  # type: ignore[arg-type]
+    assert holdout_accuracy(Spec(None)) is None  # type: ignore[arg-type]
+
+
+def test_esphome_identity_from_its_own_discovery() -> None:
+    config = {
+        "stat_t": "livingroom/sensor/temperature/state",
+        "avty_t": "livingroom/status",
+        "dev": {"ids": "a4cf12abcdef", "name": "livingroom", "sw": "esphome v2025.2.0",
+                "cns": [["mac", "a4cf12abcdef"]]},
+    }  # fmt: skip
+    assert esphome_identity(config) == (
+        "livingroom",
+        Identity(("a4cf12abcdef",), (("mac", "a4:cf:12:ab:cd:ef"),), "livingroom"),
+    )
+    no_availability = {**config, "avty_t": None}
+    assert esphome_identity(no_availability) == esphome_identity(config)  # node from the state topic
+    zigbee = {**config, "dev": {"ids": ["zigbee2mqtt_0x1"], "sw": "2.1.0"}, "o": {"name": "Zigbee2MQTT"}}
+    assert esphome_identity(zigbee) is None
+    assert esphome_identity({**config, "dev": {"sw": "esphome v1"}}) is None  # nothing to link by
+    assert esphome_identity("junk") is None

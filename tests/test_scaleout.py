@@ -91,8 +91,12 @@ def _number(message: Received) -> int:
 
 def _answers(out: Collector, p: str, pipeline: str, base: str = "ei") -> list[Received]:
     prefix = f"{p}/{base}/{pipeline}/"
+    # Announced pipelines' predictions are retained (docs/homeassistant.md): the last one of an
+    # earlier test, handed over on subscribing, is not an answer of this one.
     return [
-        m for m in list(out.messages) if m.topic.startswith(prefix) and not m.topic.endswith("/availability")
+        m
+        for m in list(out.messages)
+        if m.topic.startswith(prefix) and not m.topic.endswith("/availability") and not m.retain
     ]
 
 
