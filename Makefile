@@ -6,11 +6,12 @@ TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
 # The add-on's build context carries the wheel of this tree (addon/Dockerfile installs it).
-.PHONY: addon demo test test-arm64 test-ha lint bench models install install-demo mosquitto clean help
+.PHONY: addon demo test test-install test-arm64 test-ha lint bench models install install-demo mosquitto clean help
 
 help:
 	@echo "make demo      embedded broker + simulated home + bundled models, live predictions"
-	@echo "make test      install everything the tests need and run them"
+	@echo "make test      install everything the tests need and run them (not the install paths)"
+	@echo "make test-install  the wheel, the add-on run script and the systemd unit end to end"
 	@echo "make test-arm64  the daemon and the int8 zoo under arm64 emulation (docs/arm64.md)"
 	@echo "make test-ha   the discovery against a real Home Assistant Core (docs/homeassistant.md)"
 	@echo "make lint      ruff check, ruff format --check, mypy (strict on edge/ and devices/)"
@@ -42,8 +43,14 @@ mosquitto:
 demo: $(VENV)/.installed-demo
 	$(BIN)/edge-infer demo $(DEMO_ARGS)
 
+# The suite without the install paths (about 7 minutes on 2 cores); test-install runs those
+# (the built wheel in a fresh venv, the add-on's run script, systemd/install.sh and the unit's
+# ExecStart: about 4 minutes). CI runs both.
 test: $(VENV)/.installed-all mosquitto
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not install" $(PYTEST_ARGS)
+
+test-install: $(VENV)/.installed-all mosquitto
+	$(BIN)/python -m pytest -q -m install $(PYTEST_ARGS)
 
 # arm64 (Raspberry Pi 4/5) under qemu-user: sysroot and aarch64 wheels cached in $(ARM64_CACHE).
 ARM64_CACHE ?= .cache/arm64

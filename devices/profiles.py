@@ -550,7 +550,7 @@ class ShellyDecoder(_InfoMixin):
                 return [Availability(device, True)]
             if text == b"false":
                 return [Availability(device, False)]
-            raise DecodeError("non_numeric", f"{topic!r} is {text[:40]!r}, neither true nor false")
+            raise DecodeError("bad_availability", f"{topic!r} is {text[:40]!r}, neither true nor false")
         if n == 3 and parts[1] == "status":
             device = self._device(parts[0])
             if device is None:

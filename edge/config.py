@@ -308,7 +308,9 @@ class ModelConfig(_Model):
     features: list[str] | None = Field(None, description="Override the manifest's feature names.")
     window: int | None = Field(None, ge=1, description="Override the manifest's window length.")
     threshold: float | None = Field(None, description="Override the manifest's anomaly threshold.")
-    task: Literal["classification", "regression", "anomaly"] | None = None
+    task: Literal["classification", "regression", "anomaly"] | None = Field(
+        None, description="What the model predicts; required when the file has no edge-infer manifest."
+    )
     unit: str | None = None
 
     @field_validator("sha256")

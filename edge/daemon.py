@@ -41,7 +41,7 @@ from edge.discovery import Discovery, holdout_accuracy
 from edge.features import WindowBudget
 from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
-from edge.metrics import DaemonMetrics, MetricsServer
+from edge.metrics import DaemonMetrics, MetricsServer, Reading
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
 from edge.outputs import PostProcessor
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
@@ -228,7 +228,7 @@ class Daemon:
         self._bind_partitions(self.pipelines)
         self.started = time.time()
         self.ratelog = RateLimitedLogger(log, config.log_interval_s)
-        self.metrics = DaemonMetrics()
+        self.metrics = DaemonMetrics(self.metrics_reading)
         self.notifier = Notifier()
         self.liveness = Liveness()
         self.liveness.add_check(self._models_alive)
@@ -248,7 +248,11 @@ class Daemon:
         self.intake = self.link.intake
         self.link.on_room = self._room_made
         self.discovery = Discovery(
-            config, self.link.publish, self._current_pipelines, is_leader=self.is_leader
+            config,
+            self.link.publish,
+            self._current_pipelines,
+            is_leader=self.is_leader,
+            spawn=self._background,
         )
         self.discovery.on_ha_online = self._republish_states
         self.discovery.warn_unsupported()
@@ -264,13 +268,13 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._group: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self.intake_open = True
         self.messages_in = 0
         self.unrouted = 0
         self.failed_batches = 0
         self.reloads = 0
-        self._synced: dict[tuple[str, ...], float] = {}
         self._rate_mark = (time.monotonic(), 0)
         self.latency_ms: float | None = None  # moving average of message-to-prediction latency
         self._dead_letter_tokens = config.dead_letter.max_per_s
@@ -432,7 +436,7 @@ class Daemon:
             model, functools.partial(self._sink, model), room=self._outgoing_room, taken=self._batch_taken
         )
         self.batchers[name] = batcher
-        self._batcher_tasks[name] = asyncio.create_task(batcher.run(), name=f"batcher-{name}")
+        self._batcher_tasks[name] = self._spawn(batcher.run(), f"batcher-{name}")
 
     def _models_alive(self) -> tuple[bool, str]:
         limit = self.config.watchdog_stall_s
@@ -528,7 +532,7 @@ class Daemon:
                 continue
             except Exception as exc:  # a bug in a decoder must not stop other devices
                 self._reject(
-                    pipeline, topic, payload, DecodeError("malformed_json", f"{type(exc).__name__}: {exc}")
+                    pipeline, topic, payload, DecodeError("decoder_error", f"{type(exc).__name__}: {exc}")
                 )
                 continue
             ready.extend((pipeline, item) for item in items)
@@ -546,7 +550,7 @@ class Daemon:
                     pipeline,
                     topic,
                     payload,
-                    DecodeError("inference_failed", f"model {pipeline.cfg.model!r} queue is full"),
+                    DecodeError("queue_full", f"model {pipeline.cfg.model!r} queue is full"),
                 )
                 self._settle(item)
             elif self.intake.inputs_full(len(batcher.queue)):
@@ -784,29 +788,23 @@ class Daemon:
         rate = self.messages_in / elapsed
         return status_line(len(self.models), len(self.pipelines), rate, self.link.connected.is_set())
 
-    def sync_metrics(self) -> DaemonMetrics:
-        """Bring the Prometheus counters up to the daemon's plain counters (kept cheap on the hot path)."""
-        m = self.metrics
-
-        def add(key: tuple[str, ...], value: float, child: Any) -> None:
-            delta = value - self._synced.get(key, 0.0)
-            if delta > 0:
-                child.inc(delta)
-                self._synced[key] = value
-
+    def metrics_reading(self) -> Reading:
+        """The daemon's plain counters for the scrape-time collector (on the event loop)."""
+        dropped: dict[tuple[str, str], int] = {}
         for name, p in self.pipelines.items():
-            add(("in", name), p.stats.received, m.messages_in.labels(pipeline=name))
-            add(("out", name), p.stats.published, m.messages_out.labels(pipeline=name))
             for reason, count in p.stats.dropped.items():
-                add(("drop", name, reason), count, m.dropped.labels(pipeline=name, reason=reason))
-        add(("reconnects",), self.link.reconnects, m.reconnects)
-        m.broker_connected.set(1.0 if self.link.connected.is_set() else 0.0)
-        for name, batcher in self.batchers.items():
-            m.queue_depth.labels(model=name).set(len(batcher.queue))
-        return m
+                dropped[(name, reason)] = count
+        return Reading(
+            messages_in={name: p.stats.received for name, p in self.pipelines.items()},
+            messages_out={name: p.stats.published for name, p in self.pipelines.items()},
+            dropped=dropped,
+            reconnects=self.link.reconnects,
+            connected=self.link.connected.is_set(),
+            queue_depth={name: len(b.queue) for name, b in self.batchers.items()},
+        )
 
     def render_metrics(self) -> str:
-        return self.sync_metrics().render()
+        return self.metrics.render()
 
     def health(self) -> tuple[bool, str]:
         if not self.link.connected.is_set():
@@ -1052,29 +1050,49 @@ class Daemon:
         self._stop.set()
 
     def request_reload(self) -> None:
+        if self._group is None:
+            log.warning("reload (SIGHUP) ignored: the daemon is not running yet")
+            return
         self._background(self.reload("SIGHUP"), "reload")
 
     def _background(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(coro, name, self._tasks)
+
+    def _spawn(self, coro: Any, name: str, into: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[Any]:
+        """A task in the daemon's one TaskGroup: if it fails, the daemon stops with its error."""
+        if self._group is None:
+            coro.close()
+            raise RuntimeError(f"task {name} started outside Daemon.run")
+        task = self._group.create_task(self._supervised(coro, name), name=name)
+        if into is not None:
+            into.add(task)
+            task.add_done_callback(into.discard)
+        return task
+
+    @staticmethod
+    async def _supervised(coro: Any, name: str) -> Any:
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical(
+                "task %s failed, stopping the daemon: %s: %s", name, type(exc).__name__, exc, exc_info=exc
+            )
+            raise
+
+    async def _run_link(self) -> None:
+        """The MQTT link; its ending on its own (not asked to) stops the daemon in order."""
+        await self.link.run()
+        self._stop.set()
 
     async def run(self) -> None:
-        """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect."""
-        for name, model in self.models.items():
-            self._start_batcher(name, model)
-        tasks = [
-            asyncio.create_task(
-                self._every(self.config.bridge_info_interval_s, self._bridge_tick), name="bridge"
-            ),
-            asyncio.create_task(
-                self._every(self.config.status_interval_s, lambda: self.notifier.status(self.status_text())),
-                name="status",
-            ),
-            asyncio.create_task(self._every(MEMORY_CHECK_S, self._memory_tick), name="memory"),
-            asyncio.create_task(self._watch_models(), name="watch-models"),
-            asyncio.create_task(Watchdog(self.notifier, self.liveness).run(), name="watchdog"),
-        ]
+        """Run until :meth:`request_stop`; then stop intake, flush batches, publish offline, disconnect.
+
+        Every task the daemon runs (link, batchers, periodic ticks, reloads) lives in one
+        :class:`asyncio.TaskGroup`: when one fails, the others are cancelled and ``run`` raises
+        that task's error (logged with the task's name), so a supervisor restarts the daemon
+        instead of it carrying on without, say, its state ticks."""
         server: MetricsServer | None = None
         if self.config.metrics.enabled:
             server = MetricsServer(
@@ -1088,17 +1106,49 @@ class Daemon:
                     "metrics.port", f"cannot listen on {metrics.host}:{metrics.port}: {exc.strerror}"
                 ) from None
             self.metrics_port = server.port
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                await self._serve()
+        except BaseExceptionGroup as failed:
+            errors = [e for e in failed.exceptions if not isinstance(e, asyncio.CancelledError)]
+            raise (errors or list(failed.exceptions))[0] from None
+        finally:
+            self._group = None
+            if server is not None:
+                await server.close()
+            self.discovery.close()
+            for model in self.models.values():
+                model.close()
+            self.ratelog.flush()  # what the rate limit held back since its last line, per key
+        log.info(
+            "stopped: %d messages in, %s",
+            self.messages_in,
+            ", ".join(f"{n}: {p.stats.published} published" for n, p in self.pipelines.items()),
+        )
+
+    async def _serve(self) -> None:
+        """The body of :meth:`run` inside its TaskGroup: start, wait for stop, shut down in order."""
+        for name, model in self.models.items():
+            self._start_batcher(name, model)
+        periodic = [
+            self._spawn(self._every(self.config.bridge_info_interval_s, self._bridge_tick), "bridge"),
+            self._spawn(
+                self._every(self.config.status_interval_s, lambda: self.notifier.status(self.status_text())),
+                "status",
+            ),
+            self._spawn(self._every(MEMORY_CHECK_S, self._memory_tick), "memory"),
+            self._spawn(self._watch_models(), "watch-models"),
+            self._spawn(Watchdog(self.notifier, self.liveness).run(), "watchdog"),
+        ]
         if self.config.state.file is not None:
             restore_state(self.config.state.file, self.pipelines)
             for name, pipeline in self.pipelines.items():  # announced at once, not at their next answer
                 self.discovery.remember(name, pipeline.store.states)
-            tasks.append(asyncio.create_task(self._keep_state(), name="state"))
-        link_task = asyncio.create_task(self.link.run(), name="mqtt")
-        stop_task = asyncio.create_task(self._stop.wait(), name="stop")
+            periodic.append(self._spawn(self._keep_state(), "state"))
+        link_task = self._spawn(self._run_link(), "mqtt")
         try:
-            done, _ = await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if link_task in done:
-                link_task.result()  # an unexpected end of the link is an error
+            await self._stop.wait()
             self.notifier.stopping("stopping: handing over and flushing in-flight batches")
             await self._leave()
             self.intake_open = False
@@ -1113,20 +1163,8 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(link_task), timeout / 2)
         finally:
-            all_tasks = [*tasks, *self._tasks, *self._batcher_tasks.values(), link_task, stop_task]
-            for task in all_tasks:
+            for task in [*periodic, *self._tasks, *self._batcher_tasks.values(), link_task]:
                 task.cancel()
-            await asyncio.gather(*all_tasks, return_exceptions=True)
-            if server is not None:
-                await server.close()
-            self.discovery.close()
-            for model in self.models.values():
-                model.close()
-        log.info(
-            "stopped: %d messages in, %s",
-            self.messages_in,
-            ", ".join(f"{n}: {p.stats.published} published" for n, p in self.pipelines.items()),
-        )
 
 
 def _iso(ts: float) -> str:
@@ -1247,4 +1285,7 @@ def cli_run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"edge-infer: config error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a task failed: logged with its name and traceback by Daemon._supervised
+        print(f"edge-infer: stopped by an error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -32,7 +32,10 @@ REASONS = (
     "unknown_device",
     "out_of_order",
     "stale",
-    "inference_failed",
+    "bad_availability",  # an availability payload that is neither online nor offline
+    "decoder_error",  # a bug in a decoder (its exception is logged): never the payload's fault alone
+    "queue_full",  # the model's input queue is at its bound (back-pressure)
+    "inference_failed",  # the model raised on the batch the input was in
     "answer_failed",
 )
 
@@ -409,7 +412,7 @@ class TopicRule:
         if state in self.offline_values:
             return Availability(device, False)
         raise DecodeError(
-            "non_numeric", f"availability {state[:40]!r} on {topic!r} is neither online nor offline"
+            "bad_availability", f"availability {state[:40]!r} on {topic!r} is neither online nor offline"
         )
 
 

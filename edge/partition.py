@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,11 +55,6 @@ def rendezvous_owner(key: str, members: Iterable[str]) -> str | None:
         if score > best_score or (score == best_score and best is not None and member < best):
             best, best_score = member, score
     return best
-
-
-def moved_keys(keys: Iterable[str], old: Sequence[str], new: Sequence[str]) -> list[str]:
-    """The keys whose owner differs between the member sets ``old`` and ``new``."""
-    return [k for k in keys if rendezvous_owner(k, old) != rendezvous_owner(k, new)]
 
 
 def instance_from_topic(topic: str, prefix: str, suffix: str) -> str | None:
@@ -174,12 +169,6 @@ class Membership:
                 self.active = False
                 left = True
         return MembershipChange(old, self.members(), joined, left)
-
-    def reset_connection(self) -> None:
-        """After a reconnect the retained statuses arrive again; earlier knowledge may be stale."""
-        self.online.clear()
-        if self.dynamic:
-            self.active = False
 
 
 class OwnedDecoder:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from devices.profiles import build_decoder as build_profile_decoder
 from edge.config import Config, PipelineConfig, SnapshotFeatures, WindowFeatures
 from edge.decode import (
     Availability,
@@ -69,7 +70,7 @@ class WorkItem:
     ack: PendingAck | None = None
 
 
-def build_decoder(pipeline: str, cfg: PipelineConfig, readings: dict[str, str]) -> Decoder:
+def pipeline_decoder(pipeline: str, cfg: PipelineConfig, readings: dict[str, str]) -> Decoder:
     """The source's decoder; profile problems become errors naming the pipeline's keys."""
     src = cfg.source
     key = f"pipelines.{pipeline}.source"
@@ -89,16 +90,11 @@ def build_decoder(pipeline: str, cfg: PipelineConfig, readings: dict[str, str]) 
             )
         except ValueError as exc:
             raise ValueError(f"{key}.topics: {exc}") from None
-    try:
-        import devices
-    except ImportError as exc:  # pragma: no cover - devices ships with edge-infer
-        raise ValueError(f"{key}.profile: device profiles are not installed ({exc})") from None
     options = dict(src.options)
     if src.topics:
         options.setdefault("topics", list(src.topics))
     try:
-        build = devices.build_decoder  # type: ignore[attr-defined,unused-ignore]
-        decoder: Decoder = build(src.profile, readings=readings, options=options)
+        decoder: Decoder = build_profile_decoder(src.profile, readings=readings, options=options)
     except ValueError as exc:
         raise ValueError(f"{key}.profile: {exc}") from None
     return decoder
@@ -127,7 +123,7 @@ class Pipeline:
                 spec.name, f"pipelines.{name}.inputs: model {spec.name!r} also needs {missing}"
             )
         self.readings = {feature: inputs[feature] for feature in features}
-        self.decoder = build_decoder(name, cfg, self.readings)
+        self.decoder = pipeline_decoder(name, cfg, self.readings)
         bound = getattr(self.decoder, "bound_devices", None)
         if callable(bound):  # a decoder with per-device state of its own (device profiles)
             bound(cfg.max_devices)

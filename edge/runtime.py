@@ -22,7 +22,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from edge.config import ModelConfig, RuntimeConfig
-from edge.manifest import Manifest, ManifestError, manifest_from_metadata
+from edge.manifest import Manifest, ManifestError, Task, manifest_from_metadata
 
 log = logging.getLogger("edge.runtime")
 
@@ -59,7 +59,7 @@ class ModelSpec:
 
     name: str
     path: Path
-    task: str
+    task: Task
     layout: str
     input_name: str
     output_name: str
@@ -224,7 +224,17 @@ class LoadedModel:
             )
         if not features:
             features = tuple(f"f{i}" for i in range(sample_shape[-1] if layout != "grid" else 0))
-        task = cfg.task or (manifest.task if manifest else "regression")
+        task: Task
+        if cfg.task is not None:
+            task = cfg.task
+        elif manifest is not None:
+            task = manifest.task
+        else:  # never guessed: a classifier served as a regression publishes nonsense
+            raise ModelLoadError(
+                self.name,
+                f"{self.config.path} has no edge-infer manifest: say what it predicts in "
+                f"models.{self.name}.task (classification, regression or anomaly)",
+            )
         labels = tuple(cfg.labels or (manifest.labels if manifest else []))
         kind = manifest.output.kind if manifest else ("logits" if task == "classification" else "value")
         out_shape = next(o.shape for o in outputs if o.name == output_name)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon"
 RUN = "etc/s6-overlay/s6-rc.d/edge-infer/run"
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.install]
 
 # The bashio functions the run script uses, reading what the Supervisor would give from STUB_*.
 BASHIO = r"""

@@ -156,6 +156,21 @@ def test_check_cli_names_keys_for_model_mismatches(tmp_path: Path) -> None:
     assert result.returncode == 2 and "model 'm': ONNX Runtime cannot load" in result.stderr
 
 
+def test_a_model_without_manifest_needs_its_task_named(tmp_path: Path) -> None:
+    """No manifest and no models.<name>.task: refused naming the key (was: served as a regression,
+    publishing a classifier's first probability as a value)."""
+    snapshot_classifier(tmp_path / "m.onnx", ["temperature", "humidity"], ["a", "b"], with_manifest=False)
+    window_classifier(tmp_path / "w.onnx", ["power"], 4, ["x", "y"])
+    data = with_change("models.m", {"path": "m.onnx", "features": ["temperature", "humidity"]})
+    result = run_cli("check", "-c", str(write_config(data, tmp_path / "bare.yaml")))
+    assert result.returncode == 2, result.stdout
+    assert "has no edge-infer manifest: say what it predicts in models.m.task" in result.stderr
+    data["models"]["m"].update(task="classification", labels=["a", "b"])
+    named = run_cli("check", "-c", str(write_config(data, tmp_path / "named.yaml")))
+    assert named.returncode == 0, named.stderr
+    assert "classification" in named.stdout
+
+
 def test_topic_patterns() -> None:
     pattern = TopicPattern("tele/{device}/SENSOR")
     assert pattern.filter == "tele/+/SENSOR"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -331,3 +332,57 @@ def test_check_prints_plan(tmp_path: Path, topic_prefix: str) -> None:
     assert f"in:  {topic_prefix}/z2m/+" in result.stdout
     assert f"out: {topic_prefix}/ei/room/{{device}}" in result.stdout
     assert "window [batch, 6, 1]" in result.stdout
+
+
+def test_a_decoder_bug_is_counted_as_decoder_error_and_other_devices_go_on(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder that raises something other than DecodeError is a bug, not a malformed payload:
+    counted as `decoder_error` (was `malformed_json`), and the next device is still answered."""
+    from edge.pipeline import Pipeline
+
+    handle = Pipeline.handle
+
+    def buggy(self: Pipeline, topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic.endswith("/z2m/bug"):
+            raise KeyError("a decoder bug")
+        return handle(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "handle", buggy)
+    p = topic_prefix
+    cfg = make_config(base_config(mosquitto.url, p, tmp_path), tmp_path)
+    out = Collector(mosquitto.url, f"{p}/ei/room/+")
+    pub = Publisher(mosquitto.url)
+    good = {"temperature": 21.0, "humidity": 40.0, "co2": 500.0}
+    with DaemonThread(cfg) as runner:
+        pub.send(f"{p}/z2m/bug", good)
+        pub.send(f"{p}/z2m/fine", good)
+        out.wait_count(f"{p}/ei/room/fine", 1)
+        dropped = runner.call(lambda: dict(runner.daemon.pipelines["room"].stats.dropped))
+    out.close()
+    pub.close()
+    assert dropped == {"decoder_error": 1}
+    assert out.on(f"{p}/ei/room/bug") == []
+
+
+def test_suppressed_warnings_are_reported_at_shutdown(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five malformed payloads in one log interval: one warning, and at shutdown a line saying the
+    four others were suppressed (was: the count was lost)."""
+    p = topic_prefix
+    cfg = make_config(base_config(mosquitto.url, p, tmp_path), tmp_path)
+    out = Collector(mosquitto.url, f"{p}/ei/room/+")
+    pub = Publisher(mosquitto.url)
+    good = {"temperature": 21.0, "humidity": 40.0, "co2": 500.0}
+    with caplog.at_level(logging.INFO, logger="edge.daemon"), DaemonThread(cfg):
+        for _ in range(5):
+            pub.send(f"{p}/z2m/a", "{not json")
+        pub.send(f"{p}/z2m/a", good)
+        out.wait_count(f"{p}/ei/room/a", 1)
+    out.close()
+    pub.close()
+    dropped = [r for r in caplog.records if r.getMessage().startswith("dropped (malformed_json)")]
+    assert len(dropped) == 1
+    summary = [r.getMessage() for r in caplog.records if "event(s) were suppressed" in r.getMessage()]
+    assert summary == ["4 more room event(s) were suppressed"], summary

@@ -181,7 +181,7 @@ def test_statestream_per_entity_domains() -> None:
             b'{"Time":"yesterday","ENERGY":{"Power":1}}',
             "bad_timestamp",
         ),
-        ("tasmota", {"p": "power"}, "tele/x/LWT", b"Maybe", "non_numeric"),
+        ("tasmota", {"p": "power"}, "tele/x/LWT", b"Maybe", "bad_availability"),
         (
             "zigbee2mqtt",
             {"t": "temperature"},
@@ -198,7 +198,7 @@ def test_statestream_per_entity_domains() -> None:
         ("shelly", {"p": "power"}, "s/status/switch:0", b'{"apower":"x"}', "non_numeric"),
         ("shelly", {"p": "power"}, "s/status/switch:0", b"[1,2]", "malformed_json"),
         ("shelly", {"p": "power"}, "s/events/rpc", b'{"method":"NotifyStatus"}', "missing_field"),
-        ("shelly", {"p": "power"}, "s/online", b"maybe", "non_numeric"),
+        ("shelly", {"p": "power"}, "s/online", b"maybe", "bad_availability"),
         ("statestream", {"t": "state"}, "homeassistant/sensor/a/state", b'{"a":1}', "non_numeric"),
         ("shelly", {"p": "power"}, "s/status/switch:0", b"{" + b" " * 70000 + b"}", "oversized"),
     ],

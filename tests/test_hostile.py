@@ -240,6 +240,11 @@ def test_max_window_bytes_drops_and_counts_devices_beyond_it(
         for d in range(30):
             _send_window(pub, p, f"d{d:02}", now - 100, 8)
         out.wait(lambda _m: sum(_answers(out, p, "plug").values()) >= 42, timeout=30)
+        # The answers can arrive before the last device's messages are taken in: wait for all 240.
+        deadline = time.monotonic() + 30
+        while runner.call(lambda: runner.daemon.pipelines["plug"].stats.received) < 30 * 8:
+            assert time.monotonic() < deadline, "not every message was taken in"
+            time.sleep(0.05)
         dropped, held = runner.call(
             lambda: (
                 dict(runner.daemon.pipelines["plug"].stats.dropped),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import threading
 
 import pytest
@@ -13,7 +11,7 @@ from edge.metrics import (
     CONTENT_TYPE,
     DaemonMetrics,
     MetricsServer,
-    Registry,
+    Reading,
 )
 
 parser = pytest.importorskip("prometheus_client.parser", reason="pip install prometheus-client")
@@ -31,23 +29,25 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+BUSY = Reading(
+    messages_in={"appliance": 5, "occupancy": 1},
+    messages_out={"appliance": 3},
+    dropped={("appliance", "decode_error"): 1},
+    reconnects=1,
+    connected=True,
+    queue_depth={"appliance": 7},
+)
+
+
 def _busy_metrics() -> DaemonMetrics:
-    m = DaemonMetrics(version="9.9.9")
-    m.messages_in.labels(pipeline="appliance").inc()
-    m.messages_in.labels(pipeline="appliance").inc(4)
-    m.messages_in.labels(pipeline="occupancy").inc()
-    m.messages_out.labels(pipeline="appliance").inc(3)
-    m.dropped.labels(pipeline="appliance", reason="decode_error").inc()
+    m = DaemonMetrics(lambda: BUSY, version="9.9.9")
     m.predictions_failed.labels(model="appliance").inc(0)
     inf = m.inference_seconds.labels(model="appliance")
     for v in (0.0003, 0.0008, 0.001, 0.04, 3.0):
         inf.observe(v)
     m.batch_size.labels(model="appliance").observe(1)
     m.batch_size.labels(model="appliance").observe(17)
-    m.queue_depth.labels(model="appliance").set(7)
     m.set_model_info("appliance", "1.2.0", "ab" * 32)
-    m.broker_connected.set(1)
-    m.reconnects.inc()
     return m
 
 
@@ -61,15 +61,18 @@ def test_daemon_metric_set_parses_with_prometheus() -> None:
     assert types["edge_infer_dropped"] == "counter"
     assert types["edge_infer_reconnects"] == "counter"
     assert types["edge_infer_predictions_failed"] == "counter"
+    assert types["edge_infer_reloads"] == "counter"
     assert types["edge_infer_inference_seconds"] == "histogram"
     assert types["edge_infer_batch_size"] == "histogram"
     assert types["edge_infer_queue_depth"] == "gauge"
     assert types["edge_infer_model_info"] == "gauge"
     assert types["edge_infer_broker_connected"] == "gauge"
+    assert types["edge_infer_start_time_seconds"] == "gauge"
 
     s = _samples(text)
     assert s[("edge_infer_messages_in_total", (("pipeline", "appliance"),))] == 5
     assert s[("edge_infer_messages_in_total", (("pipeline", "occupancy"),))] == 1
+    assert s[("edge_infer_messages_out_total", (("pipeline", "appliance"),))] == 3
     assert s[("edge_infer_dropped_total", (("pipeline", "appliance"), ("reason", "decode_error")))] == 1
     assert s[("edge_infer_queue_depth", (("model", "appliance"),))] == 7
     assert (
@@ -79,6 +82,8 @@ def test_daemon_metric_set_parses_with_prometheus() -> None:
     assert s[("edge_infer_broker_connected", ())] == 1
     assert s[("edge_infer_reconnects_total", ())] == 1
     assert s[("edge_infer_build_info", (("version", "9.9.9"),))] == 1
+    assert s[("edge_infer_predictions_failed_total", (("model", "appliance"),))] == 0
+    assert not [name for name, _ in s if name.endswith("_created")], "no _created series"
 
     def bucket(le: str) -> float:
         return s[("edge_infer_inference_seconds_bucket", (("le", le), ("model", "appliance")))]
@@ -87,55 +92,39 @@ def test_daemon_metric_set_parses_with_prometheus() -> None:
     assert bucket("0.0005") == 1
     assert bucket("0.001") == 3, "le is inclusive: 0.001 lands in le=0.001"
     assert bucket("0.05") == 4
-    assert bucket("1") == 4
+    assert bucket("1.0") == 4
     assert bucket("+Inf") == 5
     assert s[("edge_infer_inference_seconds_count", (("model", "appliance"),))] == 5
     assert s[("edge_infer_inference_seconds_sum", (("model", "appliance"),))] == pytest.approx(3.0421)
-    assert s[("edge_infer_batch_size_bucket", (("le", "16"), ("model", "appliance")))] == 1
-    assert s[("edge_infer_batch_size_bucket", (("le", "32"), ("model", "appliance")))] == 2
+    assert s[("edge_infer_batch_size_bucket", (("le", "16.0"), ("model", "appliance")))] == 1
+    assert s[("edge_infer_batch_size_bucket", (("le", "32.0"), ("model", "appliance")))] == 2
 
 
-def test_help_type_lines_and_escaping() -> None:
-    r = Registry()
-    c = r.counter("x_total", 'Help with a backslash \\ and\na newline and "quotes".', ["path"])
-    c.labels(path='C:\\dir\n"quoted"').inc()
-    g = r.gauge("temp", "Plain.")
-    g.set(float("nan"))
-    g2 = r.gauge("neg", "Minus infinity.")
-    g2.set(float("-inf"))
-    text = r.render()
-    lines = text.splitlines()
-    assert lines[0] == '# HELP x_total Help with a backslash \\\\ and\\na newline and "quotes".'
-    assert lines[1] == "# TYPE x_total counter"
-    assert lines[2] == 'x_total{path="C:\\\\dir\\n\\"quoted\\""} 1'
-    assert text.endswith("\n")
-    fams = list(parser.text_string_to_metric_families(text))
-    assert fams[0].documentation == 'Help with a backslash \\ and\na newline and "quotes".'
-    assert fams[0].samples[0].labels == {"path": 'C:\\dir\n"quoted"'}
-    assert math.isnan(fams[1].samples[0].value)
-    assert fams[2].samples[0].value == float("-inf")
+def test_counters_are_read_when_scraped() -> None:
+    """The hot-path counters are the daemon's own integers, read by the collector at scrape time."""
+    counts = {"p": 0}
+    m = DaemonMetrics(lambda: Reading(messages_in=dict(counts), connected=False))
+    assert _samples(m.render())[("edge_infer_messages_in_total", (("pipeline", "p"),))] == 0
+    counts["p"] = 12_345
+    s = _samples(m.render())
+    assert s[("edge_infer_messages_in_total", (("pipeline", "p"),))] == 12_345
+    assert s[("edge_infer_broker_connected", ())] == 0
 
 
-def test_label_and_name_validation() -> None:
-    r = Registry()
-    with pytest.raises(ValueError, match="invalid metric name"):
-        r.counter("bad-name", "x")
-    with pytest.raises(ValueError, match="invalid label name"):
-        r.counter("ok_total", "x", ["__reserved"])
-    with pytest.raises(ValueError, match="reserved"):
-        r.histogram("h", "x", ["le"], buckets=[1])
-    c = r.counter("c_total", "x", ["a", "b"])
-    with pytest.raises(ValueError, match="takes labels"):
-        c.labels(a="1")
-    with pytest.raises(ValueError, match="takes labels"):
-        c.labels("1")
-    with pytest.raises(ValueError, match="already registered"):
-        r.counter("c_total", "again")
-    with pytest.raises(ValueError, match="only goes up"):
-        c.labels("1", "2").inc(-1)
-    with pytest.raises(ValueError, match=r"call \.labels"):
-        c.inc()
-    assert c.labels("1", "2") is c.labels(a="1", b="2"), "positional and named find the same child"
+def test_hostile_label_values_are_escaped() -> None:
+    name = 'C:\\dir\n"quoted"'
+    m = DaemonMetrics(lambda: Reading(messages_in={name: 2}, dropped={(name, "stale"): 1}))
+    fams = {f.name: f for f in parser.text_string_to_metric_families(m.render())}
+    assert fams["edge_infer_messages_in"].samples[0].labels == {"pipeline": name}
+    assert fams["edge_infer_dropped"].samples[0].labels == {"pipeline": name, "reason": "stale"}
+
+
+def test_registries_are_per_daemon() -> None:
+    """Two daemons in one process (the tests, the bench) never share or collide on series."""
+    a, b = DaemonMetrics(), DaemonMetrics()
+    a.reloads.labels(result="ok").inc()
+    assert _samples(a.render())[("edge_infer_reloads_total", (("result", "ok"),))] == 1
+    assert ("edge_infer_reloads_total", (("result", "ok"),)) not in _samples(b.render())
 
 
 def test_reload_replaces_model_info_and_forget_model() -> None:
@@ -143,55 +132,35 @@ def test_reload_replaces_model_info_and_forget_model() -> None:
     m.set_model_info("appliance", "1.0.0", "aa")
     m.set_model_info("appliance", "1.1.0", "bb")
     m.inference_seconds.labels(model="appliance").observe(0.001)
+    m.predictions_failed.labels(model="appliance").inc()
     info = [s for s in _samples(m.render()) if s[0] == "edge_infer_model_info"]
     assert info == [
         ("edge_infer_model_info", (("model", "appliance"), ("sha256", "bb"), ("version", "1.1.0")))
     ]
     m.forget_model("appliance")
+    m.forget_model("never-loaded")
     text = m.render()
     assert 'model="appliance"' not in text
 
 
-def test_snapshot_is_json_ready() -> None:
-    snap = _busy_metrics().snapshot()
-    json.dumps(snap)
-    assert snap["edge_infer_messages_in_total"] == [
-        {"pipeline": "appliance", "value": 5.0},
-        {"pipeline": "occupancy", "value": 1.0},
-    ]
-    assert snap["edge_infer_broker_connected"] == 1.0
-    assert snap["edge_infer_reconnects_total"] == 1.0
-    hist = snap["edge_infer_inference_seconds"]
-    assert hist[0]["model"] == "appliance"
-    assert hist[0]["count"] == 5
-    assert hist[0]["sum"] == pytest.approx(3.0421)
-
-
-def test_increments_from_threads_are_not_lost() -> None:
+def test_observations_from_threads_are_not_lost() -> None:
     m = DaemonMetrics()
-    inc = m.messages_in.labels(pipeline="p").inc
     hist = m.batch_size.labels(model="m")
+    failed = m.predictions_failed.labels(model="m")
 
     def work() -> None:
         for _ in range(20_000):
-            inc()
             hist.observe(2)
+            failed.inc()
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert m.messages_in.total() == 80_000
-    assert hist.count == 80_000
-
-
-def test_histogram_timer() -> None:
-    r = Registry()
-    h = r.histogram("t_seconds", "x", buckets=[0.5, 10])
-    with h.time():
-        pass
-    assert h.snapshot()["count"] == 1
+    s = _samples(m.render())
+    assert s[("edge_infer_batch_size_count", (("model", "m"),))] == 80_000
+    assert s[("edge_infer_predictions_failed_total", (("model", "m"),))] == 80_000
 
 
 # ---------------------------------------------------------------------------- HTTP

@@ -38,6 +38,16 @@ def _config(url: str, prefix: str, tmp_path: Path, **extra: Any) -> dict[str, An
     return data
 
 
+def _refused_reloads(runner: DaemonThread) -> Any:
+    def read() -> float:
+        value = runner.daemon.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+            "edge_infer_reloads_total", {"result": "refused"}
+        )
+        return value or 0.0
+
+    return read
+
+
 def _replace_atomically(src: Path, dst: Path) -> None:
     tmp = dst.with_suffix(".tmp")
     shutil.copyfile(src, tmp)
@@ -112,7 +122,7 @@ def test_broken_model_or_config_is_refused_and_old_keeps_answering(
         broken.write_bytes(b"this is not an onnx model")
         _replace_atomically(broken, model)
         deadline = time.monotonic() + 10
-        while runner.call(lambda: runner.daemon.metrics.reloads.labels(result="refused").value) < 1:
+        while runner.call(_refused_reloads(runner)) < 1:
             assert time.monotonic() < deadline, "broken model was not noticed"
             time.sleep(0.1)
         pub.send(f"{p}/in/x", {"temperature": 20, "humidity": 40})

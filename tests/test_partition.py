@@ -18,7 +18,6 @@ from edge.partition import (
     OwnedDecoder,
     Partitioner,
     instance_from_topic,
-    moved_keys,
     rendezvous_owner,
     stable_hash,
 )
@@ -48,6 +47,11 @@ def test_shares_are_balanced() -> None:
     assert set(counts) == {"a", "b", "c"}
     for count in counts.values():
         assert 850 < count < 1150, counts
+
+
+def moved_keys(keys: list[str], old: tuple[str, ...], new: tuple[str, ...]) -> list[str]:
+    """The keys whose owner differs between the member sets ``old`` and ``new``."""
+    return [k for k in keys if rendezvous_owner(k, old) != rendezvous_owner(k, new)]
 
 
 def test_a_join_moves_only_devices_to_the_newcomer_and_a_leave_only_the_leavers() -> None:

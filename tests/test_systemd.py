@@ -404,6 +404,7 @@ def _fake_wheel(directory: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.install
 def test_install_creates_and_upgrades_the_venv(tmp_path: Path) -> None:
     """The venv path for real, offline, with a stand-in wheel for edge-infer."""
     wheel = _fake_wheel(tmp_path)
@@ -421,6 +422,7 @@ def test_install_creates_and_upgrades_the_venv(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.install
 @pytest.mark.broker
 def test_install_then_the_units_exec_start_serves_predictions(tmp_path: Path, fresh_broker: Any) -> None:
     """The user's path: install.sh (this checkout, for real) into a root, `check` the config it

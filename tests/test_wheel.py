@@ -17,7 +17,7 @@ import edge
 from edge import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.install]
 
 
 @pytest.fixture(scope="module")
