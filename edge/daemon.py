@@ -248,7 +248,11 @@ class Daemon:
         self.intake = self.link.intake
         self.link.on_room = self._room_made
         self.discovery = Discovery(
-            config, self.link.publish, self._current_pipelines, is_leader=self.is_leader
+            config,
+            self.link.publish,
+            self._current_pipelines,
+            is_leader=self.is_leader,
+            spawn=self._background,
         )
         self.discovery.on_ha_online = self._republish_states
         self.discovery.warn_unsupported()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from edge import __version__
@@ -127,6 +127,7 @@ class Discovery:
         pipelines: Callable[[], Iterable[Pipeline]],
         *,
         is_leader: Callable[[], bool] | None = None,
+        spawn: Callable[[Coroutine[Any, Any, None], str], object] | None = None,
     ) -> None:
         ha = config.homeassistant
         self.enabled = ha.enabled
@@ -180,6 +181,8 @@ class Discovery:
         self._seen: dict[tuple[str, str], float] = {}  # (pipeline, device) -> last answered (wall)
         self._marks: dict[tuple[str, str], bytes] = {}  # the last_published payload last looked at
         self._sweeper: asyncio.Task[None] | None = None
+        self._spawn = spawn  # the daemon's TaskGroup: a failing sweep stops the daemon, not silently
+        self._sweeping = False
         # identity source (Zigbee2MQTT's bridge/devices topic, Tasmota's discovery filter) ->
         # device id -> how the family's own integration identifies it in Home Assistant
         self._identities: dict[str, dict[str, Identity]] = {}
@@ -343,8 +346,12 @@ class Discovery:
         self._reading_back = False
         self._restore_from_readback()
         self.replan()
-        if self.forget_after_s is not None and (self._sweeper is None or self._sweeper.done()):
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.forget_after_s is not None and not self._sweeping:
+            self._sweeping = True
+            if self._spawn is not None:
+                self._spawn(self._sweep(), "discovery-sweep")
+            else:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     def remember(self, pipeline: str, devices: Iterable[str]) -> None:
         """Devices of ``pipeline`` known from before this run (the state file): they are announced
