@@ -9,8 +9,9 @@ freshness. So the vectors learn trains on are the ones the daemon will infer on.
 Gaps, never values: a state ``unavailable``/``unknown`` (or one that is not a
 number) restarts the device's window, and it is fed again, with all its known
 readings, once every reading has a value. An excluded span (``learn.exclude``)
-restarts every device's window at its start and feeds them again at its end, so
-no window reaches into it.
+restarts every device's window at its start, and a device is fed again once
+each of its readings has a value reported after the span's end, so no window
+holds a value from inside it.
 
 Each vector is labelled at its own time (the window's newest sample): from a
 label entity, a teacher rule or, for corrections, the stored label. Vectors
@@ -298,17 +299,15 @@ def build_table(
             for d in learn.inputs:
                 store.reset(d)
                 needs_full[d] = True
+                known[d] = dict.fromkeys(known[d])  # no reading from inside the span is held over it
             continue
         if kind == _EXCL_END:
             excluded -= 1
-            if not excluded:
-                for d in learn.inputs:
-                    feed_full(d, ts)
             continue
-        known[device][feature] = value
         if excluded:
             stats["readings in excluded spans"] += 1
             continue
+        known[device][feature] = value
         if value is None:
             store.reset(device)
             needs_full[device] = True
