@@ -7,7 +7,8 @@ is stored only when it changes. The motion sensor triggers in a minute with an
 occupant awake with probability ``motion_p`` (asleep: a tenth of it) and holds
 ``on`` for ``hold_s``, as PIR sensors do, so "motion in the last N minutes" is
 a teacher that is right most of the time but not always, like a real one.
-Optional outages make every entity of a room ``unavailable`` for a while.
+Optional outages make every entity of a room ``unavailable`` for a while. The ground truth is
+there too, as ``input_boolean.<room>_occupied_truth``, for measuring a model, not for teaching it.
 """
 
 from __future__ import annotations
@@ -84,5 +85,8 @@ def room_history(
             motion[i : i + hold] = True
         states = ["unavailable" if d else ("on" if m else "off") for m, d in zip(motion, down, strict=True)]
         history[f"binary_sensor.{name}_motion"] = _changes(ts, states)
+        # the ground truth, as a helper entity would hold it (for measuring, not for teaching)
+        truth = ["on" if o > 0.5 else "off" for o in data["occupancy"].tolist()]
+        history[f"input_boolean.{name}_occupied_truth"] = _changes(ts, truth)
         sims.append(SimRoom(name, cfg, ts, data["occupancy"]))
     return history, sims
