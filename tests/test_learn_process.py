@@ -22,5 +22,4 @@ def test_training_process_is_stopped_above_its_memory_bound() -> None:
     code = "import time\nx = bytearray(600 * 1024 * 1024)\nx[::4096] = b'1' * len(x[::4096])\ntime.sleep(20)"
     result = run_training([sys.executable, "-c", code], threads=1, nice=0, memory_mb=300)
     assert result.killed_for_memory
-    assert result.returncode != 0
-    assert result.seconds < 20  # stopped, not waited for
+    assert result.returncode == -9  # SIGKILL: stopped, not waited for
