@@ -340,3 +340,26 @@ def test_record_rows_reaching_into_an_excluded_span_are_left_out() -> None:
     assert all(t < 200 or t - 30 >= 300 for t in kept)
     assert 190 in kept and 330 in kept and 320 not in kept
     assert table.stats["rows in excluded spans"] == 13  # 200, 210, ..., 320
+
+
+def test_record_source_takes_no_labels_and_corrections_need_a_store(tmp_path: Path) -> None:
+    from edge.learn.run import make_table
+
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.learn\.labels: a record source's rows carry"):
+        config({"source": {"record": "r.csv"}, "labels": LABEL_ALWAYS})
+    data = {
+        "models": {"m": {"path": "/nonexistent/m.onnx"}},
+        "state": {"file": str(tmp_path / "state.json")},
+        "pipelines": {
+            "p": {
+                "model": "m",
+                "source": {"profile": "json", "topics": ["home/{device}/power"]},
+                "inputs": {"power": "power"},
+                "features": {"type": "window", "size": 3, "resample_period_s": 10},
+                "learn": learn_cfg(labels={"corrections": True}),
+            }
+        },
+    }
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.learn\.labels\.corrections: no label store"):
+        make_table("p", parse_config(data))
+    assert not (tmp_path / "labels.sqlite3").exists()
