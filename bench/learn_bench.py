@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--nilm-days", type=float, default=7.0, help="0: skip the mains-meter part")
     args = parser.parse_args()
+    learn_run.be_nice()  # as `edge-infer learn` does (the simulated history stands for reading HA's)
     end_dt = datetime(2026, 11, 20, tzinfo=UTC)
     end, iso = end_dt.timestamp(), end_dt.isoformat().replace("+00:00", "Z")
     start = end - args.days * 86400

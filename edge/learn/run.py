@@ -485,6 +485,17 @@ def _labels_text(learn_cfg: LearnConfig) -> str:
     return f"teacher: any of {t.any_on} on within {t.within_s:g} s -> `{t.on}`, else `{t.off}`"
 
 
+LEARN_NICE = 10
+
+
+def be_nice(increment: int = LEARN_NICE) -> None:
+    """Lower this process's priority: reading history and building the table are batch work too,
+    and must not take CPU from a daemon serving on the same machine (the training process is
+    niced again, by ``learn.train.nice``, on top)."""
+    with contextlib.suppress(OSError):
+        os.nice(increment)
+
+
 def cli_learn(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="edge-infer learn",
@@ -497,6 +508,7 @@ def cli_learn(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the learn report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    be_nice()
     result = learn(args.config, args.pipeline, deploy_model=not args.no_deploy)
     if args.json and result.report:
         print(json.dumps(result.report, indent=2, default=str))
