@@ -97,7 +97,8 @@ def _acsf1_watts(traces: dict[str, np.ndarray], series: int) -> np.ndarray:
     cls = int(traces["label"][series])
     standby, peak = (float(v) for v in traces["watts"][cls])
     z = traces["power_z"][series].astype(np.float64)
-    return standby + (z - z.min()) / max(float(z.max() - z.min()), 1e-9) * (peak - standby)
+    scaled = standby + (z - z.min()) / max(float(z.max() - z.min()), 1e-9) * (peak - standby)
+    return np.asarray(scaled, dtype=np.float64)
 
 
 def mains_history(
@@ -130,7 +131,7 @@ def mains_history(
         loops = [_acsf1_watts(traces, s) for s in series]
         out = np.concatenate([loops[i % len(loops)] for i in range(n // 1460 + 2)])
         offset = int(rng.integers(0, 1460))
-        return out[offset : offset + n]
+        return np.asarray(out[offset : offset + n], dtype=np.float64)
 
     plug = replay(teacher)
     total = plug.copy()
