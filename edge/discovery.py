@@ -66,6 +66,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         cadence_s=cadence,
         name=ha.name,
         icon=ha.icon,
+        open_set=spec.task == "classification" and spec.ood_output is not None,
     )
 
 

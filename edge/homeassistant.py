@@ -42,6 +42,7 @@ PAYLOAD_ONLINE: Final = "online"
 PAYLOAD_OFFLINE: Final = "offline"
 ANOMALY_LABEL: Final = "anomaly"
 NORMAL_LABEL: Final = "normal"
+UNKNOWN_LABEL: Final = "unknown"  # edge.outputs.UNKNOWN_LABEL: an open-set classifier's unlike input
 
 Platform = Literal["sensor", "binary_sensor"]
 
@@ -228,6 +229,8 @@ class OutputEntity:
     ``model``, ``model_version``, ``latency_ms``, ``ts``; fields that do not apply are ``null``.
 
     * classification: ``labels`` become the enum ``options``; a ``null`` label shows as unknown.
+      With ``open_set`` (a model with an OOD score) ``"unknown"`` is one more option, the answer's
+      label when its input is unlike the training data, and ``ood_score`` an attribute.
       With ``binary_on`` set it is a ``binary_sensor`` instead (on when ``label == binary_on``),
       e.g. labels ``["empty", "occupied"]``, ``binary_on="occupied"``, ``device_class="occupancy"``.
     * regression: ``value`` with ``unit``, ``device_class`` and ``state_class`` (default measurement).
@@ -249,6 +252,7 @@ class OutputEntity:
     name: str | None = None  # entity name; default: the pipeline name, humanised
     icon: str | None = None
     display_precision: int | None = None
+    open_set: bool = False  # the model has an OOD score: ``unknown`` is a state, the score an attribute
 
     @property
     def display_name(self) -> str:
@@ -418,6 +422,10 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         main["device_class"] = "enum"
         main["options"] = list(output.labels)
         main["value_template"] = "{{ " + _field("label") + " }}"
+        if output.open_set:  # an answer unlike the training data: label "unknown", its ood_score
+            main["options"].append(UNKNOWN_LABEL)
+            main["json_attributes_topic"] = output.state_topic
+            main["json_attributes_template"] = "{{ {'ood_score': " + _field("ood_score") + "} | tojson }}"
         add("state", "sensor", main)
     else:  # regression
         device_class = output.device_class

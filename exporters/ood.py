@@ -77,6 +77,10 @@ def choose_threshold(known_scores: NDArray[Any], tpr: float = DEFAULT_TPR) -> fl
     return float(np.quantile(s, tpr, method="higher"))
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
 def add_energy_output(model: onnx.ModelProto, output: str = "probabilities") -> None:
     """Add ``ood_score = -ReduceLogSumExp(softmax input)`` as a graph output (in place)."""
     graph = model.graph
@@ -85,9 +89,8 @@ def add_energy_output(model: onnx.ModelProto, output: str = "probabilities") -> 
     softmax = next((n for n in graph.node if n.op_type == "Softmax" and output in n.output), None)
     if softmax is None:
         raise ValueError(f"no Softmax node writes the graph output {output!r}: cannot add an OOD score")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     lse = "ood_logsumexp"
-    if opset >= 18:
+    if _opset(model) >= 18:
         axes = helper.make_tensor("ood_axes", onnx.TensorProto.INT64, [1], [1])
         graph.initializer.append(axes)
         node = helper.make_node(
@@ -171,9 +174,17 @@ def add_feature_distance_output(
             helper.make_node("Mul", ["ood_cross", "ood_minus_two"], ["ood_cross2"], name="ood_cross2"),
             helper.make_node("Add", ["ood_gsq", "ood_cross2"], ["ood_d0"], name="ood_d0"),
             helper.make_node("Add", ["ood_d0", "ood_means_sq"], ["ood_d"], name="ood_d"),
-            helper.make_node("ReduceMin", ["ood_d"], [OOD_OUTPUT], axes=[1], keepdims=1, name="ood_min"),
         ]
     )
+    # ReduceMin takes its axes as an input from opset 18, as an attribute before
+    if _opset(model) >= 18:
+        graph.node.append(
+            helper.make_node("ReduceMin", ["ood_d", "ood_axis1"], [OOD_OUTPUT], keepdims=1, name="ood_min")
+        )
+    else:
+        graph.node.append(
+            helper.make_node("ReduceMin", ["ood_d"], [OOD_OUTPUT], axes=[1], keepdims=1, name="ood_min")
+        )
     # ReduceSum takes axes as an input from opset 13: default (all axes) is wrong, give axis 1
     gsq = next(n for n in graph.node if n.name == "ood_gsq")
     graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "ood_axis1"))
