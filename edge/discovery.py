@@ -78,6 +78,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         name=ha.name,
         icon=ha.icon,
         label_names=readable_labels(spec.labels, ha.label_names),
+        open_set=spec.task == "classification" and spec.ood_output is not None,
     )
 
 

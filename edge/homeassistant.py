@@ -42,6 +42,7 @@ PAYLOAD_ONLINE: Final = "online"
 PAYLOAD_OFFLINE: Final = "offline"
 ANOMALY_LABEL: Final = "anomaly"
 NORMAL_LABEL: Final = "normal"
+UNKNOWN_LABEL: Final = "unknown"  # edge.outputs.UNKNOWN_LABEL: an open-set classifier's unlike input
 
 Platform = Literal["sensor", "binary_sensor"]
 
@@ -249,6 +250,8 @@ class OutputEntity:
     ``model``, ``model_version``, ``latency_ms``, ``ts``; fields that do not apply are ``null``.
 
     * classification: ``labels`` become the enum ``options``; a ``null`` label shows as unknown.
+      With ``open_set`` (a model with an OOD score) ``"unknown"`` is one more option, the answer's
+      label when its input is unlike the training data, and ``ood_score`` an attribute.
       With ``binary_on`` set it is a ``binary_sensor`` instead (on when ``label == binary_on``),
       e.g. labels ``["empty", "occupied"]``, ``binary_on="occupied"``, ``device_class="occupancy"``.
     * regression: ``value`` with ``unit``, ``device_class`` and ``state_class`` (default measurement).
@@ -273,6 +276,7 @@ class OutputEntity:
     # Readable class names, one per label (classification); the state shows these, the raw label
     # stays in the entity's ``label`` attribute. Empty: the raw labels.
     label_names: tuple[str, ...] = ()
+    open_set: bool = False  # the model has an OOD score: ``unknown`` is a state, the score an attribute
 
     @property
     def display_name(self) -> str:
@@ -461,8 +465,12 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         main["json_attributes_topic"] = output.state_topic
         main["json_attributes_template"] = (
             "{{ {'label': " + _field("label") + ", 'model': " + _field("model")
-            + ", 'model_version': " + _field("model_version") + "} | tojson }}"
+            + ", 'model_version': " + _field("model_version")
+            + (", 'ood_score': " + _field("ood_score") if output.open_set else "")
+            + "} | tojson }}"
         )  # fmt: skip
+        if output.open_set:  # an answer unlike the training data: label "unknown", its ood_score
+            main["options"].append(UNKNOWN_LABEL)
         add("state", "sensor", main)
     else:  # regression
         device_class = output.device_class

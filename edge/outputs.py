@@ -14,6 +14,9 @@ import numpy.typing as npt
 from edge.config import OutputConfig
 from edge.runtime import ModelSpec
 
+UNKNOWN_LABEL = "unknown"
+"""The label of a classification whose OOD score is above the model's threshold (open set)."""
+
 
 def softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -105,6 +108,10 @@ class PostProcessor:
             f', "model": {json.dumps(spec.name)}, "model_version": {json.dumps(spec.version)}, "latency_ms": '
         )
         self._instances: dict[str, str] = {}
+        # open set: the model's OOD score is the last output column (edge.runtime); getattr keeps
+        # spec-like stand-ins without the field (benchmarks, tests) working as before
+        self.ood_threshold: float | None = getattr(spec, "ood_threshold", None)
+        self.open_set = getattr(spec, "ood_output", None) is not None
 
     def answer(
         self, prediction: Prediction, latency_ms: float, ts: float, instance: str | None = None
@@ -136,6 +143,8 @@ class PostProcessor:
     def __call__(self, raw: npt.NDArray[np.float32]) -> list[Prediction]:
         task = self.spec.task
         if task == "classification":
+            if self.open_set:
+                return self._open_set(self._classify(raw[:, :-1]), raw[:, -1].tolist())
             return self._classify(raw)
         if task == "anomaly":
             return self._anomaly(raw)
@@ -185,6 +194,22 @@ class PostProcessor:
                 ]
             results.append(Prediction(fields, label, None, None))
         return results
+
+    def _open_set(self, predictions: list[Prediction], scores: list[float]) -> list[Prediction]:
+        """Each answer gains ``ood_score``; above the model's OOD threshold its label is ``unknown``
+        (confidence and ``top_k`` stay those of the closest known classes)."""
+        threshold = self.ood_threshold
+        for prediction, raw_score in zip(predictions, scores, strict=True):
+            score = _finite(raw_score, 4)
+            if threshold is not None and score is not None and raw_score > threshold:
+                prediction.fields["label"] = prediction.key = UNKNOWN_LABEL
+                if prediction.head is not None:  # '{"label": X, "confidence": ...' -> "unknown"
+                    rest = prediction.head[prediction.head.index(', "confidence": ') :]
+                    prediction.head = '{"label": "' + UNKNOWN_LABEL + '"' + rest
+            prediction.fields["ood_score"] = score
+            if prediction.head is not None:
+                prediction.head += ', "ood_score": ' + json.dumps(score)
+        return predictions
 
     def _regress(self, raw: npt.NDArray[np.float32]) -> list[Prediction]:
         results = []

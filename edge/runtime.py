@@ -73,6 +73,10 @@ class ModelSpec:
     sha256: str
     sample_period_s: float | None
     manifest: Manifest | None = field(default=None, compare=False)
+    #: open set: the graph output with the out-of-distribution score and the threshold above
+    #: which a classification is published as ``unknown`` (manifest ``provenance.ood``)
+    ood_output: str | None = None
+    ood_threshold: float | None = None
 
 
 def resolve_providers(requested: list[str] | str, available: list[str]) -> tuple[list[str], list[str]]:
@@ -248,6 +252,7 @@ class LoadedModel:
                 raise ModelLoadError(
                     self.name, f"output {output_name!r} has {out_width} classes but {len(labels)} labels"
                 )
+        ood_output, ood_threshold = self._ood(manifest, task, [o.name for o in outputs])
         return ModelSpec(
             name=self.name,
             path=self.config.path,
@@ -267,7 +272,32 @@ class LoadedModel:
             sha256=sha,
             sample_period_s=manifest.input.sample_period_s if manifest else None,
             manifest=manifest,
+            ood_output=ood_output,
+            ood_threshold=ood_threshold,
         )
+
+    def _ood(
+        self, manifest: Manifest | None, task: str, outputs: list[str]
+    ) -> tuple[str | None, float | None]:
+        """The OOD output and threshold a classifier's manifest names (``provenance.ood``), checked."""
+        record = manifest.provenance.get("ood") if manifest is not None else None
+        if record is None or task != "classification":
+            return None, None
+        where = f"model {self.name!r} manifest provenance.ood"
+        if not isinstance(record, dict):
+            raise ModelLoadError(self.name, f"{where} is not an object")
+        output, threshold = record.get("output"), record.get("threshold")
+        if not isinstance(output, str) or output not in outputs:
+            raise ModelLoadError(
+                self.name, f"{where}.output {output!r} is not among the graph's outputs {outputs}"
+            )
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not np.isfinite(threshold)
+        ):
+            raise ModelLoadError(self.name, f"{where}.threshold {threshold!r} is not a finite number")
+        return output, float(threshold)
 
     def warm_up(self) -> None:
         """One zero-tensor run at batch 1, so the first real message is not slow and errors show now."""
@@ -278,15 +308,22 @@ class LoadedModel:
             raise ModelLoadError(self.name, f"warm-up inference failed: {exc}") from None
 
     def run_sync(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The model's output for ``batch``, ``[batch, width]``; with an OOD output its score is
+        one more column at the end (what :class:`edge.outputs.PostProcessor` splits off)."""
+        spec = self.spec
+        names = [spec.output_name] if spec.ood_output is None else [spec.output_name, spec.ood_output]
         self.busy_since = time.monotonic()
         try:
-            result = self.session.run([self.spec.output_name], {self.spec.input_name: batch})[0]
+            results = self.session.run(names, {spec.input_name: batch})
         finally:
             self.busy_since = None
             self.last_progress = time.monotonic()
-        out = np.asarray(result, dtype=np.float32)
+        out = np.asarray(results[0], dtype=np.float32)
         if out.ndim == 1:
             out = out.reshape(-1, 1)
+        if spec.ood_output is not None:
+            score = np.asarray(results[1], dtype=np.float32).reshape(len(out), 1)
+            out = np.concatenate([out, score], axis=1)
         return out
 
     async def run(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from exporters.cli import verify_models
 from exporters.data import DataSet, load_dataset
+from exporters.ood import open_set_markdown
 from exporters.recipe import Recipe, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,6 +336,10 @@ def models_table(models_dir: Path) -> str:
     ]
     details: list[str] = []
     reports = [json.loads(p.read_text()) for p in sorted(models_dir.glob("*/report.json"))]
+    open_set = [  # leave-classes-out figures (python -m exporters.ood acsf1 --save DIR/open_set)
+        open_set_markdown(json.loads(p.read_text()))
+        for p in sorted(models_dir.glob("*/open_set/report.json"))
+    ]
     for r in reports:
         name = r["name"]
         m, f, lat = r["metrics"], r["files"], r["latency_single_thread"]
@@ -437,6 +442,7 @@ def models_table(models_dir: Path) -> str:
             "",
             *q_rows,
             "",
+            *open_set,
             OUTRO,
             "",
         ]

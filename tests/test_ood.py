@@ -102,10 +102,12 @@ def test_ood_score_separates_an_unseen_class(
     assert manifest.provenance["ood"]["output"] == OOD_OUTPUT
     assert manifest.provenance["ood"]["threshold"] == thr
     assert manifest.provenance["ood"]["score"] == score
-    # the daemon's loader reads the output named in the manifest and ignores the extra one
+    # the daemon's loader reads the probabilities and, as one more column, the OOD score
     loaded = LoadedModel("m", ModelConfig(path=dst), RuntimeConfig())
+    assert loaded.spec.ood_output == OOD_OUTPUT and loaded.spec.ood_threshold == thr
     got = loaded.run_sync(ds.x_test[:5])
-    np.testing.assert_allclose(got, p_known[:5], rtol=1e-6)
+    np.testing.assert_allclose(got[:, :-1], p_known[:5], rtol=1e-6)
+    np.testing.assert_allclose(got[:, -1], s_known[:5], rtol=1e-6)
     loaded.close()
 
 
