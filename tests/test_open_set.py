@@ -173,7 +173,8 @@ def test_discovery_adds_unknown_state_and_score_attribute() -> None:
         pipeline="room", task="classification", state_topic="ei/room/kitchen", labels=tuple(LABELS)
     )
     (plain, *_) = output_components(bridge, device, entity)
-    assert plain.config["options"] == LABELS and "json_attributes_topic" not in plain.config
+    assert plain.config["options"] == LABELS
+    assert "ood_score" not in plain.config["json_attributes_template"]  # label, model, version only
     (open_set, *_) = output_components(bridge, device, OutputEntity(**{**entity.__dict__, "open_set": True}))
     assert open_set.config["options"] == [*LABELS, UNKNOWN_LABEL]
     assert open_set.config["json_attributes_topic"] == "ei/room/kitchen"
@@ -241,7 +242,8 @@ def test_daemon_publishes_unknown_for_unlike_input(
     by_pipeline = {
         c["state_topic"].split("/")[-2]: c for c in unlike["cmps"].values() if c.get("device_class") == "enum"
     }
-    assert by_pipeline["open"]["options"] == [*LABELS, UNKNOWN_LABEL]
-    assert by_pipeline["closed"]["options"] == LABELS
+    readable = [label.capitalize() for label in LABELS]  # the state names HA shows (issue 16)
+    assert by_pipeline["open"]["options"] == [*readable, UNKNOWN_LABEL]
+    assert by_pipeline["closed"]["options"] == readable
     out.close()
     pub.close()
