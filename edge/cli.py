@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str | None]] = {
     "check": ("edge.daemon", "cli_check", "validate a config, load its models, print the plan", None),
     "models": ("edge.modelinfo", "cli_models", "inspect model files (models show FILE)", None),
     "record": ("edge.record", "cli_record", "record a pipeline's features to CSV/Parquet", None),
+    "learn": ("edge.learn.run", "cli_learn", "train a pipeline's model on the home's own history", None),
     "simulate": ("devices.simulate", "cli_simulate", "publish a simulated home to a broker", None),
     "demo": ("edge.demo", "cli_demo", "embedded broker + simulated home + daemon, live view", "demo"),
     "train": ("exporters.cli", "cli_train", "train a model from a recipe", "train"),

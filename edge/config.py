@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import stat
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -430,6 +431,162 @@ class EntityConfig(_Model):
     icon: str | None = Field(None, description="mdi: icon.")
 
 
+class LearnHaSource(_Model):
+    """Home Assistant's WebSocket API (edge/learn/ha_ws.py); the token is never logged."""
+
+    url: str = Field("http://homeassistant.local:8123", description="Home Assistant's base URL.")
+    token_file: Path | None = Field(None, description="File holding a long-lived access token.")
+    token_env: str | None = Field(None, description="Environment variable holding the token.")
+
+    @model_validator(mode="after")
+    def _token(self) -> LearnHaSource:
+        if self.token_file is None and self.token_env is None:
+            raise _KeyedError("token_file", "give token_file or token_env (a long-lived access token)")
+        return self
+
+
+class LearnSource(_Model):
+    """Where learn reads history: exactly one of ha, recorder_db, record."""
+
+    ha: LearnHaSource | None = None
+    recorder_db: Path | None = Field(None, description="A copy of home-assistant_v2.db (opened read-only).")
+    record: Path | None = Field(None, description="A CSV/Parquet file written by edge-infer record.")
+
+    @model_validator(mode="after")
+    def _one(self) -> LearnSource:
+        given = [k for k in ("ha", "recorder_db", "record") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of ha, recorder_db, record (got {given or 'none'})")
+        return self
+
+
+class TeacherRule(_Model):
+    """A label from other entities: a threshold on one, or any of several on recently."""
+
+    entity: str | None = Field(None, description="Numeric entity; on while above (or below) the threshold.")
+    above: float | None = None
+    below: float | None = None
+    any_on: list[str] | None = Field(None, description="Binary entities: on when any was on lately.")
+    within_s: float = Field(0.0, ge=0, description="With any_on: 'lately' is the last within_s seconds.")
+    on: str = Field("on", min_length=1, description="Class name while the rule holds.")
+    off: str = Field("off", min_length=1, description="Class name otherwise.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans(cls, data: Any) -> Any:
+        # YAML 1.1 reads the keys on/off (unquoted) as true/false: take them as meant.
+        if isinstance(data, dict):
+            names = {True: "on", False: "off"}
+            return {names.get(k, k) if isinstance(k, bool) else k: v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _shape(self) -> TeacherRule:
+        if (self.entity is None) == (self.any_on is None):
+            raise ValueError("give exactly one of entity (with above/below) or any_on")
+        if self.entity is not None and (self.above is None) == (self.below is None):
+            raise _KeyedError("above", "a teacher entity needs exactly one of above or below")
+        if self.any_on is not None and not self.any_on:
+            raise _KeyedError("any_on", "name at least one entity")
+        if self.on == self.off:
+            raise _KeyedError("off", "on and off must be different class names")
+        return self
+
+
+class LearnLabels(_Model):
+    """Where labels come from: exactly one of entity, teacher, corrections.
+    ``{device}`` in an entity id is replaced by the device's name."""
+
+    entity: str | None = Field(None, description="Any entity; its state (mapped by `map`) is the class.")
+    map: dict[str, str] | None = Field(None, description="State -> class; other states are unlabelled.")
+    teacher: TeacherRule | None = None
+    corrections: bool = Field(False, description="The label store of the corrections (docs/corrections.md).")
+
+    @model_validator(mode="after")
+    def _one(self) -> LearnLabels:
+        given = [k for k in ("entity", "teacher") if getattr(self, k) is not None]
+        given += ["corrections"] if self.corrections else []
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of entity, teacher, corrections (got {given or 'none'})")
+        if self.map is not None and self.entity is None:
+            raise _KeyedError("map", "map belongs to a label entity")
+        return self
+
+
+class ExcludeSpan(_Model):
+    """A time range kept out of training (a gap: no window reaches into it)."""
+
+    start: datetime
+    end: datetime
+
+    @model_validator(mode="after")
+    def _order(self) -> ExcludeSpan:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("give times with a zone, e.g. 2026-11-20T10:00:00Z")
+        if self.end <= self.start:
+            raise _KeyedError("end", "end must be after start")
+        return self
+
+
+class LearnGate(_Model):
+    """Promote only when the new model beats the baseline and the deployed model by margin."""
+
+    margin: float = Field(0.02, ge=0, le=1, description="Required lead on the holdout metric.")
+    metric: Literal["macro_f1", "accuracy"] = "macro_f1"
+
+
+class LearnTrain(_Model):
+    """The model learn trains and the bounds of the training process."""
+
+    family: Literal["mlp", "cnn1d", "lstm", "gru"] | None = Field(
+        None, description="Default: mlp for snapshots, cnn1d for windows."
+    )
+    hidden: list[int] | None = Field(None, description="Layer widths (default: the template's).")
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+    threads: int = Field(1, ge=1, le=64, description="torch/OpenMP threads of the training process.")
+    memory_mb: int = Field(1500, ge=256, description="The training process is stopped above this RSS.")
+    nice: int = Field(10, ge=0, le=19, description="Scheduling niceness of the training process.")
+    quantize: bool = Field(True, description="Also quantize to int8 (deployed when it is recommended).")
+
+
+class LearnConfig(_Model):
+    """``edge-infer learn``: train this pipeline's model on the home's own history (docs/learning.md)."""
+
+    source: LearnSource
+    days: float = Field(14.0, gt=0, description="How much history to read, ending now (or at `end`).")
+    end: datetime | None = Field(None, description="End of the history read (default: now).")
+    inputs: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Per device: model feature -> entity id (not for record)."
+    )
+    labels: LearnLabels | None = Field(None, description="Required except for a record source.")
+    exclude: list[ExcludeSpan] = Field(default_factory=list)
+    gate: LearnGate = Field(default_factory=LearnGate)
+    min_examples_per_class: int = Field(20, ge=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="The newest share, held out for the gate.")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Before the test block, for early stopping.")
+    train: LearnTrain = Field(default_factory=LearnTrain)
+    work_dir: Path | None = Field(None, description="Table, checkpoint, card (default: learn/PIPELINE).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> LearnConfig:
+        if self.source.record is None:
+            if not self.inputs:
+                raise _KeyedError("inputs", "map each device's model features to entity ids")
+            if self.labels is None:
+                raise _KeyedError("labels", "say where labels come from (entity, teacher or corrections)")
+        for device, mapping in self.inputs.items():
+            if not mapping:
+                raise _KeyedError(f"inputs.{device}", "map at least one model feature to an entity id")
+        if self.end is not None and self.end.tzinfo is None:
+            raise _KeyedError("end", "give a time with a zone, e.g. 2026-11-20T10:00:00Z")
+        if self.test_fraction + self.val_fraction >= 0.9:
+            raise _KeyedError("val_fraction", "test_fraction + val_fraction leaves too little to train on")
+        return self
+
+
 class PipelineConfig(_Model):
     """Source topics -> decode -> features -> model -> post-process -> output topic."""
 
@@ -450,6 +607,7 @@ class PipelineConfig(_Model):
         "'partition' (each instance owns a hash share of the devices), 'auto' (window: partition, "
         "snapshot: shared). See docs/scale-out.md.",
     )
+    learn: LearnConfig | None = Field(None, description="Where `edge-infer learn` finds data and labels.")
 
 
 class DeadLetterConfig(_Model):
@@ -791,6 +949,19 @@ def _relative_to(config: Config, base_dir: Path) -> Config:
         config = config.model_copy(
             update={"state": config.state.model_copy(update={"file": rebase(config.state.file)})}
         )
+    pipelines = {}
+    for name, original in config.pipelines.items():
+        pipe, learn = original, original.learn
+        if learn is not None:
+            src = learn.source
+            ha = src.ha.model_copy(update={"token_file": rebase(src.ha.token_file)}) if src.ha else None
+            src = src.model_copy(
+                update={"ha": ha, "recorder_db": rebase(src.recorder_db), "record": rebase(src.record)}
+            )
+            learn = learn.model_copy(update={"source": src, "work_dir": rebase(learn.work_dir)})
+            pipe = pipe.model_copy(update={"learn": learn})
+        pipelines[name] = pipe
+    config = config.model_copy(update={"pipelines": pipelines})
     mqtt = config.mqtt.model_copy(update={"password_file": rebase(config.mqtt.password_file)})
     tls = mqtt.tls
     if tls is not None:

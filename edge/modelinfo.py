@@ -92,7 +92,14 @@ def cli_models(argv: Sequence[str]) -> int:
     show = sub.add_parser("show", help="print a model's manifest and IO signature (a file or zoo:NAME)")
     show.add_argument("files", nargs="+")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    rollback = sub.add_parser(
+        "rollback", help="put a pipeline's previous model back (the one edge-infer learn replaced)"
+    )
+    rollback.add_argument("-c", "--config", required=True, type=Path)
+    rollback.add_argument("pipeline")
     args = parser.parse_args(argv)
+    if args.action == "rollback":
+        return _rollback(args.config, args.pipeline)
     if args.action == "list":
         items = [zoo.summary(name) for name in zoo.names()]
         print(json.dumps(items, indent=2) if args.json else _list_text(items))
@@ -122,3 +129,22 @@ def cli_models(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(results if len(results) != 1 else results[0], indent=2))
     return status
+
+
+def _rollback(config_path: Path, pipeline: str) -> int:
+    """Swap the pipeline's model file with the version ``edge-infer learn`` kept; a running daemon
+    reloads it (a second rollback undoes the first)."""
+    from edge.config import ConfigError, load_config
+    from edge.learn.deploy import DeployError, rollback
+
+    try:
+        config = load_config(config_path)
+        if pipeline not in config.pipelines:
+            raise ConfigError("pipelines", f"no pipeline {pipeline!r}")
+        target = config.models[config.pipelines[pipeline].model].path
+        kept = rollback(target)
+    except (ConfigError, DeployError, OSError) as exc:
+        print(f"edge-infer models rollback: {exc}", file=sys.stderr)
+        return 2
+    print(f"rolled back {target} (the replaced version is now {kept}; roll back again to undo)")
+    return 0

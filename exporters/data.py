@@ -390,6 +390,10 @@ def load_table(recipe: Recipe, override: Path | None = None) -> DataSet:
     group = spec.group
     if group and group not in df.columns:
         raise RecipeError(f"{path}: group column {group!r} not found")
+    if spec.split == "column":
+        if "split" not in df.columns:
+            raise RecipeError(f"{path}: data.split 'column' needs a 'split' column (train/val/test)")
+        df = df[df["split"].isin(["train", "val", "test"])]
     df = df.dropna(subset=[*value_cols, spec.label])
     df = df[df[spec.label].astype(str).str.len() > 0]
     window = spec.window
@@ -423,7 +427,13 @@ def load_table(recipe: Recipe, override: Path | None = None) -> DataSet:
     else:
         y = y_raw.astype(np.float32)
     info: dict[str, Any] = {"name": path.stem, "source": str(path), "split": spec.split}
-    if spec.split == "group":
+    if spec.split == "column":
+        blocks = df["split"].to_numpy()
+        if len(blocks) != len(x):
+            raise RecipeError("data.split 'column' needs one row per model input (record's wide rows)")
+        tr, va, te = (blocks == "train"), (blocks == "val"), (blocks == "test")
+        x_tr, y_tr, x_va, y_va, x_te, y_te = x[tr], y[tr], x[va], y[va], x[te], y[te]
+    elif spec.split == "group":
         if not group:
             raise RecipeError("split 'group' needs data.group")
         x_tr, y_tr, x_va, y_va, x_te, y_te, extra = split_groups(x, y, groups, spec, recipe.train.seed)

@@ -45,8 +45,10 @@ class DataSpec(_Strict):
     group: str | None = Field(
         default=None, description="Column that groups rows (device, room): windows never span groups."
     )
-    split: Literal["official", "random", "group"] = Field(
-        default="random", description="official: the data set's own train/test split."
+    split: Literal["official", "random", "group", "column"] = Field(
+        default="random",
+        description="official: the data set's own train/test split. column: a table's 'split' column "
+        "says train/val/test per row (edge-infer learn's time blocks); other rows are left out.",
     )
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)

@@ -1,0 +1,498 @@
+"""``edge-infer learn -c CONFIG PIPELINE``: history, table, split, train (own process), gate, deploy.
+
+This process never imports torch: training, export, quantization and
+verification run in a child process (``python -m exporters train``), niced,
+with its threads bounded and stopped when its resident memory passes
+``learn.train.memory_mb``. The candidate it writes is scored here, with ONNX
+Runtime, on the holdout block against the trivial baseline and the deployed
+model; only a candidate that beats both by ``learn.gate.margin`` is promoted.
+
+Exit status: 0 promoted; 1 kept (the gate said no, reason printed); 2 config
+or source problem; 3 the train extra is missing; 4 too little data (what is
+missing printed); 5 training failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from edge.config import Config, ConfigError, LearnConfig, WindowFeatures, load_config
+from edge.learn import deploy
+from edge.learn.gate import NotComparable, Verdict, decide, majority_baseline, onnx_predict, scores
+from edge.learn.history import HistorySource
+from edge.learn.sources import RecordTable, describe_source, open_source
+from edge.learn.split import DAY, TooLittleData, check_enough, class_order, time_split, window_span_s
+from edge.learn.table import Table, build_table, label_entities, pipeline_for, table_from_rows
+from edge.runtime import ModelLoadError
+
+log = logging.getLogger("edge.learn")
+
+EXIT_PROMOTED, EXIT_KEPT, EXIT_CONFIG, EXIT_NO_TORCH, EXIT_TOO_LITTLE, EXIT_TRAIN_FAILED = 0, 1, 2, 3, 4, 5
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class LearnResult:
+    status: int
+    message: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def work_dir(name: str, learn: LearnConfig, config_path: Path) -> Path:
+    return learn.work_dir or config_path.resolve().parent / "learn" / name
+
+
+def expected_classes(learn: LearnConfig) -> list[str]:
+    labels = learn.labels
+    if labels is None:
+        return []
+    if labels.teacher is not None:
+        return [labels.teacher.off, labels.teacher.on]
+    if labels.map is not None:
+        return list(dict.fromkeys(labels.map.values()))
+    return []
+
+
+def make_table(
+    name: str, config: Config, now: float | None = None, source: HistorySource | None = None
+) -> tuple[Table, str]:
+    """The labelled table of pipeline ``name`` and a description of its sources (``source``
+    replaces the one the config names)."""
+    pcfg = config.pipelines[name]
+    learn = pcfg.learn
+    assert learn is not None
+    key = f"pipelines.{name}.learn"
+    end = learn.end.timestamp() if learn.end is not None else (now if now is not None else time.time())
+    start = end - learn.days * DAY
+    pipeline = pipeline_for(name, config)
+    spec = pipeline.spec
+    spans = [(s.start.timestamp(), s.end.timestamp()) for s in learn.exclude]
+    if learn.labels is not None and learn.labels.corrections:
+        from edge.labelstore import LabelStore
+
+        if config.state.file is None:
+            raise ConfigError(f"{key}.labels.corrections", "the label store lives beside state.file: set it")
+        store = LabelStore(config.state.file.parent)
+        try:
+            rows = [(c.ts, c.device, c.label, c.input.reshape(-1).tolist()) for c in store.corrections(name)]
+        finally:
+            store.close()
+        rows = [r for r in rows if r[2] != "none of these"]
+        return table_from_rows(
+            name, spec, rows, start=start, end=end, exclude=spans
+        ), f"corrections store {store.path}"
+    opened = source or open_source(learn.source, f"{key}.source")
+    if isinstance(opened, RecordTable):
+        from edge.record import columns_for
+
+        record_rows = opened.read(name, columns_for(spec))
+        rows = [(r.ts, r.device, r.label, r.values) for r in record_rows]
+        return table_from_rows(name, spec, rows, start=start, end=end, exclude=spans), opened.describe()
+    entities: list[str] = []
+    for device, mapping in learn.inputs.items():
+        entities += list(mapping.values())
+        assert learn.labels is not None
+        entities += label_entities(learn.labels, device)
+    history = opened.states(list(dict.fromkeys(entities)), start, end)
+    described = opened.describe() if source is not None and hasattr(opened, "describe") else None
+    table = build_table(name, config, history, start, end, pipeline=pipeline)
+    return table, described or describe_source(learn.source)
+
+
+def recipe_for(
+    name: str, config: Config, table: Table, *, classes: list[str], csv: Path, sources: str
+) -> dict[str, Any]:
+    pcfg = config.pipelines[name]
+    learn = pcfg.learn
+    assert learn is not None
+    spec = table.spec
+    train = learn.train
+    window = spec.layout == "window"
+    period = pcfg.features.resample_period_s if isinstance(pcfg.features, WindowFeatures) else None
+    family = train.family or ("cnn1d" if window else "mlp")
+    model: dict[str, Any] = {"family": family}
+    if train.hidden:
+        model["hidden"] = list(train.hidden)
+    if family == "cnn1d" and window:
+        size = spec.sample_shape[0]
+        model["kernel_sizes"] = [k for k in (7, 5, 3) if k <= size] or [1]
+    units = dict(spec.manifest.input.units) if spec.manifest is not None else {}
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    data: dict[str, Any] = {
+        "source": str(csv),
+        "layout": spec.layout,
+        "features": list(spec.features),
+        "split": "column",
+        "units": units,
+    }
+    if window:
+        data["window"] = spec.sample_shape[0]
+        if period:
+            data["sample_period_s"] = period
+    return {
+        "name": re.sub(r"[^A-Za-z0-9_.-]+", "-", pcfg.model) or "model",
+        "version": f"1.0.0+learn.{stamp}",
+        "description": (
+            f"Learned by edge-infer learn for pipeline {name} from {sources}, "
+            f"{_iso(table.start)} to {_iso(table.end)}."
+        ),
+        "task": "classification",
+        "labels": classes,
+        "data": data,
+        "model": model,
+        "train": {
+            "epochs": train.epochs,
+            "batch_size": train.batch_size,
+            "lr": train.lr,
+            "seed": train.seed,
+            "threads": train.threads,
+            "patience": max(5, train.epochs // 4),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- the training process
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    peak_rss_mb: float
+    seconds: float
+    killed_for_memory: bool
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def run_training(
+    cmd: Sequence[str], *, threads: int, nice: int, memory_mb: int, stream: TextIO | None = None
+) -> ChildResult:
+    """Run ``cmd`` niced with bounded threads; stop it when its RSS passes ``memory_mb``."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        env[var] = str(threads)
+    env["EDGE_INFER_LEARN_CHILD"] = "1"
+
+    started = time.monotonic()
+    proc = subprocess.Popen(list(cmd), env=env, stdout=stream or sys.stderr, stderr=stream or sys.stderr)
+    with contextlib.suppress(OSError):  # lower its priority at once (it is still importing)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    with contextlib.suppress(OSError, ValueError):
+        # A hard ceiling on its address space too (torch maps ~0.75 GB before it allocates anything),
+        # so an allocation burst between two RSS checks fails in the child instead of swapping.
+        ceiling = (2 * memory_mb + 1024) * 1024 * 1024
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (ceiling, ceiling))
+    peak = 0
+    killed = False
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak, killed
+        while not stop.wait(0.2):
+            rss = _rss_bytes(proc.pid)
+            peak = max(peak, rss)
+            if rss > memory_mb * 1024 * 1024:
+                killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGKILL)
+                return
+
+    watcher = threading.Thread(target=watch, name="learn-rss", daemon=True)
+    watcher.start()
+    try:
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        stop.set()
+        watcher.join()
+    peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)  # Linux: KiB
+    return ChildResult(code, peak / 1024 / 1024, time.monotonic() - started, killed)
+
+
+# ---------------------------------------------------------------------------- card
+
+
+def learn_card(report: dict[str, Any]) -> str:
+    d = report
+    lines = ["", "## Learned from this home (edge-infer learn)", ""]
+    lines.append(f"- **Pipeline**: `{d['pipeline']}`; **source**: {d['source']}")
+    lines.append(
+        f"- **Data span**: {d['span']['start']} to {d['span']['end']} ({d['span']['days']:.1f} days)"
+    )
+    if d.get("labels"):
+        lines.append(f"- **Labels**: {d['labels']}")
+    if d.get("exclude"):
+        lines.append("- **Excluded spans**: " + ", ".join(f"{a} to {b}" for a, b in d["exclude"]))
+    lines.append(
+        f"- **Split**: contiguous time blocks (oldest train, then validation, newest test) with a "
+        f"purge gap of {d['split']['purge_s']:.0f} s (at least one window) before each boundary"
+    )
+    for block, (a, b) in d["split"]["bounds"].items():
+        lines.append(f"  - {block}: {a} to {b}")
+    lines += ["", "| class | " + " | ".join(d["split"]["counts"]) + " |"]
+    lines.append("|---|" + "---|" * len(d["split"]["counts"]))
+    for cls in d["classes"]:
+        lines.append(
+            f"| `{cls}` | " + " | ".join(str(c.get(cls, 0)) for c in d["split"]["counts"].values()) + " |"
+        )
+    if d.get("table_stats"):
+        lines.append("")
+        lines.append("- Left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(d["table_stats"].items())))
+    lines += ["", f"### Holdout ({d['holdout']['n']} examples, the newest block)", ""]
+    lines += ["| model | accuracy | macro-F1 |", "|---|---|---|"]
+    for key, title in (
+        ("candidate", "this model"),
+        ("baseline", "trivial baseline"),
+        ("deployed", "deployed"),
+    ):
+        m = d["holdout"].get(key)
+        if m is not None:
+            lines.append(f"| {title}{m.get('note', '')} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+    if d["holdout"].get("deployed_note"):
+        lines.append(f"\nDeployed model: {d['holdout']['deployed_note']}")
+    lines += [
+        "",
+        f"**Gate** ({d['gate']['metric']}, margin {d['gate']['margin']:g}): {d['gate']['reason']}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the whole run
+
+
+def learn(
+    config_path: Path,
+    name: str,
+    *,
+    deploy_model: bool = True,
+    now: float | None = None,
+    out: TextIO | None = None,
+    source: HistorySource | None = None,
+) -> LearnResult:
+    say = out or sys.stderr
+
+    def note(text: str) -> None:
+        print(text, file=say, flush=True)
+
+    try:
+        config = load_config(config_path)
+        if name not in config.pipelines:
+            raise ConfigError("pipelines", f"no pipeline {name!r} (pipelines: {', '.join(config.pipelines)})")
+        pcfg = config.pipelines[name]
+        learn_cfg = pcfg.learn
+        if learn_cfg is None:
+            raise ConfigError(f"pipelines.{name}.learn", "add a learn section (docs/learning.md)")
+        started = time.monotonic()
+        table, sources = make_table(name, config, now, source)
+    except (ConfigError, ModelLoadError, ValueError, OSError) as exc:
+        return LearnResult(EXIT_CONFIG, f"{exc}")
+    table_s = time.monotonic() - started
+    note(
+        f"learn {name}: {len(table)} labelled examples from {sources}, "
+        f"{_iso(table.start)} to {_iso(table.end)} ({table_s:.1f} s)"
+    )
+    classes = class_order(table, expected_classes(learn_cfg))
+    period = pcfg.features.resample_period_s if isinstance(pcfg.features, WindowFeatures) else None
+    hop = pcfg.features.hop if isinstance(pcfg.features, WindowFeatures) else 1
+    purge = window_span_s(table, period, hop)
+    split = time_split(table, learn_cfg.test_fraction, learn_cfg.val_fraction, purge)
+    counts = split.counts(table)
+    note("  class counts: " + ", ".join(f"{b}: {c}" for b, c in counts.items()))
+    try:
+        check_enough(table, split, classes, learn_cfg.min_examples_per_class)
+    except TooLittleData as exc:
+        return LearnResult(EXIT_TOO_LITTLE, f"not enough data to learn {name}: {exc}", {"counts": counts})
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx") is None:
+        from edge.cli import INSTALL_HINT
+
+        return LearnResult(EXIT_NO_TORCH, f"training needs the train extra; {INSTALL_HINT['train']}")
+    work = work_dir(name, learn_cfg, config_path)
+    work.mkdir(parents=True, exist_ok=True)
+    csv_path = work / "table.csv"
+    table.write_csv(csv_path, split.blocks)
+    recipe = recipe_for(name, config, table, classes=classes, csv=csv_path, sources=sources)
+    recipe_path = work / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    build = work / "build"
+    cmd = [sys.executable, "-m", "exporters", "train", str(recipe_path), "--out", str(build)]
+    cmd.append("--quantize" if learn_cfg.train.quantize else "--export")
+    note(
+        f"  training in a separate process (nice {learn_cfg.train.nice}, "
+        f"{learn_cfg.train.threads} thread(s), at most {learn_cfg.train.memory_mb} MB): {' '.join(cmd[1:])}"
+    )
+    child = run_training(
+        cmd, threads=learn_cfg.train.threads, nice=learn_cfg.train.nice, memory_mb=learn_cfg.train.memory_mb
+    )
+    note(
+        f"  training process: exit {child.returncode}, {child.seconds:.1f} s, "
+        f"peak RSS {child.peak_rss_mb:.0f} MB"
+    )
+    report_path = build / "report.json"
+    if child.killed_for_memory:
+        return LearnResult(
+            EXIT_TRAIN_FAILED,
+            f"training stopped: its memory passed learn.train.memory_mb={learn_cfg.train.memory_mb} MB "
+            "(lower learn.days or learn.train.batch_size)",
+        )
+    # exit 1 is the int8 refusal: fp32 is still there and recommended
+    if child.returncode not in (0, 1) or not report_path.is_file():
+        return LearnResult(
+            EXIT_TRAIN_FAILED, f"training failed (exit {child.returncode}); see its output above"
+        )
+    build_report = json.loads(report_path.read_text())
+    recommended = build_report.get("recommended", "fp32")
+    candidate = build / Path(build_report["files"][recommended]["path"]).name
+    if not candidate.is_file():
+        candidate = build / f"{recipe['name']}.fp32.onnx"
+
+    test = split.indices("test")
+    truth = [table.labels[i] for i in test]
+    x_test = table.x[test]
+    metric, margin = learn_cfg.gate.metric, learn_cfg.gate.margin
+    new = scores(truth, onnx_predict(candidate, x_test), classes)
+    train_labels = [table.labels[i] for i in split.indices("train")]
+    top, base_pred = majority_baseline(train_labels, len(truth))
+    base = scores(truth, base_pred, classes) | {"note": f" (always `{top}`)"}
+    target = config.models[pcfg.model].path
+    deployed: dict[str, Any] | None = None
+    deployed_note = ""
+    if target.is_file():
+        try:
+            deployed = scores(truth, onnx_predict(target, x_test), classes)
+        except NotComparable as exc:
+            deployed_note = f"not comparable: {exc}"
+        except Exception as exc:  # an unloadable deployed file must not stop learning
+            deployed_note = f"cannot be run: {exc}"
+    else:
+        deployed_note = f"none yet at {target}"
+    verdict: Verdict = decide(
+        metric,
+        margin,
+        new=new[metric],
+        baseline=base[metric],
+        deployed=deployed[metric] if deployed is not None else None,
+        deployed_note=deployed_note,
+    )
+    report: dict[str, Any] = {
+        "pipeline": name,
+        "source": sources,
+        "labels": _labels_text(learn_cfg),
+        "exclude": [
+            [_iso(a), _iso(b)]
+            for a, b in ((s.start.timestamp(), s.end.timestamp()) for s in learn_cfg.exclude)
+        ],
+        "span": {"start": _iso(table.start), "end": _iso(table.end), "days": (table.end - table.start) / DAY},
+        "classes": classes,
+        "examples": len(table),
+        "table_stats": dict(table.stats),
+        "split": {
+            "purge_s": purge,
+            "counts": counts,
+            "bounds": {k: [_iso(a), _iso(b)] for k, (a, b) in split.bounds.items()},
+        },
+        "holdout": {
+            "n": len(truth),
+            "candidate": new,
+            "baseline": base,
+            "deployed": deployed,
+            "deployed_note": deployed_note,
+        },
+        "gate": {"metric": metric, "margin": margin, "promote": verdict.promote, "reason": verdict.reason},
+        "candidate": str(candidate),
+        "training": {"seconds": child.seconds, "peak_rss_mb": child.peak_rss_mb, "table_seconds": table_s},
+    }
+    card = build / "card.md"
+    card_text = (card.read_text() if card.is_file() else "") + learn_card(report)
+    card.write_text(card_text)
+    note(
+        f"  holdout {metric}: new {new[metric]:.4f}, baseline {base[metric]:.4f}, deployed "
+        + (f"{deployed[metric]:.4f}" if deployed is not None else f"- ({deployed_note})")
+    )
+    status = EXIT_KEPT
+    if verdict.promote and deploy_model:
+        try:
+            previous = deploy.install(candidate, target, card)
+        except (deploy.DeployError, OSError) as exc:
+            report["gate"]["reason"] = f"{verdict.reason}, but not deployed: {exc}"
+            (work / "learn_report.json").write_text(json.dumps(report, indent=2, default=str))
+            return LearnResult(EXIT_CONFIG, report["gate"]["reason"], report)
+        report["deployed_to"] = str(target)
+        report["previous"] = str(previous) if previous else None
+        status = EXIT_PROMOTED
+    (work / "learn_report.json").write_text(json.dumps(report, indent=2, default=str))
+    message = verdict.reason
+    if status == EXIT_PROMOTED:
+        message += f"; written to {target}" + (
+            f" (previous kept as {report['previous']}; edge-infer models rollback -c {config_path} {name})"
+            if report.get("previous")
+            else ""
+        )
+    message += f"; card {card}"
+    return LearnResult(status, message, report)
+
+
+def _labels_text(learn_cfg: LearnConfig) -> str:
+    labels = learn_cfg.labels
+    if labels is None:
+        return "the record file's label column"
+    if labels.corrections:
+        return "the corrections store"
+    if labels.entity is not None:
+        return f"label entity `{labels.entity}`" + (f" mapped {labels.map}" if labels.map else "")
+    t = labels.teacher
+    assert t is not None
+    if t.entity is not None:
+        cmp = f"above {t.above:g}" if t.above is not None else f"below {t.below:g}"
+        return f"teacher `{t.entity}` {cmp} -> `{t.on}`, else `{t.off}`"
+    return f"teacher: any of {t.any_on} on within {t.within_s:g} s -> `{t.on}`, else `{t.off}`"
+
+
+def cli_learn(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edge-infer learn",
+        description="Train a pipeline's model on the home's own history (its learn: section), "
+        "judge it on a held-out time block and deploy it when it beats the baseline and the deployed model.",
+    )
+    parser.add_argument("-c", "--config", required=True, type=Path)
+    parser.add_argument("pipeline")
+    parser.add_argument("--no-deploy", action="store_true", help="train and judge, but never deploy")
+    parser.add_argument("--json", action="store_true", help="print the learn report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = learn(args.config, args.pipeline, deploy_model=not args.no_deploy)
+    if args.json and result.report:
+        print(json.dumps(result.report, indent=2, default=str))
+    print(f"edge-infer learn: {result.message}", file=sys.stderr if result.status else sys.stdout)
+    return result.status
