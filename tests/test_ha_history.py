@@ -27,7 +27,7 @@ import yaml
 from edge.learn.ha_ws import HaSourceError, HaWebSocketSource
 from edge.learn.history import EntityHistory
 from edge.learn.recorder_db import RecorderDbSource, copy_recorder_db
-from edge.learn.suggest import InputWanted, suggest_from_ha
+from edge.learn.suggest import InputWanted, suggest_for_pipeline, suggest_from_ha
 from tests.broker import Mosquitto
 from tests.test_ha_real import HomeAssistant, _hass_binary, _publish, _publisher
 
@@ -341,7 +341,9 @@ def test_a_refused_token_names_the_url_never_the_token(
     assert "connected to Home Assistant" in caplog.text
 
 
-def test_suggest_maps_inputs_to_entities_from_the_registries(recorded_home: RecordedHome) -> None:
+def test_suggest_maps_inputs_to_entities_from_the_registries(
+    recorded_home: RecordedHome, tmp_path: Path
+) -> None:
     home = recorded_home
     assert home.ha.token is not None
     with HaWebSocketSource(url=home.url, token=home.ha.token) as source:
@@ -352,3 +354,28 @@ def test_suggest_maps_inputs_to_entities_from_the_registries(recorded_home: Reco
     assert inputs == {"mains_meter": {"power": MAINS}, "washer_plug": {"power": PLUG}}
     assert "unit W" in text and "device_class power" in text
     assert all(s.device_name != "Living room" for s in ranked if s.complete)
+
+    # the --suggest entry point: only learn.source is needed (no inputs or labels yet); the
+    # model file does not exist, so the inputs come from the config (power: W by its name)
+    token_file = tmp_path / "ha.token"
+    token_file.write_text(home.ha.token)
+    config = tmp_path / "edge-infer.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"m": {"path": str(tmp_path / "m.onnx")}},
+                "pipelines": {
+                    "nilm": {
+                        "model": "m",
+                        "source": {"profile": "shelly"},
+                        "inputs": {"power": "em1:0.act_power"},
+                        "features": {"type": "window", "size": 4},
+                        "learn": {"source": {"ha": {"url": home.url, "token_file": str(token_file)}}},
+                    }
+                },
+            }
+        )
+    )
+    proposal = suggest_for_pipeline(config, "nilm")
+    assert yaml.safe_load(proposal)["learn"]["inputs"] == inputs
+    assert "for pipeline nilm: inputs power [W]" in proposal and home.ha.token not in proposal

@@ -16,11 +16,18 @@ from typing import Any
 import pytest
 import yaml
 
+from edge.config import ConfigError
 from edge.learn import ha_ws
 from edge.learn.ha_ws import HaSourceError, HaWebSocketSource, from_settings, resolve_token, websocket_url
 from edge.learn.history import StateChange, StatisticRow
 from edge.learn.recorder_db import RecorderDbError, RecorderDbSource, copy_recorder_db
-from edge.learn.suggest import InputWanted, rank, suggest_yaml, wanted_from_manifest_input
+from edge.learn.suggest import (
+    InputWanted,
+    rank,
+    suggest_for_pipeline,
+    suggest_yaml,
+    wanted_from_manifest_input,
+)
 from tests.broker import free_port
 
 SCHEMA = Path(__file__).parent / "data" / "ha_recorder_schema50.sql"
@@ -340,3 +347,58 @@ def test_suggest_two_inputs_partial_devices_as_comments() -> None:
         {"co2": InputWanted(unit="ppm")}, rank({"co2": InputWanted(unit="ppm")}, *_registries())
     )
     assert yaml.safe_load(none)["learn"]["inputs"] == {}
+
+
+class Registries:
+    """Registries and states held in memory, as Home Assistant lists them."""
+
+    def __init__(self) -> None:
+        self.entities, self.devices, self.states = _registries()
+
+    def entity_registry(self) -> list[dict[str, Any]]:
+        return self.entities
+
+    def device_registry(self) -> list[dict[str, Any]]:
+        return self.devices
+
+    def current_states(self) -> list[dict[str, Any]]:
+        return self.states
+
+
+def test_suggest_for_a_pipeline_from_its_model_or_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.onnx_models import window_classifier
+
+    def write(model: Path, learn: dict[str, Any] | None, name: str) -> Path:
+        pipe: dict[str, Any] = {
+            "model": "m",
+            "source": {"profile": "zigbee2mqtt"},
+            "inputs": {"power": "power", "voltage": "voltage"},
+            "features": {"type": "window", "size": 4},
+        }
+        if learn is not None:
+            pipe["learn"] = learn
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({"models": {"m": {"path": str(model)}}, "pipelines": {"p": pipe}}))
+        return path
+
+    # no model file yet: the config's inputs, units by their names
+    config = write(tmp_path / "none.onnx", {"source": {"recorder_db": "/x.db"}}, "db.yaml")
+    text = suggest_for_pipeline(config, "p", source=Registries())
+    assert "inputs power [W], voltage [V]" in text
+    assert yaml.safe_load(text)["learn"]["inputs"] == {
+        "washer_plug": {"power": "sensor.washer_plug_power", "voltage": "sensor.washer_plug_voltage"}
+    }
+    # a model file: its manifest's features
+    model = window_classifier(tmp_path / "m.onnx", ["power"], 4, ["off", "on"])
+    no_learn = write(model, None, "no-learn.yaml")
+    text = suggest_for_pipeline(no_learn, "p", source=Registries())
+    assert "inputs power [W]" in text and "mains_meter" in text
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.learn\.source: --suggest reads"):
+        suggest_for_pipeline(config, "p")
+    with pytest.raises(ConfigError, match="no pipeline 'q'"):
+        suggest_for_pipeline(config, "q")
+    monkeypatch.delenv("SUPERVISOR_TOKEN", raising=False)
+    with pytest.raises(HaSourceError, match=r"pipelines\.p\.learn\.source\.ha\.url is not set"):
+        suggest_for_pipeline(no_learn, "p")  # without a learn section only the add-on knows where

@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 #: unit -> (quantity, the device class HA uses for it)
@@ -56,6 +57,19 @@ UNITS: dict[str, tuple[str, str | None]] = {
     "m/s²": ("acceleration", None),
     "g": ("acceleration", None),
     "°/s": ("angular_velocity", None),
+}
+#: the unit an input most likely has when the model's manifest does not say (by its name)
+UNIT_BY_NAME = {
+    "power": "W",
+    "apower": "W",
+    "energy": "kWh",
+    "voltage": "V",
+    "current": "A",
+    "temperature": "°C",
+    "humidity": "%",
+    "illuminance": "lx",
+    "co2": "ppm",
+    "pressure": "hPa",
 }
 NUMERIC_DOMAINS = ("sensor", "number", "input_number")
 SKIP_CATEGORIES = ("diagnostic", "config")
@@ -107,8 +121,9 @@ def slug(text: str) -> str:
 
 
 def wanted_from_manifest_input(features: Sequence[str], units: Mapping[str, str]) -> dict[str, InputWanted]:
-    """The inputs of a manifest's ``input`` (its features and their units)."""
-    return {name: InputWanted(unit=units.get(name) or None) for name in features}
+    """The inputs of a manifest's ``input`` (its features and their units); a feature without a
+    unit gets the one its name suggests (``power``: W), if any."""
+    return {name: InputWanted(unit=units.get(name) or UNIT_BY_NAME.get(name.lower())) for name in features}
 
 
 def _is_number(value: Any) -> bool:
@@ -275,3 +290,47 @@ def suggest_from_ha(
     """Read the registries and states from Home Assistant and return (YAML, ranked suggestions)."""
     ranked = rank(wanted, source.entity_registry(), source.device_registry(), source.current_states())
     return suggest_yaml(wanted, ranked, pipeline=pipeline, limit=limit), ranked
+
+
+def suggest_for_pipeline(
+    config_path: str | Path, pipeline: str, *, source: RegistrySource | None = None, limit: int = 20
+) -> str:
+    """``edge-infer learn --suggest -c CONFIG PIPELINE``: the YAML proposal for the pipeline's
+    ``learn.inputs``, from the Home Assistant its ``learn.source.ha`` names (inside the add-on,
+    without a ``learn`` section: the Supervisor's). Only ``learn.source`` is read, so it works
+    before ``learn.inputs`` and ``learn.labels`` are written. The inputs and their units come
+    from the pipeline's model (its manifest), or from the config when the model file does not
+    exist yet. Raises :class:`edge.config.ConfigError` or :class:`edge.learn.ha_ws.HaSourceError`."""
+    from edge.config import MAX_CONFIG_BYTES, ConfigError, LearnSource, parse_config, parse_yaml, read_limited
+    from edge.learn.ha_ws import HaWebSocketSource, from_settings
+    from edge.learn.sources import read_token
+    from edge.record import recording_spec
+
+    path = Path(config_path)
+    text = read_limited(path, "", MAX_CONFIG_BYTES, "the config file").decode("utf-8", errors="replace")
+    data = parse_yaml(text, str(path))
+    pipes = data.get("pipelines") if isinstance(data, dict) else None
+    if not isinstance(pipes, dict) or not isinstance(pipes.get(pipeline), dict):
+        raise ConfigError("pipelines", f"no pipeline {pipeline!r} in {path}")
+    learn_raw = pipes[pipeline].pop("learn", None)
+    config = parse_config(data, str(path), path.resolve().parent, identity=str(path.resolve()))
+    pcfg = config.pipelines[pipeline]
+    spec = recording_spec(pipeline, pcfg, config)
+    units = dict(spec.manifest.input.units) if spec.manifest is not None else {}
+    wanted = wanted_from_manifest_input(list(spec.features), units)
+    if source is not None:
+        return suggest_from_ha(source, wanted, pipeline=pipeline, limit=limit)[0]
+    key = f"pipelines.{pipeline}.learn.source"
+    raw_source = learn_raw.get("source") if isinstance(learn_raw, dict) else None
+    if raw_source is None:  # inside the add-on: the Supervisor's proxy and token
+        with from_settings(where=key + ".ha") as supervisor:
+            return suggest_from_ha(supervisor, wanted, pipeline=pipeline, limit=limit)[0]
+    try:
+        learn_source = LearnSource.model_validate(raw_source)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc).splitlines()[-1] if str(exc) else "invalid") from None
+    if learn_source.ha is None:
+        raise ConfigError(key, "--suggest reads Home Assistant's registries: give learn.source.ha")
+    token = read_token(learn_source, key + ".ha")
+    with HaWebSocketSource(url=learn_source.ha.url, token=token) as ha:
+        return suggest_from_ha(ha, wanted, pipeline=pipeline, limit=limit)[0]
