@@ -68,15 +68,18 @@ class SimThread:
         self.thread.join(30)
 
 
+@pytest.mark.parametrize("plugs", [2, 3], ids=["fridge+tv", "fridge+coffee+printer"])
 def test_a_plug_teaches_the_mains_meter_through_home_assistant(
-    tmp_path: Path, fresh_broker: Mosquitto
+    tmp_path: Path, fresh_broker: Mosquitto, plugs: int
 ) -> None:
+    """With 2 plugs the fridge's 30-160 W pulses stand out over a ~1 W television and the base
+    load; with 3 a coffee machine (1-1400 W) and a printer (3-450 W) share the meter."""
     pytest.importorskip("torch", reason="learn trains with the train extra")
     hass = _hass_binary()
     mosquitto = fresh_broker.start()
     ha = HomeAssistant(hass, tmp_path / "ha", extra_config="recorder:\n  commit_interval: 1\nhistory:\n")
-    sim = Simulator(SimConfig(speed=SPEED, devices=2, seed=4, families=("z2m_plug",), mains="shelly"))
-    plug, _other, mains = sim.devices
+    sim = Simulator(SimConfig(speed=SPEED, devices=plugs, seed=4, families=("z2m_plug",), mains="shelly"))
+    plug, mains = sim.devices[0], sim.devices[-1]
     assert plug.name.endswith("fridge_freezer") and mains.family == "mains_shelly"
     prefix = "e2e"
     collector = Collector(mosquitto.url, f"zigbee2mqtt/{plug.name}", f"{prefix}/ei/nilm/#")
@@ -237,13 +240,16 @@ def test_a_plug_teaches_the_mains_meter_through_home_assistant(
         f"n={holdout['n']} accuracy {holdout['candidate']['accuracy']:.4f} macro-F1 "
         f"{holdout['candidate']['macro_f1']:.4f} (baseline {holdout['baseline']['macro_f1']:.4f}, deployed "
         f"{holdout['deployed']['macro_f1']:.4f}); served {len(pairs)} predictions after the reload: "
-        f"agreement {agreement:.4f}, false-on {false_on:.4f}, missed-on {missed:.4f}"
+        f"agreement {agreement:.4f}, false-on {false_on:.4f}, missed-on {missed:.4f} ({plugs} plugs)"
     )
     assert report["gate"]["promote"] is True
     assert len(pairs) > SERVE_S * SPEED / 10 * 0.6
     assert actual.any() and (~actual).any()
-    assert agreement >= 0.9, (agreement, false_on, missed)
-    assert false_on <= 0.1
+    majority = max(actual.mean(), 1 - actual.mean())
+    assert agreement > majority, (agreement, majority, false_on, missed)
+    if plugs == 2:
+        assert agreement >= 0.9, (agreement, false_on, missed)
+        assert false_on <= 0.1
 
 
 def test_ha_ws_and_recorder_copy_give_the_identical_training_table(
