@@ -128,6 +128,8 @@ def test_recorder_db_states_in_the_period_with_the_state_before_at_its_own_time(
         StateChange(T0 + 20.25, "2150.5", power),
         StateChange(T0 + 20.25, "2150.75", power),
     ]
+    mains = got["sensor.mains_power"]
+    assert mains[1].attributes is mains[3].attributes  # one dict per attributes row, shared
     assert got["input_boolean.washing"] == [StateChange(T0 - 86400 * 3, "on", {"friendly_name": "Washing"})]
     assert got["sensor.removed"] == [StateChange(T0 + 5, "", {})]
     assert got["sensor.never"] == []
@@ -253,6 +255,10 @@ def test_compressed_state_entries() -> None:
     entry = {"s": "on", "a": {"friendly_name": "Washer"}, "lu": 1764000000.123456, "lc": 1.0}
     assert ha_ws._compressed(entry) == StateChange(1764000000.123456, "on", {"friendly_name": "Washer"})
     assert ha_ws._compressed({"s": None, "lu": 5}) == StateChange(5.0, "", {})
+    # equal attributes share one dict (a history holds millions of states, a few attribute sets)
+    first = ha_ws._compressed(entry)
+    again = ha_ws._compressed({**entry, "a": {"friendly_name": "Washer"}}, first.attributes)
+    assert again.attributes is first.attributes
     # a period boundary becomes the float Home Assistant parses from the ISO text
     iso, parsed = ha_ws._request_ts(T0 + 0.1234567)
     assert iso.endswith("+00:00") and parsed == pytest.approx(T0 + 0.123457, abs=1e-6)

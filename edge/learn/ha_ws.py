@@ -145,14 +145,23 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[i : i + size])
 
 
-def _compressed(entry: Mapping[str, Any]) -> StateChange:
-    """One entry of Home Assistant's compressed state format (``s``, ``a``, ``lu``)."""
+_NO_ATTRIBUTES: dict[str, Any] = {}
+
+
+def _compressed(entry: Mapping[str, Any], last: Mapping[str, Any] | None = None) -> StateChange:
+    """One entry of Home Assistant's compressed state format (``s``, ``a``, ``lu``). Attributes
+    equal to ``last`` (the entity's previous ones) share its dict: a sensor's rarely change, and
+    a history holds millions of states (read-only by contract)."""
     state = entry.get("s")
-    attributes = entry.get("a")
+    attributes: Any = entry.get("a")
+    if not isinstance(attributes, dict) or not attributes:
+        attributes = _NO_ATTRIBUTES
+    elif last is not None and attributes == last:
+        attributes = last
     return StateChange(
         ts=float(entry["lu"]),
         state="" if state is None else str(state),
-        attributes=dict(attributes) if isinstance(attributes, Mapping) else {},
+        attributes=attributes,
     )
 
 
@@ -341,8 +350,16 @@ class HaWebSocketSource:
             raise self._fail("history/history_during_period", "the result is not a mapping")
         out: dict[str, list[StateChange]] = {}
         for entity_id, entries in result.items():
-            if isinstance(entries, list):
-                out[str(entity_id)] = [_compressed(e) for e in entries if isinstance(e, Mapping)]
+            if not isinstance(entries, list):
+                continue
+            changes: list[StateChange] = []
+            last: Mapping[str, Any] | None = None
+            for entry in entries:
+                if isinstance(entry, Mapping):
+                    change = _compressed(entry, last)
+                    last = change.attributes
+                    changes.append(change)
+            out[str(entity_id)] = changes
         return start_float, out
 
     def states(self, entity_ids: Sequence[str], start: float, end: float) -> EntityHistory:

@@ -67,17 +67,23 @@ def copy_recorder_db(source: str | Path, destination: str | Path) -> Path:
     return dst_path
 
 
-def _attributes(raw: Any, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
+_NO_ATTRIBUTES: dict[str, Any] = {}
+
+
+def _attributes(raw: Any, cache: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The decoded attributes; states sharing an attributes row share one dict (read-only by
+    contract: a recorder holds millions of states and a handful of attribute sets)."""
     if not raw:
-        return {}
-    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", errors="replace")
-    if text not in cache:
+        return _NO_ATTRIBUTES
+    found = cache.get(raw)
+    if found is None:
+        text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", errors="replace")
         try:
             value = json.loads(text)
         except ValueError:
             value = {}
-        cache[text] = value if isinstance(value, dict) else {}
-    return dict(cache[text])
+        found = cache[raw] = value if isinstance(value, dict) else {}
+    return found
 
 
 class RecorderDbSource:
@@ -166,13 +172,27 @@ class RecorderDbSource:
         history: EntityHistory = {entity_id: [] for entity_id in ids}
         if not ids or not end > start:
             return history
-        attrs = "COALESCE(a.shared_attrs, s.attributes)" if self._legacy_attrs else "a.shared_attrs"
+        legacy = "s.attributes" if self._legacy_attrs else "NULL"
         select = (
-            f"SELECT s.state, s.last_updated_ts, {attrs} FROM states s "
-            "LEFT JOIN state_attributes a ON s.attributes_id = a.attributes_id "
+            f"SELECT s.state, s.last_updated_ts, s.attributes_id, {legacy} FROM states s "
             "WHERE s.metadata_id = ? AND s.last_updated_ts "
         )
-        cache: dict[str, dict[str, Any]] = {}
+        by_id: dict[int, dict[str, Any]] = {}  # attributes_id -> decoded (shared by its states)
+        by_text: dict[Any, dict[str, Any]] = {}  # legacy per-state attributes text
+
+        def attributes(attributes_id: int | None, legacy_text: Any) -> dict[str, Any]:
+            if attributes_id is None:
+                return _attributes(legacy_text, by_text)
+            found = by_id.get(attributes_id)
+            if found is None:
+                row = db.execute(
+                    "SELECT shared_attrs FROM state_attributes WHERE attributes_id = ?", (attributes_id,)
+                ).fetchone()
+                found = by_id[attributes_id] = _attributes(
+                    row[0] if row is not None and row[0] is not None else legacy_text, by_text
+                )
+            return found
+
         for entity_id in ids:
             meta = db.execute(
                 "SELECT metadata_id FROM states_meta WHERE entity_id = ? ORDER BY metadata_id", (entity_id,)
@@ -187,13 +207,14 @@ class RecorderDbSource:
                 select + ">= ? AND s.last_updated_ts < ? ORDER BY s.last_updated_ts, s.state_id",
                 (metadata_id, start, end),
             ).fetchall()
+            get = by_id.get
             history[entity_id] = [
                 StateChange(
-                    ts=float(ts),
-                    state="" if state is None else str(state),
-                    attributes=_attributes(raw, cache),
+                    ts if type(ts) is float else float(ts),
+                    state if type(state) is str else ("" if state is None else str(state)),
+                    get(attributes_id) or attributes(attributes_id, legacy_text),
                 )
-                for state, ts, raw in rows
+                for state, ts, attributes_id, legacy_text in rows
                 if ts is not None
             ]
         return history
