@@ -7,7 +7,8 @@ is stored only when it changes. The motion sensor triggers in a minute with an
 occupant awake with probability ``motion_p`` (asleep: a tenth of it) and holds
 ``on`` for ``hold_s``, as PIR sensors do, so "motion in the last N minutes" is
 a teacher that is right most of the time but not always, like a real one.
-Optional outages make every entity of a room ``unavailable`` for a while.
+Optional outages make every entity of a room ``unavailable`` for a while. The ground truth is
+there too, as ``input_boolean.<room>_occupied_truth``, for measuring a model, not for teaching it.
 """
 
 from __future__ import annotations
@@ -84,5 +85,62 @@ def room_history(
             motion[i : i + hold] = True
         states = ["unavailable" if d else ("on" if m else "off") for m, d in zip(motion, down, strict=True)]
         history[f"binary_sensor.{name}_motion"] = _changes(ts, states)
+        # the ground truth, as a helper entity would hold it (for measuring, not for teaching)
+        truth = ["on" if o > 0.5 else "off" for o in data["occupancy"].tolist()]
+        history[f"input_boolean.{name}_occupied_truth"] = _changes(ts, truth)
         sims.append(SimRoom(name, cfg, ts, data["occupancy"]))
     return history, sims
+
+
+def _acsf1_watts(traces: dict[str, np.ndarray], series: int) -> np.ndarray:
+    """A replayed ACS-F1 trace in watts (the simulator's mapping: standby at the minimum, peak at the max)."""
+    cls = int(traces["label"][series])
+    standby, peak = (float(v) for v in traces["watts"][cls])
+    z = traces["power_z"][series].astype(np.float64)
+    return standby + (z - z.min()) / max(float(z.max() - z.min()), 1e-9) * (peak - standby)
+
+
+def mains_history(
+    *,
+    start: float,
+    days: float,
+    teacher: str = "fridge_freezer",
+    others: tuple[str, ...] = ("computer_station", "television", "lamp_cfl", "microwave_oven"),
+    base_w: float = 120.0,
+    seed: int = 0,
+) -> tuple[EntityHistory, dict[str, str]]:
+    """A mains meter (``sensor.mains_power``) that sees the sum of replayed real ACS-F1 plug traces
+    plus a drifting base load, and the teacher appliance's own plug (``sensor.<teacher>_plug_power``).
+
+    Each appliance replays its class's recorded series one after the other (4 h each, 10 s
+    samples), starting at a random offset, so the sum never repeats exactly. Returns the history
+    and ``{"mains": entity, "plug": entity}``.
+    """
+    from devices.simulate import TRACES
+
+    with np.load(TRACES / "acsf1.npz") as npz:
+        traces = {k: npz[k] for k in npz.files}
+    classes = [str(c) for c in traces["classes"]]
+    rng = np.random.default_rng(seed)
+    n = int(days * 86400 / 10) + 1
+    ts = start + np.arange(n) * 10.0
+
+    def replay(name: str) -> np.ndarray:
+        series = [i for i, c in enumerate(traces["label"].tolist()) if classes[c] == name]
+        loops = [_acsf1_watts(traces, s) for s in series]
+        out = np.concatenate([loops[i % len(loops)] for i in range(n // 1460 + 2)])
+        offset = int(rng.integers(0, 1460))
+        return out[offset : offset + n]
+
+    plug = replay(teacher)
+    total = plug.copy()
+    for name in others:
+        total += replay(name)
+    drift = np.cumsum(rng.normal(0, 0.5, n))
+    drift -= np.linspace(0, drift[-1], n)  # a random walk that returns to the base
+    total += base_w + drift + rng.normal(0, 3.0, n)
+    history: EntityHistory = {
+        "sensor.mains_power": _changes(ts, [f"{v:.1f}" for v in np.maximum(total, 0).tolist()]),
+        f"sensor.{teacher}_plug_power": _changes(ts, [f"{v:.1f}" for v in plug.tolist()]),
+    }
+    return history, {"mains": "sensor.mains_power", "plug": f"sensor.{teacher}_plug_power"}

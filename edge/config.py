@@ -577,6 +577,8 @@ class LearnConfig(_Model):
                 raise _KeyedError("inputs", "map each device's model features to entity ids")
             if self.labels is None:
                 raise _KeyedError("labels", "say where labels come from (entity, teacher or corrections)")
+        if self.source.record is not None and self.labels is not None and not self.labels.corrections:
+            raise _KeyedError("labels", "a record source's rows carry their own label: leave labels out")
         for device, mapping in self.inputs.items():
             if not mapping:
                 raise _KeyedError(f"inputs.{device}", "map at least one model feature to an entity id")

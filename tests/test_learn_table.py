@@ -271,3 +271,95 @@ def test_memory_source_gives_the_state_before_start() -> None:
     got = MemorySource(hist).states(["sensor.a", "sensor.none"], T0, T0 + 100)
     assert [(c.ts - T0, c.state) for c in got["sensor.a"]] == [(-50, "2"), (10, "3")]
     assert got["sensor.none"] == []
+
+
+def test_snapshot_pipeline_drops_stale_joins_as_the_daemon_does() -> None:
+    learn = learn_cfg(inputs={"plug": {"power": "sensor.power", "voltage": "sensor.voltage"}})
+    cfg = config(
+        learn, inputs={"power": "power", "voltage": "voltage"}, features={"type": "snapshot", "max_age_s": 60}
+    )
+    hist = (
+        series("sensor.power", (0, "10"), (30, "20"), (200, "30"), (210, "40"))
+        | series("sensor.voltage", (5, "230"), (205, "231"))
+        | MODE
+    )
+    table = build_table("p", cfg, hist, T0 - 5, T0 + 400)
+    assert table.spec.layout == "snapshot"
+    assert table.x.tolist() == [[10, 230], [20, 230], [30, 231], [40, 231]]
+    assert table.stats["dropped: stale"] == 1  # power at 200 with voltage from 5: older than 60 s
+
+
+def test_corrections_are_a_label_source(tmp_path: Path) -> None:
+    from edge.labelstore import LabelStore
+    from edge.learn.run import make_table
+
+    data = {
+        "models": {"m": {"path": "/nonexistent/m.onnx"}},
+        "state": {"file": str(tmp_path / "state.json")},
+        "pipelines": {
+            "p": {
+                "model": "m",
+                "source": {"profile": "json", "topics": ["home/{device}/power"]},
+                "inputs": {"power": "power"},
+                "features": {"type": "window", "size": 3, "resample_period_s": 10},
+                "learn": learn_cfg(labels={"corrections": True}, days=30, end="2026-11-10T00:00:00Z"),
+            }
+        },
+    }
+    cfg = parse_config(data)
+    store = LabelStore(tmp_path)
+    for i, label in enumerate(["kettle", "none of these", "toaster"]):
+        window = [[float(i)], [float(i + 1)], [float(i + 2)]]
+        store.add(
+            device="plug",
+            pipeline="p",
+            predicted="x",
+            label=label,
+            model_version="1",
+            input=window,
+            ts=T0 + i,
+        )
+    store.add(
+        device="plug", pipeline="other", predicted="x", label="kettle", model_version="1", input=[[0.0]] * 3
+    )
+    store.close()
+    table, described = make_table("p", cfg)
+    assert described.startswith("corrections store")
+    assert table.labels == ["kettle", "toaster"]
+    assert table.x[:, :, 0].tolist() == [[0, 1, 2], [2, 3, 4]]
+
+
+def test_record_rows_reaching_into_an_excluded_span_are_left_out() -> None:
+    from edge.learn.table import table_from_rows
+
+    spec = pipeline_for("p", config(learn_cfg())).spec  # 3 samples of 10 s: a row reaches back 30 s
+    assert spec.sample_period_s == 10.0
+    rows = [(T0 + t, "plug", "on", [1.0, 2.0, 3.0]) for t in range(0, 600, 10)]
+    table = table_from_rows("p", spec, rows, start=T0, end=T0 + 600, exclude=[(T0 + 200, T0 + 300)])
+    kept = (table.ts - T0).tolist()
+    assert all(t < 200 or t - 30 >= 300 for t in kept)
+    assert 190 in kept and 330 in kept and 320 not in kept
+    assert table.stats["rows in excluded spans"] == 13  # 200, 210, ..., 320
+
+
+def test_record_source_takes_no_labels_and_corrections_need_a_store(tmp_path: Path) -> None:
+    from edge.learn.run import make_table
+
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.learn\.labels: a record source's rows carry"):
+        config({"source": {"record": "r.csv"}, "labels": LABEL_ALWAYS})
+    data = {
+        "models": {"m": {"path": "/nonexistent/m.onnx"}},
+        "state": {"file": str(tmp_path / "state.json")},
+        "pipelines": {
+            "p": {
+                "model": "m",
+                "source": {"profile": "json", "topics": ["home/{device}/power"]},
+                "inputs": {"power": "power"},
+                "features": {"type": "window", "size": 3, "resample_period_s": 10},
+                "learn": learn_cfg(labels={"corrections": True}),
+            }
+        },
+    }
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.learn\.labels\.corrections: no label store"):
+        make_table("p", parse_config(data))
+    assert not (tmp_path / "labels.sqlite3").exists()

@@ -94,6 +94,12 @@ def make_table(
 
         if config.state.file is None:
             raise ConfigError(f"{key}.labels.corrections", "the label store lives beside state.file: set it")
+        from edge.labelstore import FILENAME
+
+        if not (config.state.file.parent / FILENAME).is_file():
+            raise ConfigError(
+                f"{key}.labels.corrections", f"no label store at {config.state.file.parent / FILENAME} yet"
+            )
         store = LabelStore(config.state.file.parent)
         try:
             rows = [(c.ts, c.device, c.label, c.input.reshape(-1).tolist()) for c in store.corrections(name)]

@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.config import Config, ConfigError, LearnConfig, LearnLabels, TeacherRule
+from edge.decode import DecodeError
 from edge.learn.history import GAP_STATES, EntityHistory, StateChange
 from edge.pipeline import Pipeline
 from edge.record import columns_for, recording_spec
@@ -286,12 +287,19 @@ def build_table(
         lab_out.append(label)
         x_out.append(vector)
 
+    def update(device: str, values: dict[str, float], ts: float) -> npt.NDArray[np.float32] | None:
+        try:
+            return store.update(device, values, ts)
+        except DecodeError as exc:  # what the daemon would drop and count (stale, unknown device)
+            stats[f"dropped: {exc.reason}"] += 1
+            return None
+
     def feed_full(device: str, ts: float) -> None:
         values = known[device]
         if all(v is not None for v in values.values()):
             needs_full[device] = False
             full = {k: v for k, v in values.items() if v is not None}
-            emit(device, store.update(device, full, ts), ts)
+            emit(device, update(device, full, ts), ts)
 
     for ts, kind, _, device, feature, value in events:
         if kind == _EXCL_START:
@@ -315,7 +323,7 @@ def build_table(
         if needs_full[device]:
             feed_full(device, ts)
             continue
-        emit(device, store.update(device, {feature: value}, ts), ts)
+        emit(device, update(device, {feature: value}, ts), ts)
     shape = spec.sample_shape
     x = np.stack(x_out).astype(np.float32) if x_out else np.zeros((0, *shape), dtype=np.float32)
     return Table(name, spec, np.array(ts_out, dtype=np.float64), dev_out, lab_out, x, start, end, stats)
