@@ -12,6 +12,12 @@
 * Availability: Zigbee2MQTT ``<base>/<name>/availability`` ``{"state":"online"}``, Tasmota
   ``tele/<name>/LWT`` Online/Offline, ESPHome ``<name>/status``, wearables
   ``wearables/<name>/status``; all retained, offline at the end (and during simulated outages).
+* A **mains meter** (``SimConfig(mains="shelly")`` or ``"tasmota"``, ``--mains``; off by default):
+  the sum of the simulated plugs' replayed ACSF1 power plus a base load, as a Shelly Pro EM
+  publishes it (``<id>/status/em1:0`` with ``act_power``, ``<id>/status/em1data:0`` energy
+  totals, ``<id>/online``) or as a Tasmota energy meter (``tele/<name>/SENSOR`` ``ENERGY``), so
+  a plug can teach the mains meter to recognise its appliance (NILM). Its truth lists the plugs
+  drawing more than ``MAINS_ON_W`` as they change.
 * The truth, for tests and the demo, on retained ``edge-infer-sim/truth/<device>`` JSON topics
   (appliance class, activity, room occupancy as it changes) and the device list on the retained
   ``edge-infer-sim/devices``. Device names carry the true class too (``sim_plug_03_fridge_freezer``).
@@ -56,6 +62,8 @@ DEVICES_TOPIC = "edge-infer-sim/devices"
 ROOM_PERIOD_S = 60.0
 PLUG_PERIOD_S = 10.0
 IMU_PERIOD_S = 0.1
+MAINS_FORMATS = ("shelly", "tasmota")
+MAINS_ON_W = 5.0  # a plug above this counts as "on" in the mains meter's truth
 
 
 @dataclass
@@ -73,6 +81,8 @@ class SimConfig:
     truth_prefix: str = TRUTH_PREFIX
     outages: bool = False  # now and then a device drops off for a few (simulated) minutes
     qos: int = 0
+    mains: str | None = None  # "shelly" or "tasmota": a mains meter summing the plugs (off: None)
+    mains_base_w: float = 150.0  # the rest of the house: base load (with a slow swing and noise)
 
     def __post_init__(self) -> None:
         if not self.speed > 0 or not math.isfinite(self.speed):
@@ -82,6 +92,13 @@ class SimConfig:
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+        if self.mains is not None:
+            if self.mains not in MAINS_FORMATS:
+                raise ValueError(f"mains {self.mains!r}: use one of {', '.join(MAINS_FORMATS)}")
+            if not {"z2m_plug", "tasmota_plug"} & set(self.families):
+                raise ValueError("a mains meter sums the plugs: keep z2m_plug or tasmota_plug in families")
+            if not (self.mains_base_w >= 0 and math.isfinite(self.mains_base_w)):
+                raise ValueError(f"mains_base_w must be a non-negative number, not {self.mains_base_w}")
 
 
 @dataclass
@@ -97,6 +114,7 @@ class SimDevice:
     messages: Callable[[int, float], list[tuple[str, bytes]]] = field(repr=False)
     truth_at: Callable[[int], dict[str, Any] | None] | None = field(default=None, repr=False)
     online_payload: tuple[str, bytes, bytes] = field(default=("", b"", b""), repr=False)  # topic, on, off
+    power_w: Callable[[int], float] | None = field(default=None, repr=False)  # plugs: watts at a step
 
 
 def _load_traces() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -172,6 +190,9 @@ class Simulator:
                 schedule = SCHEDULES[(room_no - 1) % len(SCHEDULES)]
                 room = RoomConfig.random(rng, schedule)
                 self.devices.append(self._room(family, room_no, room, cfg.seed * 100 + room_no))
+        if cfg.mains is not None:  # last, with its own random stream: the other devices stay as they were
+            plugs = [d for d in self.devices if d.power_w is not None]
+            self.devices.append(mains_meter(cfg, plugs, np.random.default_rng(cfg.seed + 7717)))
 
     def _plug(
         self, family: str, number: int, series: int, acsf1: dict[str, np.ndarray], rng: np.random.Generator
@@ -199,8 +220,11 @@ class Simulator:
         }
         energy = [float(rng.uniform(1, 300))]  # kWh counter
 
+        def watts_at(step: int) -> float:
+            return float(watts[step % len(watts)])
+
         def power_at(step: int) -> tuple[float, float, float]:
-            p = float(watts[step % len(watts)])
+            p = watts_at(step)
             v = round(voltage + 0.8 * math.sin(step / 37.0), 1)
             energy[0] += p * PLUG_PERIOD_S / 3.6e6
             return p, v, round(p / v, 3)
@@ -230,6 +254,7 @@ class Simulator:
                 {"state": topic, "availability": f"{topic}/availability"},
                 z2m_msgs,
                 online_payload=(f"{topic}/availability", b'{"state":"online"}', b'{"state":"offline"}'),
+                power_w=watts_at,
             )
         sensor = f"{cfg.tele_prefix}/{name}/SENSOR"
         start_time = _iso_local(time.time())
@@ -265,6 +290,7 @@ class Simulator:
             {"state": sensor, "availability": lwt},
             tasmota_msgs,
             online_payload=(lwt, b"Online", b"Offline"),
+            power_w=watts_at,
         )
 
     def _wearable(
@@ -513,6 +539,119 @@ class Simulator:
         return self.counts
 
 
+# --------------------------------------------------------------------------- mains meter
+
+
+def mains_meter(cfg: SimConfig, plugs: list[SimDevice], rng: np.random.Generator) -> SimDevice:
+    """The house's mains meter: the plugs' power at each 10 s step plus a base load (a slow
+    daily swing of ±20 % and ±1 % noise), published as a Shelly Pro EM or a Tasmota meter."""
+    assert cfg.mains in MAINS_FORMATS
+    names = [p.name for p in plugs]
+    feeds = [p.power_w for p in plugs if p.power_w is not None]
+    base = cfg.mains_base_w
+    phase = float(rng.uniform(0, 2 * math.pi))
+    noise_seed = int(rng.integers(2**31))
+    voltage = 230.0 + float(rng.normal(0, 1.0))
+    energy_wh = [float(rng.uniform(1e5, 5e6))]  # the meter's lifetime total
+
+    def base_at(step: int) -> float:
+        swing = 0.2 * base * math.sin(2 * math.pi * step * PLUG_PERIOD_S / 86400.0 + phase)
+        jitter = np.random.default_rng((noise_seed, step)).normal(0, 0.01 * base) if base else 0.0
+        return max(0.0, base + swing + float(jitter))
+
+    def total_at(step: int) -> float:
+        return round(base_at(step) + sum(feed(step) for feed in feeds), 1)
+
+    def truth_at(step: int) -> dict[str, Any]:
+        return {"on": [n for n, feed in zip(names, feeds, strict=True) if feed(step) > MAINS_ON_W]}
+
+    truth = {
+        "device": "",
+        "family": f"mains_{cfg.mains}",
+        "kind": "mains",
+        "components": names,
+        "base_w": base,
+        "on_above_w": MAINS_ON_W,
+    }
+    if cfg.mains == "shelly":
+        name = "shellyproem50-5a11e0000001"
+        status = f"{name}/status/em1:0"
+        data = f"{name}/status/em1data:0"
+
+        def shelly_msgs(step: int, ts: float) -> list[tuple[str, bytes]]:
+            p = total_at(step)
+            v = round(voltage + 0.6 * math.sin(step / 41.0), 1)
+            apparent = round(p * 1.05 + 3.0, 1)
+            energy_wh[0] += p * PLUG_PERIOD_S / 3600.0
+            out = [
+                (
+                    status,
+                    json.dumps(
+                        {
+                            "id": 0,
+                            "current": round(apparent / v, 3),
+                            "voltage": v,
+                            "act_power": p,
+                            "aprt_power": apparent,
+                            "pf": round(p / apparent, 2) if apparent else 0.0,
+                            "freq": 50.0,
+                            "calibration": "factory",
+                        }
+                    ).encode(),
+                )
+            ]
+            if step % 6 == 0:  # the energy counters once a minute
+                payload = {"id": 0, "total_act_energy": round(energy_wh[0], 2), "total_act_ret_energy": 0.0}
+                out.append((data, json.dumps(payload).encode()))
+            return out
+
+        return SimDevice(
+            name,
+            f"mains_{cfg.mains}",
+            PLUG_PERIOD_S,
+            cfg.speed,
+            truth | {"device": name},
+            {"state": f"{name}/status/+", "availability": f"{name}/online"},
+            shelly_msgs,
+            truth_at,
+            online_payload=(f"{name}/online", b"true", b"false"),
+        )
+    name = "sim_mains_meter"
+    sensor = f"{cfg.tele_prefix}/{name}/SENSOR"
+    start_time = _iso_local(time.time())
+
+    def tasmota_msgs(step: int, ts: float) -> list[tuple[str, bytes]]:
+        p = total_at(step)
+        v = round(voltage + 0.6 * math.sin(step / 41.0))
+        apparent = round(p * 1.05 + 3.0, 1)
+        energy_wh[0] += p * PLUG_PERIOD_S / 3600.0
+        energy_obj = {
+            "TotalStartTime": start_time,
+            "Total": round(energy_wh[0] / 1000.0, 3),
+            "Period": round(p * PLUG_PERIOD_S / 3600.0, 2),
+            "Power": p,
+            "ApparentPower": apparent,
+            "ReactivePower": round(math.sqrt(max(apparent**2 - p**2, 0.0)), 1),
+            "Factor": round(p / apparent, 2) if apparent else 0.0,
+            "Voltage": v,
+            "Current": round(apparent / v, 3),
+        }
+        return [(sensor, json.dumps({"Time": _iso_local(ts), "ENERGY": energy_obj}).encode())]
+
+    lwt = f"{cfg.tele_prefix}/{name}/LWT"
+    return SimDevice(
+        name,
+        f"mains_{cfg.mains}",
+        PLUG_PERIOD_S,
+        cfg.speed,
+        truth | {"device": name},
+        {"state": sensor, "availability": lwt},
+        tasmota_msgs,
+        truth_at,
+        online_payload=(lwt, b"Online", b"Offline"),
+    )
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -559,6 +698,12 @@ def cli_simulate(argv: list[str]) -> int:
     )
     parser.add_argument("--outages", action="store_true", help="devices now and then go offline for a while")
     parser.add_argument(
+        "--mains",
+        choices=MAINS_FORMATS,
+        default=None,
+        help="add a mains meter (sum of the plugs plus a base load) as a Shelly Pro EM or a Tasmota meter",
+    )
+    parser.add_argument(
         "--list", action="store_true", help="print the simulated devices and their topics, then exit"
     )
     args = parser.parse_args(argv)
@@ -570,6 +715,7 @@ def cli_simulate(argv: list[str]) -> int:
             families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
             imu_speed=args.imu_speed,
             outages=args.outages,
+            mains=args.mains,
         )
         sim = Simulator(config)
         if args.list:

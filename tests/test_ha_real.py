@@ -67,9 +67,10 @@ def _hass_binary() -> Path:
 class HomeAssistant:
     """A Home Assistant Core process with its own config directory, driven over HTTP."""
 
-    def __init__(self, hass: Path, config_dir: Path) -> None:
+    def __init__(self, hass: Path, config_dir: Path, extra_config: str = "") -> None:
         self.hass = hass
         self.config_dir = config_dir
+        self.extra_config = extra_config  # more configuration.yaml (e.g. recorder:, history:)
         self.port = free_port()
         self.log_file = config_dir / "home-assistant.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -92,7 +93,7 @@ class HomeAssistant:
             f"  server_port: {self.port}\n"
             "api:\n"
             "logger:\n"
-            "  default: warning\n"
+            "  default: warning\n" + self.extra_config
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         self.process = subprocess.Popen(

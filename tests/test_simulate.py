@@ -179,3 +179,83 @@ def test_client_kwargs() -> None:
     assert client_kwargs("mqtts://h")["port"] == 8883
     with pytest.raises(ValueError, match="mqtt://"):
         client_kwargs("http://h")
+
+
+def _decode(decoder: Any, messages: list[tuple[str, bytes]]) -> list[Decoded]:
+    return [
+        e
+        for topic, payload in messages
+        if any(_covered(f, topic) for f in decoder.filters)
+        for e in decoder.decode(topic, payload)
+        if isinstance(e, Decoded)
+    ]
+
+
+@pytest.mark.parametrize("meter", ["shelly", "tasmota"])
+def test_mains_meter_is_the_plugs_plus_a_base_load(meter: str) -> None:
+    """Step by step, the meter reads the replayed plugs' sum plus the base load, and decodes
+    through the Shelly (em1:0.act_power) or Tasmota profile as a real meter's messages would."""
+    cfg = SimConfig(devices=2, seed=5, families=("z2m_plug", "tasmota_plug"), mains=meter, mains_base_w=200)
+    sim = Simulator(cfg)
+    plain = Simulator(SimConfig(devices=2, seed=5, families=("z2m_plug", "tasmota_plug")))
+    assert [d.name for d in sim.devices[:-1]] == [d.name for d in plain.devices]  # the others unchanged
+    plugs, mains = sim.devices[:-1], sim.devices[-1]
+    assert mains.family == f"mains_{meter}" and mains.truth["components"] == [p.name for p in plugs]
+    if meter == "shelly":
+        decoder = devices.build_decoder("shelly", readings={"power": "em1:0.act_power"}, options={})
+    else:
+        decoder = devices.build_decoder(
+            "tasmota", readings={"power": "power"}, options={"devices": [mains.name]}
+        )
+    plug_decoders = {
+        "z2m_plug": devices.build_decoder("zigbee2mqtt", readings={"power": "power"}, options={}),
+        "tasmota_plug": devices.build_decoder("tasmota", readings={"power": "power"}, options={}),
+    }
+    residuals = []
+    on_changes = 0
+    last_on: Any = None
+    for step in range(0, 8640, 7):  # a day, every 7th sample
+        ts = 1_764_000_000.0 + step * 10
+        (reading,) = _decode(decoder, mains.messages(step, ts))
+        assert reading.device == mains.name
+        plug_sum = 0.0
+        for plug in plugs:
+            (p,) = _decode(plug_decoders[plug.family], plug.messages(step, ts))
+            plug_sum += float(p.values["power"])
+        residuals.append(float(reading.values["power"]) - plug_sum)
+        assert mains.truth_at is not None
+        on = mains.truth_at(step)["on"]
+        on_changes += on != last_on
+        last_on = on
+    # the base load: 200 W ±20 % daily swing, ±1 % noise (the sum is rounded to 0.1 W)
+    assert min(residuals) > 200 * 0.8 - 10 and max(residuals) < 200 * 1.2 + 10
+    assert max(residuals) - min(residuals) > 40  # it does swing
+    assert on_changes > 2  # appliances switch on and off through the day
+
+
+def test_mains_meter_off_by_default_and_on_the_broker(fresh_broker: Mosquitto) -> None:
+    assert not any(d.family.startswith("mains") for d in Simulator(SimConfig()).devices)
+    with pytest.raises(ValueError, match="sums the plugs"):
+        SimConfig(families=("z2m_climate",), mains="shelly")
+    with pytest.raises(ValueError, match="use one of shelly, tasmota"):
+        SimConfig(mains="kettle")
+    mosquitto = fresh_broker.start()
+    collector = Collector(mosquitto)
+    sim = Simulator(SimConfig(speed=200, devices=1, seed=2, families=("z2m_plug",), mains="shelly"))
+    counts = asyncio.run(sim.run(mosquitto.url, duration=1.0))
+    time.sleep(0.3)
+    messages = collector.stop()
+    mains = sim.devices[-1]
+    assert counts["mains_shelly"] >= 10
+    decoder = devices.build_decoder("shelly", readings={"power": "em1:0.act_power"}, options={})
+    events = [
+        e
+        for t, p, _ in messages
+        if any(_covered(f, t) for f in decoder.filters)
+        for e in decoder.decode(t, p)
+    ]
+    online = [e.online for e in events if isinstance(e, Availability)]
+    assert online[0] is True and online[-1] is False
+    assert sum(isinstance(e, Decoded) and e.device == mains.name for e in events) >= 10
+    truth = [json.loads(p) for t, p, _ in messages if t == f"edge-infer-sim/truth/{mains.name}"]
+    assert truth[0]["kind"] == "mains" and truth[0]["components"] == [sim.devices[0].name]
