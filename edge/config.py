@@ -441,14 +441,20 @@ class EntityConfig(_Model):
 class LearnHaSource(_Model):
     """Home Assistant's WebSocket API (edge/learn/ha_ws.py); the token is never logged."""
 
-    url: str = Field("http://homeassistant.local:8123", description="Home Assistant's base URL.")
+    url: str | None = Field(
+        None,
+        description="Home Assistant's base URL, e.g. http://homeassistant.local:8123; leave it out "
+        "inside the add-on (the Supervisor's proxy and token).",
+    )
     token_file: Path | None = Field(None, description="File holding a long-lived access token.")
     token_env: str | None = Field(None, description="Environment variable holding the token.")
 
     @model_validator(mode="after")
     def _token(self) -> LearnHaSource:
-        if self.token_file is None and self.token_env is None:
+        if self.url is not None and self.token_file is None and self.token_env is None:
             raise _KeyedError("token_file", "give token_file or token_env (a long-lived access token)")
+        if self.url is None and (self.token_file is not None or self.token_env is not None):
+            raise _KeyedError("url", "a token needs the URL of the Home Assistant it is for")
         return self
 
 

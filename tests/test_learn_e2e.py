@@ -189,3 +189,47 @@ def test_missing_train_extra_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
     result = learn_run.learn(path, "rooms", source=MemorySource(history(2.0)))
     assert result.status == learn_run.EXIT_NO_TORCH
     assert "pip install torch==2.13.0" in result.message
+
+
+def _ha_config(tmp_path: Path, ha: dict[str, Any]) -> Path:
+    shutil.copyfile(BUNDLED, tmp_path / "occupancy.onnx")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_data(tmp_path, {"source": {"ha": ha}}), sort_keys=False))
+    return path
+
+
+def test_an_unreachable_home_assistant_is_a_plain_error_naming_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """learn and learn --suggest against a Home Assistant that is not there: exit 2 with the URL
+    (password masked) and never the token; no traceback, nothing trained."""
+    from tests.broker import free_port
+
+    monkeypatch.setenv("EI_TEST_HA_TOKEN", "secret-token-value")
+    url = f"http://user:hunter2@127.0.0.1:{free_port()}"
+    path = _ha_config(tmp_path, {"url": url, "token_env": "EI_TEST_HA_TOKEN"})
+    for extra in ((), ("--suggest",)):
+        done = run_cli("learn", "-c", str(path), "rooms", *extra, timeout=120)
+        assert done.returncode == learn_run.EXIT_CONFIG, (extra, done.stdout, done.stderr)
+        assert "127.0.0.1" in done.stderr and "***" in done.stderr, done.stderr
+        assert "hunter2" not in done.stderr + done.stdout
+        assert "secret-token-value" not in done.stderr + done.stdout
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "learn").exists()
+
+
+def test_ha_without_a_url_is_the_supervisor_only_inside_the_addon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SUPERVISOR_TOKEN", raising=False)
+    path = _ha_config(tmp_path, {})
+    done = run_cli("learn", "-c", str(path), "rooms", timeout=120)
+    assert done.returncode == learn_run.EXIT_CONFIG, done.stderr
+    assert "pipelines.rooms.learn.source.ha.url is not set" in done.stderr
+    assert "only inside the add-on" in done.stderr
+    token_without_url = _ha_config(tmp_path, {"token_env": "HA_TOKEN"})
+    done = run_cli("check", "-c", str(token_without_url))
+    assert done.returncode == 2 and "learn.source.ha.url" in done.stderr, done.stderr
+    url_without_token = _ha_config(tmp_path, {"url": "http://ha:8123"})
+    done = run_cli("check", "-c", str(url_without_token))
+    assert done.returncode == 2 and "learn.source.ha.token_file" in done.stderr, done.stderr

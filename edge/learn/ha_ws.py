@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from edge.config import mask_url
-from edge.learn.history import EntityHistory, StateChange, StatisticRow
+from edge.learn.history import EntityHistory, SourceError, StateChange, StatisticRow
 
 log = logging.getLogger(__name__)
 # websockets logs every frame at DEBUG, the auth frame included: its logger stays above DEBUG.
@@ -50,7 +50,7 @@ STATISTIC_PERIODS = {"5minute": 300.0, "hour": 3600.0}
 _US = 1e-6
 
 
-class HaSourceError(RuntimeError):
+class HaSourceError(SourceError):
     """Reading from Home Assistant failed; the message names the URL and the command."""
 
 

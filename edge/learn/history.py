@@ -14,6 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+
+class SourceError(RuntimeError):
+    """Reading history failed (Home Assistant unreachable, token refused, a database that is not a
+    recorder's); the message names the place (URL with credentials masked, file, command)."""
+
+
 #: HA states that are never values: they open a gap.
 GAP_STATES = frozenset({"unavailable", "unknown", "", "None"})
 

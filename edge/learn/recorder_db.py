@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-from edge.learn.history import EntityHistory, StateChange, StatisticRow
+from edge.learn.history import EntityHistory, SourceError, StateChange, StatisticRow
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _REQUIRED = {
 }
 
 
-class RecorderDbError(RuntimeError):
+class RecorderDbError(SourceError):
     """The file is not a recorder database this source can read; the message says why."""
 
 

@@ -38,8 +38,8 @@ import yaml
 from edge.config import Config, ConfigError, LearnConfig, WindowFeatures, load_config
 from edge.learn import deploy
 from edge.learn.gate import NotComparable, Verdict, decide, majority_baseline, onnx_predict, scores
-from edge.learn.history import HistorySource
-from edge.learn.sources import RecordTable, describe_source, open_source
+from edge.learn.history import HistorySource, SourceError
+from edge.learn.sources import RecordTable, close_source, describe_source, open_source
 from edge.learn.split import DAY, TooLittleData, check_enough, class_order, time_split, window_span_s
 from edge.learn.table import Table, build_table, label_entities, pipeline_for, table_from_rows
 from edge.runtime import ModelLoadError
@@ -110,21 +110,25 @@ def make_table(
             name, spec, rows, start=start, end=end, exclude=spans
         ), f"corrections store {store.path}"
     opened = source or open_source(learn.source, f"{key}.source")
-    if isinstance(opened, RecordTable):
-        from edge.record import columns_for
+    try:
+        if isinstance(opened, RecordTable):
+            from edge.record import columns_for
 
-        record_rows = opened.read(name, columns_for(spec))
-        rows = [(r.ts, r.device, r.label, r.values) for r in record_rows]
-        return table_from_rows(name, spec, rows, start=start, end=end, exclude=spans), opened.describe()
-    entities: list[str] = []
-    for device, mapping in learn.inputs.items():
-        entities += list(mapping.values())
-        assert learn.labels is not None
-        entities += label_entities(learn.labels, device)
-    history = opened.states(list(dict.fromkeys(entities)), start, end)
-    described = opened.describe() if source is not None and hasattr(opened, "describe") else None
-    table = build_table(name, config, history, start, end, pipeline=pipeline)
-    return table, described or describe_source(learn.source)
+            record_rows = opened.read(name, columns_for(spec))
+            rows = [(r.ts, r.device, r.label, r.values) for r in record_rows]
+            return table_from_rows(name, spec, rows, start=start, end=end, exclude=spans), opened.describe()
+        entities: list[str] = []
+        for device, mapping in learn.inputs.items():
+            entities += list(mapping.values())
+            assert learn.labels is not None
+            entities += label_entities(learn.labels, device)
+        history = opened.states(list(dict.fromkeys(entities)), start, end)
+        described = opened.describe() if source is not None and hasattr(opened, "describe") else None
+        table = build_table(name, config, history, start, end, pipeline=pipeline)
+        return table, described or describe_source(learn.source)
+    finally:
+        if source is None:  # opened here: closed here
+            close_source(opened)
 
 
 def recipe_for(
@@ -322,7 +326,7 @@ def learn(
             raise ConfigError(f"pipelines.{name}.learn", "add a learn section (docs/learning.md)")
         started = time.monotonic()
         table, sources = make_table(name, config, now, source)
-    except (ConfigError, ModelLoadError, ValueError, OSError) as exc:
+    except (ConfigError, ModelLoadError, ValueError, OSError, SourceError) as exc:
         return LearnResult(EXIT_CONFIG, f"{exc}")
     table_s = time.monotonic() - started
     note(
@@ -506,8 +510,23 @@ def cli_learn(argv: Sequence[str]) -> int:
     parser.add_argument("pipeline")
     parser.add_argument("--no-deploy", action="store_true", help="train and judge, but never deploy")
     parser.add_argument("--json", action="store_true", help="print the learn report as JSON")
+    parser.add_argument(
+        "--suggest",
+        action="store_true",
+        help="propose learn.inputs from Home Assistant's entity and device registries (reads only "
+        "learn.source; prints YAML to review and paste) instead of learning",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.suggest:
+        from edge.learn.suggest import suggest_for_pipeline
+
+        try:
+            print(suggest_for_pipeline(args.config, args.pipeline))
+        except (ConfigError, ModelLoadError, SourceError, OSError) as exc:
+            print(f"edge-infer learn --suggest: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        return 0
     be_nice()
     result = learn(args.config, args.pipeline, deploy_model=not args.no_deploy)
     if args.json and result.report:

@@ -143,7 +143,8 @@ def read_token(source: LearnSource, key: str = "learn.source.ha") -> str:
 def describe_source(source: LearnSource) -> str:
     """What the model card says the data came from (never the token)."""
     if source.ha is not None:
-        return f"Home Assistant at {source.ha.url} (WebSocket API)"
+        where = source.ha.url or "the Supervisor's proxy (add-on)"
+        return f"Home Assistant at {where} (WebSocket API)"
     if source.recorder_db is not None:
         return f"Home Assistant recorder database {source.recorder_db}"
     return f"edge-infer record file {source.record}"
@@ -159,7 +160,20 @@ def open_source(source: LearnSource, key: str = "learn.source") -> HistorySource
         db: HistorySource = RecorderDbSource(path=source.recorder_db)
         return db
     assert source.ha is not None
-    from edge.learn.ha_ws import HaWebSocketSource  # type: ignore[import-not-found,unused-ignore]
+    from edge.learn.ha_ws import (  # type: ignore[import-not-found,unused-ignore]
+        HaWebSocketSource,
+        from_settings,
+    )
 
+    if source.ha.url is None:  # inside the add-on: the Supervisor's proxy and token
+        supervised: HistorySource = from_settings(where=f"{key}.ha")
+        return supervised
     ws: HistorySource = HaWebSocketSource(url=source.ha.url, token=read_token(source, f"{key}.ha"))
     return ws
+
+
+def close_source(source: object) -> None:
+    """Close a source that holds a connection (the WebSocket, the SQLite file)."""
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()

@@ -331,6 +331,9 @@ def suggest_for_pipeline(
         raise ConfigError(key, str(exc).splitlines()[-1] if str(exc) else "invalid") from None
     if learn_source.ha is None:
         raise ConfigError(key, "--suggest reads Home Assistant's registries: give learn.source.ha")
+    if learn_source.ha.url is None:  # inside the add-on: the Supervisor's proxy and token
+        with from_settings(where=key + ".ha") as supervisor:
+            return suggest_from_ha(supervisor, wanted, pipeline=pipeline, limit=limit)[0]
     token = read_token(learn_source, key + ".ha")
     with HaWebSocketSource(url=learn_source.ha.url, token=token) as ha:
         return suggest_from_ha(ha, wanted, pipeline=pipeline, limit=limit)[0]
