@@ -17,6 +17,7 @@ from edge.manifest import MANIFEST_KEY, InputSpec, Manifest, OutputSpec
 from edge.runtime import LoadedModel
 from tests.broker import Mosquitto
 from tests.harness import Collector, DaemonThread, Publisher, fast_mqtt, make_config
+from tests.onnx_models import regressor
 
 LABELS = ["off", "on"]
 
@@ -120,6 +121,18 @@ def test_window_occlusion_finds_channel_0_and_the_last_segment(tmp_path: Path) -
     assert shares == [0.0, 0.0, 0.0, 1.0]
     assert [(s["start"], s["end"]) for s in first["segments"]] == [(0, 4), (4, 8), (8, 12), (12, 16)]
     assert first["segments"][3]["delta"] == pytest.approx(float(base[1]) - 1 / (1 + np.exp(-3.0)), abs=1e-5)
+    model.close()
+
+
+def test_regression_deltas_are_the_value_changes(tmp_path: Path) -> None:
+    """y = 1*a + 2*b + 3*c: occluding a feature by 0 changes the value by its weight times it."""
+    model = _load(regressor(tmp_path / "reg.onnx", ["a", "b", "c"]), tmp_path)
+    p = plan(model.spec, ExplainConfig(), "k")
+    x = np.array([2.0, -1.0, 0.5], dtype=np.float32)
+    (result,) = explain_batch(model.run_sync, [(p, x, model.run_sync(x[None])[0])], 1)
+    assert result["target"] == "value"
+    assert [result["features"][f]["delta"] for f in "abc"] == [2.0, -2.0, 1.5]
+    assert [result["features"][f]["share"] for f in "abc"] == [0.3636, 0.3636, 0.2727]
     model.close()
 
 
