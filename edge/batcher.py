@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import numpy.typing as npt
 
+from edge.explain import ExplainError, ExplainPlan, explain_batch, plan
 from edge.pipeline import WorkItem
 from edge.runtime import LoadedModel
 
@@ -66,6 +67,10 @@ class Batcher:
         self.items = 0
         self.overflow = 0
         self.sink_errors = 0
+        self.explained = 0  # answers given an attribution (output.explain)
+        self.explain_rows = 0  # occluded rows inferred for them: the extra cost
+        self.explain_failed = 0
+        self._plans: dict[int, ExplainPlan | None] = {}  # per pipeline config, for the model's own spec
         self._event = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -120,7 +125,58 @@ class Batcher:
                 continue
             self.batches += 1
             self.items += count
+            for item in batch:  # attributions only where a pipeline asks for them (output.explain)
+                if getattr(item.pipeline, "explain_plan", None) is not None:
+                    try:
+                        await self._explain(batch, inputs, outputs)
+                    except asyncio.CancelledError:  # inferred already: answered, without attributions
+                        self._hand_over(batch, outputs, time.perf_counter() - started, None)
+                        raise
+                    break
             self._hand_over(batch, outputs, time.perf_counter() - started, None)
+
+    def _plan(self, item: WorkItem) -> ExplainPlan | None:
+        """The item's pipeline's occlusion plan for this model (a queued item of a reloaded
+        pipeline may meet the model that is retiring: its plan is rebuilt for that model's spec)."""
+        own: ExplainPlan | None = getattr(item.pipeline, "explain_plan", None)
+        if own is None or own.spec is self.model.spec:
+            return own
+        key = id(own.config)
+        if key not in self._plans:
+            try:
+                self._plans[key] = plan(
+                    self.model.spec, own.config, f"pipelines.{item.pipeline.name}.output.explain"
+                )
+            except ExplainError:
+                self._plans[key] = None
+        return self._plans[key]
+
+    async def _explain(
+        self, batch: list[WorkItem], inputs: npt.NDArray[np.float32], outputs: npt.NDArray[np.float32]
+    ) -> None:
+        """Attributions for the batch's items whose pipeline asks for them: one more call in the
+        model's worker thread (all their occluded rows together, chunked at ``max_batch``), never
+        on the loop. A failure costs the attributions of this batch, never its answers."""
+        jobs = []
+        wanted = []
+        for i, item in enumerate(batch):
+            p = self._plan(item)
+            if p is not None:
+                jobs.append((p, inputs[i].copy(), outputs[i]))
+                wanted.append(item)
+        if not jobs:
+            return
+        try:
+            results = await self.model.call(explain_batch, self.model.run_sync, jobs, self.max_batch)
+        except Exception:
+            self.explain_failed += len(jobs)
+            if self.explain_failed == len(jobs) or self.explain_failed % 1000 < len(jobs):
+                log.exception("explaining %d answers of model %r failed", len(jobs), self.model.name)
+            return
+        for item, result in zip(wanted, results, strict=True):
+            item.explain = result
+        self.explained += len(jobs)
+        self.explain_rows += sum(p.rows for p, _, _ in jobs)
 
     def _hand_over(
         self,

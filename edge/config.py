@@ -388,6 +388,29 @@ class WindowFeatures(_Model):
 Features = Annotated[SnapshotFeatures | WindowFeatures, Field(discriminator="type")]
 
 
+class ExplainConfig(_Model):
+    """Why this prediction: occlusion attributions in each answer (docs/configuration.md#explain).
+    Off unless given; costs ``rows`` extra inference rows per answer (docs/models.md)."""
+
+    method: Literal["occlusion"] = Field(
+        "occlusion", description="Replace each part of the input by a baseline and run the model again."
+    )
+    segments: int = Field(8, ge=1, le=32, description="Window models: time segments the window is cut into.")
+    baseline: Literal["auto", "manifest_mean", "window_mean", "zero"] = Field(
+        "auto",
+        description="What an occluded part becomes: the manifest's normalisation mean, the window's own "
+        "per-channel mean, or 0; auto: manifest_mean if the manifest has one, else window_mean "
+        "(windows) or zero (snapshots).",
+    )
+    max_rows: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most occluded rows per answer (snapshot: features; window: channels + segments); "
+        "a model that needs more is refused at load.",
+    )
+
+
 class OutputConfig(_Model):
     """Where and when a pipeline publishes."""
 
@@ -407,6 +430,9 @@ class OutputConfig(_Model):
     debounce: int = Field(1, ge=1, description="A new label must win this many predictions in a row.")
     min_confidence: float = Field(0.0, ge=0, le=1, description="Below it the label is null.")
     top_k: int = Field(3, ge=0, description="Alternatives with probabilities in the output.")
+    explain: ExplainConfig | None = Field(
+        None, description="Attributions per answer (occlusion); off unless given. See ExplainConfig."
+    )
 
     @field_validator("topic")
     @classmethod

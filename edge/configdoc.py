@@ -32,6 +32,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("pipelines.<name>.features (type: snapshot)", c.SnapshotFeatures),
     ("pipelines.<name>.features (type: window)", c.WindowFeatures),
     ("pipelines.<name>.output", c.OutputConfig),
+    ("pipelines.<name>.output.explain", c.ExplainConfig),
     ("pipelines.<name>.homeassistant", c.EntityConfig),
     ("pipelines.<name>.learn", c.LearnConfig),
     ("pipelines.<name>.learn.source", c.LearnSource),

@@ -43,7 +43,7 @@ from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer, Reading
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
-from edge.outputs import PostProcessor
+from edge.outputs import PostProcessor, add_explain
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
@@ -718,6 +718,8 @@ class Daemon:
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
+                if item.explain is not None:  # output.explain: the batcher's attribution
+                    add_explain(prediction, item.explain)
                 try:
                     if not pipeline.policy.should_publish(item.device, prediction, wall):
                         self._settle(item)
@@ -843,6 +845,8 @@ class Daemon:
                     "accuracy": holdout_accuracy(m.spec),  # the bridge's per-model diagnostic
                     "batches": self.batchers[name].batches if name in self.batchers else 0,
                     "items": self.batchers[name].items if name in self.batchers else 0,
+                    "explained": self.batchers[name].explained if name in self.batchers else 0,
+                    "explain_rows": self.batchers[name].explain_rows if name in self.batchers else 0,
                 }
                 for name, m in self.models.items()
             },

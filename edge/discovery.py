@@ -79,6 +79,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         icon=ha.icon,
         label_names=readable_labels(spec.labels, ha.label_names),
         open_set=spec.task == "classification" and spec.ood_output is not None,
+        explain=getattr(pipeline, "explain_plan", None) is not None,
     )
 
 

@@ -252,6 +252,8 @@ class OutputEntity:
     * classification: ``labels`` become the enum ``options``; a ``null`` label shows as unknown.
       With ``open_set`` (a model with an OOD score) ``"unknown"`` is one more option, the answer's
       label when its input is unlike the training data, and ``ood_score`` an attribute.
+      With ``explain`` (``output.explain`` on) the answer's ``explain`` attribution is one more
+      attribute (of a regression's or binary sensor's entity too).
       With ``binary_on`` set it is a ``binary_sensor`` instead (on when ``label == binary_on``),
       e.g. labels ``["empty", "occupied"]``, ``binary_on="occupied"``, ``device_class="occupancy"``.
     * regression: ``value`` with ``unit``, ``device_class`` and ``state_class`` (default measurement).
@@ -277,6 +279,7 @@ class OutputEntity:
     # stays in the entity's ``label`` attribute. Empty: the raw labels.
     label_names: tuple[str, ...] = ()
     open_set: bool = False  # the model has an OOD score: ``unknown`` is a state, the score an attribute
+    explain: bool = False  # output.explain is on: the answer's ``explain`` is an attribute of the entity
 
     @property
     def display_name(self) -> str:
@@ -410,6 +413,16 @@ def _field(name: str) -> str:
     return f"value_json.get('{name}')"
 
 
+def _explain_attributes(output: OutputEntity, main: dict[str, Any]) -> None:
+    """With ``explain`` on: the answer's attribution (and its model) as the entity's attributes."""
+    if output.explain:
+        main["json_attributes_topic"] = output.state_topic
+        main["json_attributes_template"] = (
+            "{{ {'model': " + _field("model") + ", 'model_version': " + _field("model_version")
+            + ", 'explain': " + _field("explain") + "} | tojson }}"
+        )  # fmt: skip
+
+
 def _common(output: OutputEntity) -> dict[str, Any]:
     out: dict[str, Any] = {"state_topic": output.state_topic}
     expiry = expire_after(output.cadence_s)
@@ -449,6 +462,7 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         main["payload_on"] = "ON"
         main["payload_off"] = "OFF"
         main["value_template"] = _binary_template(output)
+        _explain_attributes(output, main)
         add("state", "binary_sensor", main)
     elif output.task == "classification":
         readable = output.readable_labels
@@ -467,6 +481,7 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
             "{{ {'label': " + _field("label") + ", 'model': " + _field("model")
             + ", 'model_version': " + _field("model_version")
             + (", 'ood_score': " + _field("ood_score") if output.open_set else "")
+            + (", 'explain': " + _field("explain") if output.explain else "")
             + "} | tojson }}"
         )  # fmt: skip
         if output.open_set:  # an answer unlike the training data: label "unknown", its ood_score
@@ -490,6 +505,7 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         if output.display_precision is not None:
             main["suggested_display_precision"] = output.display_precision
         main["value_template"] = "{{ " + _field("value") + " }}"
+        _explain_attributes(output, main)
         add("state", "sensor", main)
 
     if output.task == "classification":

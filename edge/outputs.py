@@ -95,6 +95,14 @@ class Prediction:
     head: str | None = None
 
 
+def add_explain(prediction: Prediction, explain: dict[str, Any]) -> None:
+    """Give an answer its ``explain`` field (edge/explain.py), after the other fields, as
+    ``json.dumps`` of the whole answer would place it."""
+    prediction.fields["explain"] = explain
+    if prediction.head is not None:
+        prediction.head += ', "explain": ' + json.dumps(explain, allow_nan=False)
+
+
 class PostProcessor:
     """Turns a batch of raw model outputs into per-item result dicts."""
 

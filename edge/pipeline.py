@@ -7,6 +7,7 @@ model's worker (see :mod:`edge.batcher`). Rejections raise or count a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,9 +30,12 @@ from edge.decode import (
     json_rules,
     sanitise_segment,
 )
+from edge.explain import ExplainError, ExplainPlan, plan
 from edge.features import FeatureStore, SlidingWindow, SnapshotJoin
 from edge.outputs import PostProcessor, PublishPolicy
 from edge.runtime import ModelLoadError, ModelSpec
+
+log = logging.getLogger("edge.pipeline")
 
 
 @dataclass
@@ -68,6 +72,7 @@ class WorkItem:
     received: float  # time.perf_counter() when the message arrived
     ts: float  # sample time (epoch seconds)
     ack: PendingAck | None = None
+    explain: dict[str, Any] | None = None  # the answer's attribution (output.explain), set by the batcher
 
 
 def pipeline_decoder(pipeline: str, cfg: PipelineConfig, readings: dict[str, str]) -> Decoder:
@@ -132,6 +137,7 @@ class Pipeline:
             self._state_factory(name, cfg), max_devices=cfg.max_devices, allowed=cfg.devices
         )
         self.post = PostProcessor(spec, cfg.output)
+        self.explain_plan = self._explain_plan(spec)
         self.policy = PublishPolicy(cfg.output)
         self.stats = PipelineStats()
         self.topic_template = cfg.output.topic
@@ -149,6 +155,21 @@ class Pipeline:
         assert self.same_input(spec)
         self.spec = spec
         self.post = PostProcessor(spec, self.cfg.output)
+        try:
+            self.explain_plan = self._explain_plan(spec)
+        except ModelLoadError as exc:  # on the loop, mid-swap: answers go out without attributions
+            log.warning("pipeline %s: explain is off for model v%s: %s", self.name, spec.version, exc)
+            self.explain_plan = None
+
+    def _explain_plan(self, spec: ModelSpec) -> ExplainPlan | None:
+        """The occlusion plan when ``output.explain`` is on; a misfit fails the load naming the key."""
+        config = self.cfg.output.explain
+        if config is None:
+            return None
+        try:
+            return plan(spec, config, f"pipelines.{self.name}.output.explain")
+        except ExplainError as exc:
+            raise ModelLoadError(spec.name, str(exc)) from None
 
     def _state_factory(self, name: str, cfg: PipelineConfig) -> Callable[[], Any]:
         features = list(self.readings)

@@ -13,9 +13,10 @@ import concurrent.futures
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,7 @@ from edge.config import ModelConfig, RuntimeConfig
 from edge.manifest import Manifest, ManifestError, Task, manifest_from_metadata
 
 log = logging.getLogger("edge.runtime")
+_T = TypeVar("_T")
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -329,6 +331,12 @@ class LoadedModel:
     async def run(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.run_sync, batch)
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in this model's worker thread, after (never beside) its inference calls:
+        work that runs the session again, e.g. the occluded rows of explained answers (edge/explain.py)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
 
     def stalled_for(self) -> float:
         """Seconds the current inference call has been running (0 when idle)."""
