@@ -92,15 +92,6 @@ def room_history(
     return history, sims
 
 
-def _acsf1_watts(traces: dict[str, np.ndarray], series: int) -> np.ndarray:
-    """A replayed ACS-F1 trace in watts (the simulator's mapping: standby at the minimum, peak at the max)."""
-    cls = int(traces["label"][series])
-    standby, peak = (float(v) for v in traces["watts"][cls])
-    z = traces["power_z"][series].astype(np.float64)
-    scaled = standby + (z - z.min()) / max(float(z.max() - z.min()), 1e-9) * (peak - standby)
-    return np.asarray(scaled, dtype=np.float64)
-
-
 def mains_history(
     *,
     start: float,
@@ -117,7 +108,7 @@ def mains_history(
     samples), starting at a random offset, so the sum never repeats exactly. Returns the history
     and ``{"mains": entity, "plug": entity}``.
     """
-    from devices.simulate import TRACES
+    from devices.simulate import TRACES, acsf1_watts
 
     with np.load(TRACES / "acsf1.npz") as npz:
         traces = {k: npz[k] for k in npz.files}
@@ -128,7 +119,7 @@ def mains_history(
 
     def replay(name: str) -> np.ndarray:
         series = [i for i, c in enumerate(traces["label"].tolist()) if classes[c] == name]
-        loops = [_acsf1_watts(traces, s) for s in series]
+        loops = [acsf1_watts(traces, s) for s in series]
         out = np.concatenate([loops[i % len(loops)] for i in range(n // 1460 + 2)])
         offset = int(rng.integers(0, 1460))
         return np.asarray(out[offset : offset + n], dtype=np.float64)

@@ -117,6 +117,14 @@ class SimDevice:
     power_w: Callable[[int], float] | None = field(default=None, repr=False)  # plugs: watts at a step
 
 
+def acsf1_watts(acsf1: dict[str, np.ndarray], series: int) -> np.ndarray:
+    """ACSF1 series ``series`` back in watts: a positive affine map of its z-scores, standby at
+    the minimum and the class's peak at the maximum (the traces keep z-scores, not watts)."""
+    standby, peak = (float(v) for v in acsf1["watts"][int(acsf1["label"][series])])
+    z = acsf1["power_z"][series].astype(np.float64)
+    return np.asarray(standby + (z - z.min()) / max(float(z.max() - z.min()), 1e-9) * (peak - standby))
+
+
 def _load_traces() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     with np.load(TRACES / "acsf1.npz") as a, np.load(TRACES / "basicmotions.npz") as b:
         return {k: a[k] for k in a.files}, {k: b[k] for k in b.files}
@@ -200,11 +208,7 @@ class Simulator:
         cfg = self.config
         cls = int(acsf1["label"][series])
         label = str(acsf1["classes"][cls])
-        standby, peak = (float(v) for v in acsf1["watts"][cls])
-        z = acsf1["power_z"][series].astype(np.float64)
-        # back to watts: a positive affine map of the z-scores (standby at the minimum, peak at the max)
-        watts = standby + (z - z.min()) / max(float(z.max() - z.min()), 1e-9) * (peak - standby)
-        watts = np.round(watts, 2)
+        watts = np.round(acsf1_watts(acsf1, series), 2)
         voltage = 230.0 + rng.normal(0, 1.5)
         kind = "plug" if family == "z2m_plug" else "tasmota"
         name = f"sim_{kind}_{number:02d}_{label}"

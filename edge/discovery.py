@@ -207,16 +207,20 @@ class Discovery:
         instance answers them (only where ``{device}`` is a whole segment of the output topic)."""
         if self.shared is None:
             return []
+        return self._output_patterns("/availability")
+
+    def _output_patterns(self, suffix: str = "") -> list[tuple[str, TopicPattern]]:
+        """(pipeline, pattern) of each announced pipeline's output topic plus ``suffix``, where
+        ``{device}`` is a whole segment of it (so the device can be read back from a topic)."""
         patterns = []
         for pipeline in self._pipelines():
             if not pipeline.cfg.homeassistant.enabled:
                 continue
-            text = (
-                pipeline.topic_template.replace("{base}", pipeline.base).replace("{pipeline}", pipeline.name)
-                + "/availability"
+            text = pipeline.topic_template.replace("{base}", pipeline.base).replace(
+                "{pipeline}", pipeline.name
             )
             try:
-                pattern = TopicPattern(text)
+                pattern = TopicPattern(text + suffix)
             except ValueError:
                 continue
             if pattern.names == ["device"]:
@@ -364,19 +368,7 @@ class Discovery:
         """Which (pipeline, device) pairs the retained configs of an earlier run announced, from
         each component's state topic and the configured pipelines' output topics: a restart with
         the same config re-announces them instead of removing them."""
-        patterns: list[tuple[str, TopicPattern]] = []
-        for pipeline in self._pipelines():
-            if not pipeline.cfg.homeassistant.enabled:
-                continue
-            text = pipeline.topic_template.replace("{base}", pipeline.base).replace(
-                "{pipeline}", pipeline.name
-            )
-            try:
-                pattern = TopicPattern(text)
-            except ValueError:
-                continue
-            if pattern.names == ["device"]:
-                patterns.append((pipeline.name, pattern))
+        patterns = self._output_patterns()
         trackers = [self.tracker] if self.shared is None else [self.tracker, self.shared]
         for tracker in trackers:
             for state_topic in tracker.announced_state_topics():

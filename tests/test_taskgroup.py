@@ -29,11 +29,10 @@ sys.exit(d.cli_run(["-c", sys.argv[1]]))
 """
 
 
-def test_a_failing_periodic_task_stops_the_daemon_non_zero_with_its_error(
-    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
-) -> None:
+def _config(mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path) -> Path:
+    """A one-pipeline daemon whose bridge tick runs every 0.2 s."""
     snapshot_classifier(tmp_path / "model.onnx", ["t"], ["a", "b"], name="m")
-    config = write_config(
+    return write_config(
         {
             "mqtt": {
                 "url": mosquitto.url,
@@ -47,6 +46,12 @@ def test_a_failing_periodic_task_stops_the_daemon_non_zero_with_its_error(
         },
         tmp_path / "config.yaml",
     )
+
+
+def test_a_failing_periodic_task_stops_the_daemon_non_zero_with_its_error(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    config = _config(mosquitto, topic_prefix, tmp_path)
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, str(config)], capture_output=True, text=True, timeout=60
@@ -66,21 +71,7 @@ def test_the_same_daemon_without_the_fault_runs_until_stopped(
     mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
 ) -> None:
     """The control: with a bridge tick that works, the daemon is still running after 3 ticks."""
-    snapshot_classifier(tmp_path / "model.onnx", ["t"], ["a", "b"], name="m")
-    config = write_config(
-        {
-            "mqtt": {
-                "url": mosquitto.url,
-                "base_topic": f"{topic_prefix}/ei",
-                "client_id": f"ei-{topic_prefix}",
-            },
-            "models": {"m": {"path": "model.onnx"}},
-            "pipelines": {"room": {"model": "m", "source": {"topics": [f"{topic_prefix}/in/{{device}}"]}}},
-            "homeassistant": {"enabled": False},
-            "bridge_info_interval_s": 0.2,
-        },
-        tmp_path / "config.yaml",
-    )
+    config = _config(mosquitto, topic_prefix, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "run", "-c", str(config)],
         stderr=subprocess.PIPE,
