@@ -17,7 +17,7 @@ from devices.history import room_history
 from devices.roomsim import RoomConfig
 from edge.learn import run as learn_run
 from edge.learn.deploy import previous_path
-from edge.learn.history import EntityHistory
+from edge.learn.history import EntityHistory, SourceError
 from edge.learn.sources import MemorySource
 from edge.learn.table import build_table
 from edge.manifest import read_manifest
@@ -233,3 +233,39 @@ def test_ha_without_a_url_is_the_supervisor_only_inside_the_addon(
     url_without_token = _ha_config(tmp_path, {"url": "http://ha:8123"})
     done = run_cli("check", "-c", str(url_without_token))
     assert done.returncode == 2 and "learn.source.ha.token_file" in done.stderr, done.stderr
+
+
+def test_a_source_learn_opened_is_closed_whether_or_not_reading_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make_table closes the source it opened (the WebSocket, the SQLite file) after reading,
+    and also when reading raises; a source handed in by the caller is left open."""
+    shutil.copyfile(BUNDLED, tmp_path / "occupancy.onnx")
+    cfg = make_config(config_data(tmp_path, {}), tmp_path)
+    closed: list[str] = []
+
+    class Recording(MemorySource):
+        def __init__(self, history: EntityHistory, fail: bool) -> None:
+            super().__init__(history)
+            self.fail = fail
+
+        def states(self, entity_ids: Any, start: float, end: float) -> EntityHistory:
+            if self.fail:
+                raise SourceError("Home Assistant ws://ha/api/websocket: connection lost")
+            return super().states(entity_ids, start, end)
+
+        def close(self) -> None:
+            closed.append("fail" if self.fail else "ok")
+
+    for fail in (False, True):
+        monkeypatch.setattr(learn_run, "open_source", lambda *_a, fail=fail: Recording(history(5.0), fail))
+        if fail:
+            with pytest.raises(SourceError):
+                learn_run.make_table("rooms", cfg)
+        else:
+            table, _ = learn_run.make_table("rooms", cfg)
+            assert len(table) > 0
+    assert closed == ["ok", "fail"]
+    given = Recording(history(5.0), False)
+    learn_run.make_table("rooms", cfg, source=given)
+    assert closed == ["ok", "fail"], "a source the caller handed in is the caller's to close"
