@@ -660,8 +660,17 @@ def test_a_rename_and_an_area_set_in_home_assistant_survive_a_daemon_restart(
             devices = home_assistant.ws({"type": "config/device_registry/list"})[0]
             device = next(d for d in devices if d["id"] == main["device_id"])
             assert device["area_id"] == area["area_id"], device
-            state = home_assistant.states()[main["entity_id"]]
-            assert state["state"] in ("Empty", "Occupied"), state  # the card's labels, readable
+            state = home_assistant._wait(
+                lambda: (
+                    s
+                    if (s := home_assistant.states()[main["entity_id"]])["state"] in ("Empty", "Occupied")
+                    else None
+                ),
+                lambda: (
+                    f"a readable state for {main['entity_id']}: {home_assistant.states()[main['entity_id']]}"
+                ),
+                timeout=30,
+            )  # the card's labels, readable
             assert state["attributes"]["friendly_name"] == "Hall presence"
             assert state["attributes"]["label"] in ("empty", "occupied")  # the raw label, for automations
         finally:
@@ -758,9 +767,15 @@ def test_a_zigbee2mqtt_device_and_its_prediction_are_one_home_assistant_device(
             assert device["id"] in device_ids
             assert ["mqtt", f"zigbee2mqtt_{ieee}"] in device["identifiers"], device
             assert device["manufacturer"] == "Aqara" and device["model"] == "Temperature and humidity sensor"
-            states = home_assistant.states()
             main = next(e for e in ours if not e["unique_id"].endswith("_confidence"))
-            assert states[main["entity_id"]]["state"] in ("Empty", "Occupied")
+
+            # the registry lists the entity as soon as its config is handled; its state follows once
+            # Home Assistant has read the retained availability and state on subscribing
+            def shown() -> str | None:
+                state = home_assistant.states().get(main["entity_id"], {}).get("state")
+                return state if state in ("Empty", "Occupied") else None
+
+            home_assistant._wait(shown, lambda: f"a state for {main['entity_id']}", timeout=30)
     finally:
         for topic in (*z2m_configs, f"{z2m}/bridge/devices", f"{z2m}/bridge/state"):
             pub.send(topic, "", retain=True)
