@@ -1,10 +1,11 @@
 """Inputs watched: training statistics per feature, running statistics, drift diagnostics.
 
 The exporter computes a :class:`FeatureStats` per feature from the training
-data (:meth:`FeatureStats.from_samples`); the manifest can carry them as
-``training_stats`` (a list of :class:`FeatureStats`, not wired into
-:mod:`edge.manifest` yet). The daemon keeps one :class:`DriftMonitor` per
-pipeline and device and feeds it one reading per feature per sample.
+data (:func:`training_stats` over the training split's model inputs); the
+manifest carries them as ``training_stats`` (:mod:`edge.manifest`). The daemon
+keeps one :class:`DriftMonitor` per pipeline and device (:mod:`edge.watch`) and
+feeds it one reading per feature per sample: a snapshot's vector, or for a
+window each new row of the window (per channel).
 
 Three diagnostics, each raised once when its condition starts and cleared when
 it ends (:class:`Diagnostic` with ``raised`` True/False):
@@ -41,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Kind = Literal["drift", "out_of_range", "stuck"]
 PSI_FLOOR = 1e-4
@@ -65,23 +66,45 @@ class FeatureStats(BaseModel):
     )
     longest_run: int = Field(ge=1, description="Longest run of one repeated value in training order.")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureStats:
+        figures = [self.mean, self.std, self.min, self.max, *self.quantiles, *self.bin_fractions]
+        if not all(math.isfinite(v) for v in figures):
+            raise ValueError(f"{self.name}: every figure must be a finite number")
+        if self.min > self.max:
+            raise ValueError(f"{self.name}: min {self.min} is above max {self.max}")
+        if len(self.quantiles) != len(DECILES) or any(
+            b < a for a, b in zip(self.quantiles, self.quantiles[1:], strict=False)
+        ):
+            raise ValueError(f"{self.name}: quantiles must be the {len(DECILES)} deciles, ascending")
+        if len(self.bin_fractions) != len(self.edges) + 1:
+            raise ValueError(
+                f"{self.name}: {len(self.bin_fractions)} bin_fractions for {len(self.edges)} distinct "
+                f"quantiles (want {len(self.edges) + 1})"
+            )
+        if any(f < 0 for f in self.bin_fractions) or abs(sum(self.bin_fractions) - 1.0) > 1e-3:
+            raise ValueError(f"{self.name}: bin_fractions must be non-negative and sum to 1")
+        return self
+
     @property
     def edges(self) -> list[float]:
         return sorted(set(self.quantiles))
 
     @classmethod
     def from_samples(cls, name: str, values: npt.ArrayLike) -> FeatureStats:
-        """Statistics of one feature's training readings, in their time order."""
-        x = np.asarray(values, dtype=np.float64).reshape(-1)
+        """Statistics of one feature's training readings, in their time order. A 2-D array is
+        one series per row (windows): runs are counted within a row, never across two."""
+        raw = np.asarray(values, dtype=np.float64)
+        series = raw.reshape(1, -1) if raw.ndim <= 1 else raw.reshape(raw.shape[0], -1)
+        x = raw.reshape(-1)
         x = x[np.isfinite(x)]
         if x.size == 0:
             raise ValueError(f"{name}: no finite training values")
+        longest = max((_longest_run(row[np.isfinite(row)]) for row in series), default=1)
         quantiles = [float(q) for q in np.quantile(x, DECILES)]
         edges = sorted(set(quantiles))
         bins = np.searchsorted(np.asarray(edges), x, side="right")
         fractions = np.bincount(bins, minlength=len(edges) + 1) / x.size
-        change = np.flatnonzero(np.diff(x) != 0)
-        bounds = np.concatenate(([-1], change, [x.size - 1]))
         return cls(
             name=name,
             count=int(x.size),
@@ -91,8 +114,27 @@ class FeatureStats(BaseModel):
             max=float(x.max()),
             quantiles=quantiles,
             bin_fractions=[float(f) for f in fractions],
-            longest_run=int(np.diff(bounds).max()),
+            longest_run=max(longest, 1),
         )
+
+
+def _longest_run(x: npt.NDArray[np.float64]) -> int:
+    if x.size == 0:
+        return 0
+    change = np.flatnonzero(np.diff(x) != 0)
+    bounds = np.concatenate(([-1], change, [x.size - 1]))
+    return int(np.diff(bounds).max())
+
+
+def training_stats(features: Sequence[str], x: npt.ArrayLike) -> list[FeatureStats]:
+    """Per-feature statistics of a training split's model inputs: ``[N, F]`` snapshots (rows in
+    time order) or ``[N, L, C]`` windows (each window a series; channel ``c`` is feature ``c``)."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim not in (2, 3) or arr.shape[-1] != len(features):
+        raise ValueError(f"training inputs of shape {arr.shape} do not match features {list(features)}")
+    if arr.ndim == 2:
+        return [FeatureStats.from_samples(f, arr[:, i]) for i, f in enumerate(features)]
+    return [FeatureStats.from_samples(f, arr[:, :, i]) for i, f in enumerate(features)]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge.drift import FeatureStats
+
 MANIFEST_KEY = "edge_infer.manifest"
 SCHEMA_VERSION = 1
 
@@ -118,9 +120,18 @@ class Manifest(_Strict):
     weights_sha256: str | None = None
     quantization: dict[str, Any] | None = Field(default=None, description="None for fp32 models.")
     provenance: dict[str, Any] = Field(default_factory=dict, description="Tool versions, recipe, seed.")
+    training_stats: list[FeatureStats] | None = Field(
+        default=None, description="Per feature, in input order: the training split's figures (edge/drift.py)."
+    )
 
     @model_validator(mode="after")
     def _task_fields(self) -> Manifest:
+        if self.training_stats is not None:
+            names = [s.name for s in self.training_stats]
+            if self.input.layout == "grid" or names != self.input.features:
+                raise ValueError(
+                    f"training_stats names {names} must be the input features {self.input.features}, in order"
+                )
         if self.task == "classification" and not self.labels:
             raise ValueError("a classification manifest needs 'labels'")
         if self.schema_version > SCHEMA_VERSION:

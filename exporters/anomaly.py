@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from edge.drift import FeatureStats
 from edge.manifest import InputSpec, Manifest, OutputSpec
 
 FloatArray = NDArray[np.float32]
@@ -254,6 +255,7 @@ def fit(normal: NDArray[Any], recipe: AnomalyRecipe, out: Path) -> AnomalyResult
             units=recipe.units,
         ),
         output=OutputSpec(name="score", kind="score"),
+        training_stats=[FeatureStats.from_samples(f, s[:cut, i]) for i, f in enumerate(recipe.features)],
         threshold=thr["threshold"],
         metrics={"threshold": thr},
         dataset={"name": "normal readings", "train_windows": len(x_tr), "held_out_windows": len(x_ho)},

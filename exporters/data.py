@@ -71,6 +71,9 @@ class DataSet:
     sample_period_s: float | None = None
     grid: tuple[int, int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: False when the arrays are not in the units the daemon is fed (ACSF1's series are
+    #: z-normalised in the file): then no training_stats are written, they would flag every input
+    served_units: bool = True
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test)}
@@ -193,6 +196,7 @@ def _acsf1(spec: DataSpec, seed: int) -> DataSet:
         units={"power": "W"},
         window=spec.window or xtr.shape[1],
         sample_period_s=spec.sample_period_s or 10.0,
+        served_units=False,
         info={
             "name": "ACSF1",
             "source": "aeon.datasets.load_classification('ACSF1') (UCR/UEA archive)",

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import torch
 
+from edge.drift import FeatureStats
 from edge.manifest import InputSpec, Manifest, Normalisation, OutputSpec
 from exporters.onnxutil import (
     ExportError,
@@ -69,7 +70,9 @@ def build_manifest(ckpt: Checkpoint, quantization: dict[str, Any] | None = None)
     graph_norm: dict[str, Any] = {"kind": norm}
     if norm == "zscore":
         graph_norm.update(mean=meta["norm_mean"], std=meta["norm_std"])
+    stats = meta.get("training_stats")
     return Manifest(
+        training_stats=[FeatureStats.model_validate(s) for s in stats] if stats else None,
         name=recipe.name,
         version=recipe.version,
         task=task,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
+from edge.drift import training_stats
 from exporters.data import DataSet, load_dataset
 from exporters.metrics import evaluate
 from exporters.plots import plot_confusion, plot_history
@@ -295,6 +296,7 @@ def train(
         "y_mean": y_mean,
         "y_std": y_std,
         "dataset": ds.describe(),
+        "training_stats": stats_of_split(ds),
     }
     path = checkpoint or out_dir / f"{recipe.name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +314,14 @@ def train(
         path,
     )
     return TrainResult(path, served, ds, metrics, history, plots)
+
+
+def stats_of_split(ds: DataSet) -> list[dict[str, Any]] | None:
+    """The manifest's ``training_stats``: per feature, over the training split in raw units
+    (the whole series of a window sample, not only its served crop); ``None`` for grids."""
+    if ds.layout == "grid" or len(ds.x_train) == 0 or not ds.served_units:
+        return None
+    return [s.model_dump(mode="json") for s in training_stats(ds.features, ds.x_train)]
 
 
 @dataclass

@@ -99,3 +99,34 @@ def test_drift_clears_when_the_input_comes_back() -> None:
     kinds = [(d.feature, d.kind, d.raised) for d in monitor_events]
     assert ("power", "drift", True) in kinds and ("power", "drift", False) in kinds
     assert monitor.active == {}
+
+
+def test_manifest_training_stats_validated_naming_the_key() -> None:
+    import json
+
+    import pytest
+
+    from edge.drift import training_stats
+    from edge.manifest import Manifest, ManifestError
+    from tests.onnx_models import _snapshot_manifest
+
+    base = json.loads(_snapshot_manifest("m", ["a", "b"], ["x", "y"]).to_json())
+    good = [s.model_dump(mode="json") for s in training_stats(["a", "b"], np.arange(20.0).reshape(10, 2))]
+    loaded = Manifest.from_json(json.dumps({**base, "training_stats": good}))
+    assert loaded.training_stats is not None and [s.name for s in loaded.training_stats] == ["a", "b"]
+    with pytest.raises(ManifestError, match="training_stats.0.count"):
+        Manifest.from_json(json.dumps({**base, "training_stats": [{"name": "a"}, good[1]]}))
+    with pytest.raises(ManifestError, match="training_stats names"):
+        Manifest.from_json(json.dumps({**base, "training_stats": good[::-1]}))
+    broken = {**good[0], "quantiles": good[0]["quantiles"][::-1]}
+    with pytest.raises(ManifestError, match="training_stats.0.*ascending"):
+        Manifest.from_json(json.dumps({**base, "training_stats": [broken, good[1]]}))
+
+
+def test_window_stats_count_runs_within_each_window() -> None:
+    from edge.drift import training_stats
+
+    x = np.zeros((3, 4, 1))
+    x[:, :2, 0] = 5.0  # each window: 5, 5, 0, 0 -> runs of 2, never 4 across windows
+    (stats,) = training_stats(["p"], x)
+    assert stats.longest_run == 2 and stats.count == 12

@@ -128,6 +128,18 @@ def test_manifest_round_trips_and_daemon_reads_it(built: tuple[Recipe, BuildResu
         assert manifest.weights_sha256 and len(manifest.weights_sha256) == 64
         assert manifest.provenance["recipe"]["name"] == recipe.name
         assert manifest.metrics["pytorch_test"]["accuracy"] >= 0.0
+        # training_stats: per feature, from the training split in raw units (none for grids)
+        if ds.layout == "grid":
+            assert manifest.training_stats is None
+        else:
+            assert manifest.training_stats is not None
+            assert [s.name for s in manifest.training_stats] == ds.features
+            for i, stats in enumerate(manifest.training_stats):
+                column = ds.x_train[..., i]
+                assert stats.count == column.size
+                assert stats.min == pytest.approx(float(column.min()))
+                assert stats.max == pytest.approx(float(column.max()))
+                assert stats.mean == pytest.approx(float(column.mean()), rel=1e-5, abs=1e-6)
     quant = read_manifest(res.int8)
     assert quant is not None and quant.quantization is not None
     assert quant.quantization["reduce_range"] is True
