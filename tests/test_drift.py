@@ -114,12 +114,12 @@ def test_manifest_training_stats_validated_naming_the_key() -> None:
     good = [s.model_dump(mode="json") for s in training_stats(["a", "b"], np.arange(20.0).reshape(10, 2))]
     loaded = Manifest.from_json(json.dumps({**base, "training_stats": good}))
     assert loaded.training_stats is not None and [s.name for s in loaded.training_stats] == ["a", "b"]
-    with pytest.raises(ManifestError, match="training_stats.0.count"):
+    with pytest.raises(ManifestError, match=r"training_stats\.0\.count"):
         Manifest.from_json(json.dumps({**base, "training_stats": [{"name": "a"}, good[1]]}))
     with pytest.raises(ManifestError, match="training_stats names"):
         Manifest.from_json(json.dumps({**base, "training_stats": good[::-1]}))
     broken = {**good[0], "quantiles": good[0]["quantiles"][::-1]}
-    with pytest.raises(ManifestError, match="training_stats.0.*ascending"):
+    with pytest.raises(ManifestError, match=r"training_stats\.0.*ascending"):
         Manifest.from_json(json.dumps({**base, "training_stats": [broken, good[1]]}))
 
 
