@@ -608,6 +608,11 @@ class LearnConfig(_Model):
     val_fraction: float = Field(0.15, ge=0, lt=1, description="Before the test block, for early stopping.")
     train: LearnTrain = Field(default_factory=LearnTrain)
     work_dir: Path | None = Field(None, description="Table, checkpoint, card (default: learn/PIPELINE).")
+    keep_flagged: bool = Field(
+        False,
+        description="Keep rows inside spans the daemon flagged as inputs unlike training "
+        "(flagged_spans.json beside state.file); by default they are left out (docs/drift.md).",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> LearnConfig:

@@ -52,6 +52,7 @@ from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 from edge.statefile import restore as restore_state
 from edge.statefile import snapshot as snapshot_state
 from edge.statefile import write as write_state
+from edge.watch import InputWatch
 
 log = logging.getLogger("edge.daemon")
 OUTGOING_POLL_S = 0.005  # while the outgoing queue is full: how often a batcher looks again
@@ -246,6 +247,8 @@ class Daemon:
             ),
         )
         self.intake = self.link.intake
+        self.watch = InputWatch(self.link.publish, self.ratelog, config.state.file)  # edge/watch.py
+        self.metrics.registry.register(self.watch.collector())
         self.link.on_room = self._room_made
         self.discovery = Discovery(
             config,
@@ -536,6 +539,8 @@ class Daemon:
                 )
                 continue
             ready.extend((pipeline, item) for item in items)
+            if items:
+                self.watch.observe(pipeline, items)
         if not ready:
             self.link.ack(ack)
             return
@@ -856,6 +861,8 @@ class Daemon:
 
     def _pipeline_info(self, name: str, p: Pipeline) -> dict[str, Any]:
         info: dict[str, Any] = {"model": p.cfg.model, "devices": len(p.store.states), **p.stats.as_dict()}
+        if (inputs := self.watch.info(name)) is not None:
+            info["inputs"] = inputs
         if self.membership is not None:
             info["scale_out"] = self.config.scale_out(name)
         if isinstance(p.decoder, OwnedDecoder):
@@ -889,6 +896,7 @@ class Daemon:
         path = self.config.state.file
         if path is None:
             return
+        await self.watch.save()
         try:
             await asyncio.to_thread(write_state, path, snapshot_state(self.pipelines))
         except OSError as exc:

@@ -50,6 +50,7 @@ from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
 from edge.runtime import ModelSpec
 from edge.safejson import loads_bounded
+from edge.watch import watched_stats
 
 log = logging.getLogger("edge.discovery")
 
@@ -80,6 +81,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         label_names=readable_labels(spec.labels, ha.label_names),
         open_set=spec.task == "classification" and spec.ood_output is not None,
         explain=getattr(pipeline, "explain_plan", None) is not None,
+        inputs_watched=watched_stats(spec) is not None,
     )
 
 

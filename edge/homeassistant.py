@@ -280,6 +280,7 @@ class OutputEntity:
     label_names: tuple[str, ...] = ()
     open_set: bool = False  # the model has an OOD score: ``unknown`` is a state, the score an attribute
     explain: bool = False  # output.explain is on: the answer's ``explain`` is an attribute of the entity
+    inputs_watched: bool = False  # training_stats: a problem sensor on <state_topic>/inputs (edge/watch.py)
 
     @property
     def display_name(self) -> str:
@@ -538,7 +539,29 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
                 "value_template": "{{ " + _field("score") + " }}",
             },
         )
+    if output.inputs_watched:
+        components.append(inputs_component(base_key, base_uid, base_eid, name, output.state_topic))
     return components
+
+
+def inputs_component(key: str, uid: str, eid: str, name: str, state_topic: str) -> Component:
+    """The "Inputs unlike training" problem sensor; its attributes name each feature's diagnostic."""
+    topic = state_topic + "/inputs"
+    config = {
+        "platform": "binary_sensor",
+        "unique_id": f"{uid}_inputs",
+        "default_entity_id": f"binary_sensor.{eid}_inputs",
+        "name": f"{name} inputs unlike training",
+        "device_class": "problem",
+        "entity_category": "diagnostic",
+        "state_topic": topic,
+        "value_template": "{{ value_json.problem }}",
+        "payload_on": "ON",
+        "payload_off": "OFF",
+        "json_attributes_topic": topic,
+        "json_attributes_template": "{{ {'diagnostics': value_json.diagnostics} | tojson }}",
+    }
+    return Component(f"{key}_inputs", "binary_sensor", config)
 
 
 def _binary_template(output: OutputEntity) -> str:

@@ -76,6 +76,62 @@ def expected_classes(learn: LearnConfig) -> list[str]:
 
 
 def make_table(
+    name: str,
+    config: Config,
+    now: float | None = None,
+    source: HistorySource | None = None,
+    *,
+    keep_flagged: bool | None = None,
+) -> tuple[Table, str]:
+    """The labelled table, less the rows inside spans the daemon flagged (edge/watch.py) unless
+    ``learn.keep_flagged`` (or ``keep_flagged``) keeps them: counted in ``stats``."""
+    table, described = _make_table(name, config, now, source)
+    learn = config.pipelines[name].learn
+    assert learn is not None
+    keep = learn.keep_flagged if keep_flagged is None else keep_flagged
+    return drop_flagged(table, config, keep=keep), described
+
+
+def drop_flagged(table: Table, config: Config, *, keep: bool) -> Table:
+    from edge.watch import in_spans, read_spans, spans_path
+
+    path = spans_path(config.state.file)
+    if path is None or not path.is_file():
+        return table
+    try:
+        spans = [s for s in read_spans(path)[0] if s.pipeline == table.pipeline]
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError("state.file", f"flagged spans {path}: {exc}") from None
+    spec = table.spec
+    reach = (
+        spec.sample_shape[0] * spec.sample_period_s
+        if spec.layout == "window" and spec.sample_period_s
+        else 0.0
+    )
+    inside = [i for i in range(len(table)) if in_spans(table.devices[i], float(table.ts[i]), reach, spans)]
+    if keep:
+        if inside:
+            table.stats["rows in flagged spans (kept: keep_flagged)"] += len(inside)
+        return table
+    if not inside:
+        return table
+    drop = set(inside)
+    keep_idx = [i for i in range(len(table)) if i not in drop]
+    table.stats["rows in flagged spans"] += len(inside)
+    return Table(
+        table.pipeline,
+        spec,
+        table.ts[keep_idx],
+        [table.devices[i] for i in keep_idx],
+        [table.labels[i] for i in keep_idx],
+        table.x[keep_idx],
+        table.start,
+        table.end,
+        table.stats,
+    )
+
+
+def _make_table(
     name: str, config: Config, now: float | None = None, source: HistorySource | None = None
 ) -> tuple[Table, str]:
     """The labelled table of pipeline ``name`` and a description of its sources (``source``
@@ -310,6 +366,7 @@ def learn(
     now: float | None = None,
     out: TextIO | None = None,
     source: HistorySource | None = None,
+    keep_flagged: bool | None = None,
 ) -> LearnResult:
     say = out or sys.stderr
 
@@ -325,7 +382,7 @@ def learn(
         if learn_cfg is None:
             raise ConfigError(f"pipelines.{name}.learn", "add a learn section (docs/learning.md)")
         started = time.monotonic()
-        table, sources = make_table(name, config, now, source)
+        table, sources = make_table(name, config, now, source, keep_flagged=keep_flagged)
     except (ConfigError, ModelLoadError, ValueError, OSError, SourceError) as exc:
         return LearnResult(EXIT_CONFIG, f"{exc}")
     table_s = time.monotonic() - started
@@ -333,6 +390,14 @@ def learn(
         f"learn {name}: {len(table)} labelled examples from {sources}, "
         f"{_iso(table.start)} to {_iso(table.end)} ({table_s:.1f} s)"
     )
+    flagged = table.stats.get("rows in flagged spans", 0)
+    kept = table.stats.get("rows in flagged spans (kept: keep_flagged)", 0)
+    if flagged or kept:
+        note(
+            f"  inputs unlike training: {flagged} row(s) in flagged spans left out"
+            if flagged
+            else f"  inputs unlike training: {kept} row(s) in flagged spans kept (keep_flagged)"
+        )
     classes = class_order(table, expected_classes(learn_cfg))
     period = pcfg.features.resample_period_s if isinstance(pcfg.features, WindowFeatures) else None
     hop = pcfg.features.hop if isinstance(pcfg.features, WindowFeatures) else 1
@@ -511,6 +576,12 @@ def cli_learn(argv: Sequence[str]) -> int:
     parser.add_argument("--no-deploy", action="store_true", help="train and judge, but never deploy")
     parser.add_argument("--json", action="store_true", help="print the learn report as JSON")
     parser.add_argument(
+        "--keep-flagged",
+        action="store_true",
+        default=None,
+        help="keep rows inside spans the daemon flagged as inputs unlike training (learn.keep_flagged)",
+    )
+    parser.add_argument(
         "--suggest",
         action="store_true",
         help="propose learn.inputs from Home Assistant's entity and device registries (reads only "
@@ -528,7 +599,9 @@ def cli_learn(argv: Sequence[str]) -> int:
             return EXIT_CONFIG
         return 0
     be_nice()
-    result = learn(args.config, args.pipeline, deploy_model=not args.no_deploy)
+    result = learn(
+        args.config, args.pipeline, deploy_model=not args.no_deploy, keep_flagged=args.keep_flagged
+    )
     if args.json and result.report:
         print(json.dumps(result.report, indent=2, default=str))
     print(f"edge-infer learn: {result.message}", file=sys.stderr if result.status else sys.stdout)
