@@ -64,7 +64,16 @@ class FeatureStats(BaseModel):
     bin_fractions: list[float] = Field(
         description="Training fraction in each bin cut at the distinct quantiles (one more than edges)."
     )
-    longest_run: int = Field(ge=1, description="Longest run of one repeated value in training order.")
+    longest_run: int = Field(
+        ge=1,
+        description="Longest run of one repeated value in training order; with windows, the count "
+        "when some window is one value throughout (the run may have been longer: stuck is not judged).",
+    )
+    judge_drift: bool = Field(
+        True,
+        description="False when training pools many devices (one device's own spread is narrower, "
+        "so its PSI against the pool is high while nothing is wrong): drift is not judged.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureStats:
@@ -100,7 +109,10 @@ class FeatureStats(BaseModel):
         x = x[np.isfinite(x)]
         if x.size == 0:
             raise ValueError(f"{name}: no finite training values")
-        longest = max((_longest_run(row[np.isfinite(row)]) for row in series), default=1)
+        runs = [_longest_run(row[np.isfinite(row)]) for row in series]
+        longest = max(runs, default=1)
+        if raw.ndim >= 2 and any(r == row.size and r > 0 for r, row in zip(runs, series, strict=True)):
+            longest = int(x.size)  # a window of one value: how long the run really was is unknown
         quantiles = [float(q) for q in np.quantile(x, DECILES)]
         edges = sorted(set(quantiles))
         bins = np.searchsorted(np.asarray(edges), x, side="right")
@@ -126,15 +138,14 @@ def _longest_run(x: npt.NDArray[np.float64]) -> int:
     return int(np.diff(bounds).max())
 
 
-def training_stats(features: Sequence[str], x: npt.ArrayLike) -> list[FeatureStats]:
+def training_stats(features: Sequence[str], x: npt.ArrayLike, *, pooled: bool = False) -> list[FeatureStats]:
     """Per-feature statistics of a training split's model inputs: ``[N, F]`` snapshots (rows in
     time order) or ``[N, L, C]`` windows (each window a series; channel ``c`` is feature ``c``)."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim not in (2, 3) or arr.shape[-1] != len(features):
         raise ValueError(f"training inputs of shape {arr.shape} do not match features {list(features)}")
-    if arr.ndim == 2:
-        return [FeatureStats.from_samples(f, arr[:, i]) for i, f in enumerate(features)]
-    return [FeatureStats.from_samples(f, arr[:, :, i]) for i, f in enumerate(features)]
+    stats = [FeatureStats.from_samples(f, arr[..., i]) for i, f in enumerate(features)]
+    return [s.model_copy(update={"judge_drift": False}) for s in stats] if pooled else stats
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,7 @@ class FeatureMonitor:
         self.ring[slot] = b
         self.counts[b] += 1
         self.seen += 1
-        if self.seen >= self.window:
+        if self.seen >= self.window and self.stats.judge_drift:
             self._update_psi((b,) if b == old else (b, old))
             if self.psi > self.psi_alarm:
                 self._flip("drift", True, f"PSI {self.psi:.2f} over the last {self.window} samples", out)

@@ -1,4 +1,4 @@
-"""``python -m exporters train|export|quantize|verify ...``: the training steps as a process of
+"""``python -m exporters train|export|quantize|verify|stats ...``: the training steps as a process of
 their own (``edge-infer learn`` runs training this way, never in its own process)."""
 
 from __future__ import annotations
@@ -6,8 +6,15 @@ from __future__ import annotations
 import sys
 
 from exporters.cli import cli_export, cli_quantize, cli_train, cli_verify
+from exporters.stats import cli_stats
 
-COMMANDS = {"train": cli_train, "export": cli_export, "quantize": cli_quantize, "verify": cli_verify}
+COMMANDS = {
+    "train": cli_train,
+    "export": cli_export,
+    "quantize": cli_quantize,
+    "verify": cli_verify,
+    "stats": cli_stats,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -71,9 +71,13 @@ class DataSet:
     sample_period_s: float | None = None
     grid: tuple[int, int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    #: False when the arrays are not in the units the daemon is fed (ACSF1's series are
+    #: False when the arrays are not what a device sends the daemon (ACSF1's series are
     #: z-normalised in the file): then no training_stats are written, they would flag every input
-    served_units: bool = True
+    describes_served_inputs: bool = True
+    #: True when the training split pools many devices whose own spreads are narrower (roomsim's
+    #: 24 rooms: one clean room has a PSI of 1-8 against the pool, docs/drift.md): the
+    #: training_stats then say drift is not judged; range and stuck still are
+    pooled: bool = False
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test)}
@@ -196,7 +200,7 @@ def _acsf1(spec: DataSpec, seed: int) -> DataSet:
         units={"power": "W"},
         window=spec.window or xtr.shape[1],
         sample_period_s=spec.sample_period_s or 10.0,
-        served_units=False,
+        describes_served_inputs=False,
         info={
             "name": "ACSF1",
             "source": "aeon.datasets.load_classification('ACSF1') (UCR/UEA archive)",
@@ -225,6 +229,7 @@ def _basicmotions(spec: DataSpec, seed: int) -> DataSet:
         units=dict.fromkeys(BASICMOTIONS_CHANNELS, "undocumented (as the watch reports)"),
         window=spec.window or xtr.shape[1],
         sample_period_s=spec.sample_period_s or 0.1,
+        pooled=True,  # four motions by four people: one watch doing one of them is not the mix
         info={
             "name": "BasicMotions",
             "source": "aeon.datasets.load_classification('BasicMotions') (UCR/UEA archive)",

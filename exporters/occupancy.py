@@ -68,6 +68,7 @@ def occupancy_dataset(roomsim: ModuleType, spec: DataSpec, seed: int) -> DataSet
         units=dict(UNITS),
         window=window,
         sample_period_s=period,
+        pooled=True,
         info={
             "name": "roomsim-occupancy (simulated)",
             "source": "devices.roomsim.simulate_rooms: simulated rooms, not real measurements",

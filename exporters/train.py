@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from edge.drift import training_stats
 from exporters.data import DataSet, load_dataset
 from exporters.metrics import evaluate
 from exporters.plots import plot_confusion, plot_history
 from exporters.recipe import Recipe, recipe_from_dict
+from exporters.stats import stats_of_split
 from exporters.templates import EdgeModel, Served, build_model, norm_stats
 
 CHECKPOINT_FORMAT = "edge-infer-checkpoint/1"
@@ -314,14 +314,6 @@ def train(
         path,
     )
     return TrainResult(path, served, ds, metrics, history, plots)
-
-
-def stats_of_split(ds: DataSet) -> list[dict[str, Any]] | None:
-    """The manifest's ``training_stats``: per feature, over the training split in raw units
-    (the whole series of a window sample, not only its served crop); ``None`` for grids."""
-    if ds.layout == "grid" or len(ds.x_train) == 0 or not ds.served_units:
-        return None
-    return [s.model_dump(mode="json") for s in training_stats(ds.features, ds.x_train)]
 
 
 @dataclass

@@ -130,3 +130,20 @@ def test_window_stats_count_runs_within_each_window() -> None:
     x[:, :2, 0] = 5.0  # each window: 5, 5, 0, 0 -> runs of 2, never 4 across windows
     (stats,) = training_stats(["p"], x)
     assert stats.longest_run == 2 and stats.count == 12
+    x = np.tile(np.arange(40.0) % 2, (3, 1))[:, :, None]  # 0, 1, 0, 1 ...: runs of 1
+    x[1, :, 0] = 0.0  # one window of a single value: the run may have been longer than the window
+    (stats,) = training_stats(["p"], x)
+    assert stats.longest_run == 120  # every training reading: stuck is judged only past that
+    monitor = DriftMonitor([stats])
+    assert all(d.kind != "stuck" for _ in range(100) for d in monitor.observe([0.0]))
+
+
+def test_pooled_stats_do_not_judge_drift() -> None:
+    from edge.drift import training_stats
+
+    rng = np.random.default_rng(5)
+    (stats,) = training_stats(["t"], rng.normal(20, 3, (500, 1)), pooled=True)
+    assert stats.judge_drift is False
+    monitor = DriftMonitor([stats])
+    shifted = [d for v in rng.normal(26, 0.3, 1000) for d in monitor.observe([float(v)])]
+    assert all(d.kind != "drift" for d in shifted)

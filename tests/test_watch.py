@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edge.drift import training_stats
+from edge.drift import DriftMonitor, training_stats
 from edge.learn.run import drop_flagged
 from edge.learn.table import table_from_rows
 from edge.manifest import MANIFEST_KEY, Manifest
@@ -235,3 +235,36 @@ def test_learn_leaves_flagged_spans_out_unless_kept(tmp_path: Path) -> None:
     assert not any(d == "a" and 100 <= t < 200 for d, t in zip(left.devices, left.ts, strict=True))
     kept = drop_flagged(table(), config, keep=True)  # type: ignore[arg-type]
     assert len(kept) == len(rows) and kept.stats["rows in flagged spans (kept: keep_flagged)"] == 10
+
+
+def test_zoo_occupancy_clean_simulated_week_and_faults() -> None:
+    """The bundled occupancy model's training_stats against rooms it never saw (devices/roomsim,
+    another seed): a clean week of each of 6 rooms at one sample a minute raises nothing; a
+    temperature that freezes is flagged stuck after 30 samples, one that turns °F out_of_range
+    after 3. (Its training pools 24 rooms, so drift is not judged: see docs/drift.md.)"""
+    from devices import roomsim
+    from edge.manifest import read_manifest
+
+    manifest = read_manifest(Path(__file__).parent.parent / "models/occupancy/occupancy.int8.onnx")
+    assert manifest is not None and manifest.training_stats is not None
+    stats = manifest.training_stats
+    assert not any(s.judge_drift for s in stats)
+    names = [s.name for s in stats]
+    rooms = roomsim.simulate_rooms(6, hours=24 * 7, period_s=60.0, seed=99)
+    false_alarms = 0
+    for _cfg, room in rooms:
+        monitor = DriftMonitor(stats)
+        x = np.stack([room[n] for n in names], axis=1)
+        false_alarms += sum(d.raised for row in x for d in monitor.observe(row.tolist()))
+    assert false_alarms == 0
+    t = names.index("temperature")
+    for fault, kind, within in (("stuck", "stuck", 30), ("fahrenheit", "out_of_range", 3)):
+        x = np.stack([rooms[0][1][n] for n in names], axis=1)[:3000]
+        if fault == "stuck":
+            x[2000:, t] = x[2000, t]
+        else:
+            x[2000:, t] = x[2000:, t] * 1.8 + 32
+        monitor = DriftMonitor(stats)
+        raised = [(i, d) for i, row in enumerate(x) for d in monitor.observe(row.tolist()) if d.raised]
+        assert raised and raised[0][1].kind == kind and raised[0][1].feature == "temperature"
+        assert 2000 <= raised[0][0] <= 2000 + within - 1  # a quantised reading may have held already
