@@ -516,6 +516,9 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
     bridge_name = f"edge-infer {topic_prefix}"
     devices = 2
     expected_entities = 2 * devices * len(SIM_FAMILIES)  # main entity + confidence per device
+    # plus "inputs unlike training" per device whose model has training_stats (activity: the
+    # wearable; occupancy: the two climate families; not appliance: docs/drift.md)
+    expected_entities += devices * 3
     clock = EntityClock(home_assistant, bridge_name)
     sim = _simulate(mosquitto.url, tmp_path / "simulate.log", devices=devices)
     try:
@@ -556,6 +559,10 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
         s["state"] in s["attributes"]["options"] for s in appliances if s["state"] != "unavailable"
     )
     assert "Fridge freezer" in appliances[0]["attributes"]["options"]
+    # the clean simulated home: every "inputs unlike training" problem sensor is off
+    inputs = {e: st["state"] for e, st in clock.states.items() if "_inputs" in e}
+    print(f"inputs sensors: {inputs}")
+    assert len(inputs) == devices * 3 and set(inputs.values()) == {"off"}, inputs
     for state in appliances:  # the readable name shown, the card's raw label kept as attribute
         assert state["state"] == humanise(state["attributes"]["label"]), state
     # the bridge's start time and, per model, version and holdout accuracy (models/*/card.md)
