@@ -268,3 +268,73 @@ def test_zoo_occupancy_clean_simulated_week_and_faults() -> None:
         raised = [(i, d) for i, row in enumerate(x) for d in monitor.observe(row.tolist()) if d.raised]
         assert raised and raised[0][1].kind == kind and raised[0][1].feature == "temperature"
         assert 2000 <= raised[0][0] <= 2000 + within - 1  # a quantised reading may have held already
+
+
+def test_learn_cli_reports_rows_in_flagged_spans_left_out_or_kept(tmp_path: Path) -> None:
+    """edge-infer learn on a record file, with flagged spans beside state.file: the rows whose
+    window reaches into a span are left out and counted in its output; --keep-flagged keeps them.
+    (min_examples_per_class is out of reach, so it stops before training.)"""
+    import shutil
+
+    import yaml
+
+    from edge.learn import run as learn_run
+    from edge.learn.table import build_table
+    from edge.watch import in_spans
+    from tests.harness import run_cli
+    from tests.test_learn_e2e import BUNDLED, END, config_data, history
+
+    shutil.copyfile(BUNDLED, tmp_path / "occupancy.onnx")
+    cfg = make_config(config_data(tmp_path, {}), tmp_path)
+    table = build_table("rooms", cfg, history(1.0), END - 3 * 86400, END)
+    table.write_csv(tmp_path / "rows.csv")
+    device = table.devices[0]
+    mine = [float(t) for d, t in zip(table.devices, table.ts, strict=True) if d == device]
+    span = {"pipeline": "rooms", "device": device, "feature": "temperature", "diagnostic": "stuck",
+            "start": mine[10], "end": mine[40], "detail": ""}  # fmt: skip
+    (tmp_path / SPANS_FILE).write_text(json.dumps({"dropped": 0, "spans": [span]}))
+    spans, _ = read_spans(tmp_path / SPANS_FILE)
+    reach = table.spec.sample_shape[0] * (table.spec.sample_period_s or 0.0)
+    expected = sum(in_spans(d, float(t), reach, spans) for d, t in zip(table.devices, table.ts, strict=True))
+    assert expected >= 30
+    data = config_data(tmp_path, {"source": {"record": "rows.csv"}, "min_examples_per_class": 100_000})
+    del data["pipelines"]["rooms"]["learn"]["labels"]
+    data["state"] = {"file": "state.json"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    done = run_cli("learn", "-c", str(path), "rooms", timeout=120)
+    assert done.returncode == learn_run.EXIT_TOO_LITTLE, done.stderr
+    assert f"inputs unlike training: {expected} row(s) in flagged spans left out" in done.stderr
+    kept = run_cli("learn", "-c", str(path), "rooms", "--keep-flagged", timeout=120)
+    assert f"inputs unlike training: {expected} row(s) in flagged spans kept" in kept.stderr
+
+
+def test_a_window_model_reads_each_new_row_once(tmp_path: Path) -> None:
+    """Window layout, features.hop 2: each inference reads its 2 newest rows (each sample once)."""
+    from edge.logsetup import RateLimitedLogger
+    from edge.runtime import ModelSpec
+
+    stats = training_stats(["power"], np.abs(np.random.default_rng(3).normal(500, 100, (50, 6, 1))))
+    manifest = Manifest.from_json(
+        json.dumps(
+            {
+                "name": "win", "task": "classification", "labels": ["a", "b"],
+                "input": {"name": "x", "layout": "window", "features": ["power"], "window": 6},
+                "output": {"name": "probs", "kind": "probabilities"},
+                "training_stats": [s.model_dump(mode="json") for s in stats],
+            }
+        )
+    )  # fmt: skip
+    spec = ModelSpec(
+        "win", tmp_path / "w.onnx", "classification", "window", "x", "probs", "probabilities", (6, 1),
+        ("power",), ("a", "b"), None, None, "1.0.0", "0" * 64, None, manifest,
+    )  # fmt: skip
+    pipeline = _Pipeline(spec)
+    pipeline.cfg.features = type("F", (), {"hop": 2})()
+    watch = InputWatch(lambda _m: None, RateLimitedLogger("test"), None)
+    series = np.full(60, 2000.0, np.float32)  # far above training's range from the start
+    for end in range(6, 61, 2):
+        watch.observe(pipeline, [_Item("plug", series[end - 6 : end, None], float(end))])
+    info = watch.info("plug")
+    assert info is not None and info["samples"] == 2 * 28
+    assert info["raised"] == {"out_of_range": 1, "stuck": 1}  # 3 rows out of range; 30 equal rows
