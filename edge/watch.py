@@ -286,8 +286,17 @@ class InputWatch:
             else:
                 watch.cleared[d.kind] += 1
                 self.spans.clear(watch.name, device, d, ts)
-                log.info("inputs back to normal: pipeline %s device %r feature %s: %s cleared",
-                         watch.name, device[:40], d.feature, d.kind)  # fmt: skip
+                self.ratelog.info(
+                    watch.name,
+                    f"inputs-cleared:{device}",
+                    "inputs like training again: pipeline %s device %r feature %s: %s cleared",
+                    watch.name,
+                    device[:40],
+                    d.feature,
+                    d.kind,
+                    pipeline=watch.name,
+                    device=device[:40],
+                )
         topic = pipeline.output_topic(device) + SUFFIX
         self.publish(Outgoing(topic, state_payload(monitor, ts), 1, True))
 
