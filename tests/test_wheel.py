@@ -63,7 +63,8 @@ def test_sdist_and_wheel_carry_the_zoo_and_the_examples(dist: Path) -> None:
     assert (dist / f"edge_infer-{version}.tar.gz").is_file()
     names = set(zipfile.ZipFile(wheel).namelist())
     for model in zoo.names():
-        for item in (f"{model}.fp32.onnx", f"{model}.int8.onnx", "card.md", "report.json"):
+        variants = [entry["path"] for entry in zoo.report(model)["files"].values()]  # fp32 (+ int8)
+        for item in (*variants, "card.md", "report.json"):
             assert f"edge/_bundled/models/{model}/{item}" in names
     assert "edge/_bundled/examples/home.yaml" in names
     assert any(n.startswith("devices/traces/") for n in names)

@@ -1,0 +1,92 @@
+"""zoo:fridge_anomaly: ONNX Runtime alone reproduces the figures its card and report state, from the
+committed evaluation traces (models/fridge_anomaly/test_split.npz), and the daemon can load it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from devices.faults import FRIDGE_FAULTS, FRIDGE_PERIOD_S
+from edge import zoo
+from edge.manifest import read_manifest
+
+DIR = Path(__file__).resolve().parent.parent / "models" / "fridge_anomaly"
+ONSET_S = 2 * 86400.0
+
+
+def _report() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((DIR / "report.json").read_text())
+    return data
+
+
+def _windows(series: np.ndarray, window: int, hop: int) -> np.ndarray:
+    ends = np.arange(window, len(series) + 1, hop)
+    return np.stack([series[e - window : e] for e in ends])[:, :, None].astype(np.float32)
+
+
+def _figures(
+    scores: dict[str, np.ndarray], threshold: float, n: dict[str, int], window: int, hop: int
+) -> dict[str, Any]:
+    normal = scores["normal"] >= threshold
+    episodes = int(normal[0]) + int((normal[1:] & ~normal[:-1]).sum())
+    delays: dict[str, float | None] = {}
+    for fault in FRIDGE_FAULTS:
+        t = (np.arange(window, n[fault] + 1, hop) - 1.0) * FRIDGE_PERIOD_S
+        hit = np.flatnonzero((t >= ONSET_S) & (scores[fault] >= threshold))
+        delays[fault] = None if len(hit) == 0 else round(float(t[hit[0]] - ONSET_S) / 3600.0, 2)
+    return {
+        "false_alarms_per_day": episodes / (n["normal"] * FRIDGE_PERIOD_S / 86400.0),
+        "delays": delays,
+    }
+
+
+def test_card_figures_are_what_onnxruntime_measures() -> None:
+    report = _report()
+    window, hop = report["input"]["window"], report["input"]["hop"]
+    split = np.load(DIR / "test_split.npz")
+    n = {k: len(split[k]) for k in split.files}
+    sess = ort.InferenceSession(str(DIR / "fridge_anomaly.fp32.onnx"), providers=["CPUExecutionProvider"])
+    scores = {
+        k: sess.run(["score"], {"input": _windows(split[k], window, hop)})[0][:, 0] for k in split.files
+    }
+    duty = {k: (_windows(split[k], window, hop)[:, :, 0] > 10.0).mean(axis=1) for k in split.files}
+    card = (DIR / "card.md").read_text()
+    for row, stated, got in (
+        (
+            "fp32",
+            report["metrics"]["fp32"],
+            _figures(scores, report["metrics"]["fp32"]["threshold"], n, window, hop),
+        ),
+        (
+            re.escape(report["baseline"]["name"]),
+            report["baseline"],
+            _figures(duty, report["baseline"]["threshold"], n, window, hop),
+        ),
+    ):
+        assert got["false_alarms_per_day"] == stated["test_false_alarms_per_day"]
+        assert got["delays"] == stated["detection_delay_h"]
+        match = re.search(rf"^\| {row} \| [0-9.e-]+ \| ([0-9.]+) \| [0-9.]+ \| (.*) \|$", card, re.MULTILINE)
+        assert match, f"no {row} row in the card"
+        assert float(match.group(1)) == round(got["false_alarms_per_day"], 3)
+        cells = [c.strip() for c in match.group(2).split("|")]
+        assert cells == [
+            "missed" if got["delays"][f] is None else f"{got['delays'][f]:.2f} h" for f in FRIDGE_FAULTS
+        ]
+    # every fault is found, and the model's threshold is the one in the file's manifest
+    assert all(d is not None for d in report["metrics"]["fp32"]["detection_delay_h"].values())
+    manifest = read_manifest(DIR / "fridge_anomaly.fp32.onnx")
+    assert manifest is not None and manifest.task == "anomaly"
+    assert manifest.threshold == report["metrics"]["fp32"]["threshold"]
+    assert report["command"] in card and "Split:" in card
+
+
+def test_it_is_in_the_zoo() -> None:
+    assert "fridge_anomaly" in zoo.names()
+    assert zoo.resolve("zoo:fridge_anomaly").path == DIR / "fridge_anomaly.fp32.onnx"
+    summary = zoo.summary("fridge_anomaly")
+    assert summary["task"] == "anomaly" and summary["variants"] == ["fp32"]
