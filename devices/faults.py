@@ -137,11 +137,11 @@ def water_flow(
 
 def unseen_series(acsf1: dict[str, NDArray[Any]], seed: int) -> int:
     """The ACSF1 series (index into the traces) the unseen appliance replays: one of the
-    held-out classes' test series, drawn by ``seed``."""
+    held-out classes' test series, the ``seed % 6``-th (0: fridge_freezer test series 15)."""
     classes = [str(c) for c in acsf1["classes"]]
     held = [classes.index(name) for name in HELD_OUT]
     candidates = np.flatnonzero(np.isin(acsf1["label"], held))
-    return int(candidates[int(np.random.default_rng((seed, 4111)).integers(len(candidates)))])
+    return int(candidates[seed % len(candidates)])
 
 
 class _Lazy:
