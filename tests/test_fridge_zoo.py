@@ -90,3 +90,36 @@ def test_it_is_in_the_zoo() -> None:
     assert zoo.resolve("zoo:fridge_anomaly").path == DIR / "fridge_anomaly.fp32.onnx"
     summary = zoo.summary("fridge_anomaly")
     assert summary["task"] == "anomaly" and summary["variants"] == ["fp32"]
+
+
+def test_appliance_open_set_is_the_open_set_file_served_from_the_zoo() -> None:
+    """zoo:appliance_open_set is models/appliance/open_set's feature-distance file (a link, so the
+    figures tests/test_open_set_zoo.py recomputes are this file's), its report the same figures."""
+    models = DIR.parent
+    entry = models / "appliance_open_set"
+    served = zoo.resolve("zoo:appliance_open_set").path
+    source = models / "appliance" / "open_set" / "open_set.feature_distance.onnx"
+    assert served.read_bytes() == source.read_bytes()
+    report = json.loads((entry / "report.json").read_text())
+    measured = json.loads((models / "appliance" / "open_set" / "report.json").read_text())
+    fd = measured["feature_distance"]
+    assert report["metrics"]["fp32"] == {
+        "accuracy": measured["known_test_accuracy"],
+        "auroc_unseen": fd["auroc_unseen"],
+        "known_test_flagged": fd["known_test_flagged"],
+        "unseen_flagged": fd["unseen_flagged"],
+        "ood_threshold": fd["threshold"],
+    }
+    manifest = read_manifest(served)
+    assert manifest is not None and manifest.provenance["ood"]["threshold"] == fd["threshold"]
+    assert not set(report["dataset"]["holdout"]) & set(manifest.labels)
+    card = (entry / "card.md").read_text()
+    assert f"| fp32 | {measured['known_test_accuracy']:.4f} | {fd['auroc_unseen']:.3f} |" in card
+
+
+def test_docs_list_the_entries_without_a_recipe() -> None:
+    from exporters.zoo import also_bundled
+
+    section = "\n".join(also_bundled(DIR.parent))
+    assert "zoo:fridge_anomaly" in section and "zoo:appliance_open_set" in section
+    assert section in (DIR.parent.parent / "docs" / "models.md").read_text()
