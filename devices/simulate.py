@@ -18,6 +18,10 @@
   totals, ``<id>/online``) or as a Tasmota energy meter (``tele/<name>/SENSOR`` ``ENERGY``), so
   a plug can teach the mains meter to recognise its appliance (NILM). Its truth lists the plugs
   drawing more than ``MAINS_ON_W`` as they change.
+* **Faults** (``SimConfig(faults=...)``, ``--fault``; none by default, devices/faults.py): a
+  fridge on a Shelly plug whose compressor creeps to a 100 % duty cycle, short-cycles or sticks
+  on, a water-flow sensor that never returns to zero, an appliance the open-set model never
+  trained on; each begins after ``fault_onset_h`` simulated hours (``--fault-onset-h``).
 * The truth, for tests and the demo, on retained ``edge-infer-sim/truth/<device>`` JSON topics
   (appliance class, activity, room occupancy as it changes) and the device list on the retained
   ``edge-infer-sim/devices``. Device names carry the true class too (``sim_plug_03_fridge_freezer``).
