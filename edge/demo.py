@@ -5,8 +5,9 @@ Mosquitto is used. The simulated devices publish replayed ACSF1 smart-plug power
 traces (Zigbee2MQTT and Tasmota plugs), BasicMotions IMU data (a wearable) and
 the room simulator (Zigbee2MQTT and ESPHome climate sensors), and by default two
 faults (``DEMO_FAULTS``): a Shelly plug with an appliance the open-set model never
-trained on (answered ``unknown``) and a fridge whose compressor starts to run ever
-longer after ``--fault-onset-h`` simulated hours (the anomaly model raises it). The
+trained on (answered ``unknown``), a fridge whose compressor starts to run ever
+longer and a water-flow sensor that stops returning to zero after ``--fault-onset-h``
+simulated hours (the anomaly models raise them). The
 daemon runs ``examples/home.yaml`` with the bundled models; the view compares each
 prediction with the simulator's ground truth and shows the attributions
 (``output.explain``) of the pipelines that ask for them.
@@ -44,7 +45,7 @@ log = logging.getLogger("edge.demo")
 
 DEFAULT_CONFIG = zoo.example("home.yaml")  # the checkout's examples/, or the wheel's copy
 TRUTH_PREFIX = "edge-infer-sim/truth/"
-DEMO_FAULTS = ("unseen_appliance", "fridge_creep")
+DEMO_FAULTS = ("unseen_appliance", "fridge_creep", "water_leak")
 DEMO_FAULT_ONSET_H = 3.0  # the fridge's first 3 h window is healthy, then its runs grow longer
 
 

@@ -335,6 +335,7 @@ def also_bundled(models_dir: Path) -> list[str]:
                 f"{m['test_false_alarms_per_day']:.3f} false alarms/day on the test days (target "
                 f"{r['threshold']['target_false_alarms_per_day']:g}); detection delay {delays}; "
                 f"baseline ({r['baseline']['name']}): "
+                f"{r['baseline']['test_false_alarms_per_day']:.3f} false alarms/day, "
                 + ", ".join(
                     f"{k} {'missed' if v is None else f'{v:.2f} h'}"
                     for k, v in r["baseline"]["detection_delay_h"].items()

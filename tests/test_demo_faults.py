@@ -4,10 +4,11 @@
 * The unseen appliance (an ACSF1 class the open-set model never trained on) is answered
   ``unknown``, with its ``ood_score`` above the manifest's threshold and attributions attached
   (the pipeline's ``output.explain``).
-* The fridge: every answer whose 3 h window ends before the fault's onset is ``normal`` (the
-  healthy fridge raises no alarm), and the creeping compressor is flagged within
-  ``DETECT_WITHIN_H`` simulated hours of the onset. The fridge pipeline publishes every score
-  (a window every 10 readings of 60 s), so the k-th answer's window ends at a known simulated time.
+* The fridge and the water sensor: every answer whose 3 h window ends before the fault's onset
+  is ``normal`` (the healthy devices raise no alarm), and the creeping compressor and the flow
+  that never returns to zero are flagged within ``DETECT_WITHIN_H`` simulated hours of the
+  onset. Both pipelines publish every score (a window every 10 readings of 60 s), so the k-th
+  answer's window ends at a known simulated time.
 
 Also the demo's view logic (Board) for these answers, offline.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from devices.faults import FRIDGE_ID, HELD_OUT, UNSEEN_ID
+from devices.faults import FRIDGE_ID, HELD_OUT, UNSEEN_ID, WATER_NAME
 from edge.demo import DEMO_FAULTS, Board, explain_lines, explain_text, per_device
 from edge.manifest import read_manifest
 from tests.broker import Mosquitto
@@ -29,8 +30,9 @@ from tests.test_demo_e2e import _start, _stop
 HOME = ROOT / "examples" / "home.yaml"
 SPEED = 1000.0
 ONSET_H = 4.0  # 7 answers whose window is all healthy
-DETECT_WITHIN_H = 4.0  # seed 0: 2.8 simulated hours in `edge-infer demo` (README)
-WINDOW, HOP, PERIOD_S = 180, 10, 60.0  # models/fridge_anomaly/report.json
+DETECT_WITHIN_H = 4.0  # seed 0 in `edge-infer demo` (README): fridge 2.8 h, water 1.2 h
+WINDOW, HOP, PERIOD_S = 180, 10, 60.0  # models/{fridge,water_flow}_anomaly/report.json
+ANOMALY_DEVICES = (("fridge_anomaly", FRIDGE_ID), ("water_flow_anomaly", WATER_NAME))
 
 
 def _answers(collector: Collector, pipeline: str, device: str) -> list[dict[str, Any]]:
@@ -50,15 +52,16 @@ def test_unseen_appliance_is_unknown_and_the_failing_fridge_is_flagged(
             lambda ms: any(m.topic == "edge-infer/status" and m.payload == b"online" for m in ms), 30
         )
         argv = ["--speed", str(SPEED), "--devices", "1", "--seed", "0", "--families", "z2m_plug"]
-        argv += ["--fault", "unseen_appliance", "--fault", "fridge_creep", "--fault-onset-h", str(ONSET_H)]
+        argv += ["--fault", "unseen_appliance", "--fault", "fridge_creep", "--fault", "water_leak"]
+        argv += ["--fault-onset-h", str(ONSET_H)]
         sim = _start("simulate", "--mqtt-url", broker.url, *argv, log=tmp_path / "simulate.log")
         last_window_h = ONSET_H + DETECT_WITHIN_H
         answers_needed = int((last_window_h * 3600 / PERIOD_S - WINDOW) / HOP) + 2
 
         def done(_: object) -> bool:
-            fridge = _answers(collector, "fridge_anomaly", FRIDGE_ID)
-            return bool(_answers(collector, "appliance_open_set", UNSEEN_ID)) and (
-                any(a["anomaly"] for a in fridge) or len(fridge) >= answers_needed
+            return bool(_answers(collector, "appliance_open_set", UNSEEN_ID)) and all(
+                any(a["anomaly"] for a in got) or len(got) >= answers_needed
+                for got in (_answers(collector, p, d) for p, d in ANOMALY_DEVICES)
             )
 
         try:
@@ -67,7 +70,7 @@ def test_unseen_appliance_is_unknown_and_the_failing_fridge_is_flagged(
             logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("*.log")))
             raise AssertionError(f"no answers in time; logs:\n{logs}") from None
         unseen = _answers(collector, "appliance_open_set", UNSEEN_ID)
-        fridge = _answers(collector, "fridge_anomaly", FRIDGE_ID)
+        scored = {p: _answers(collector, p, d) for p, d in ANOMALY_DEVICES}
     finally:
         if sim is not None:
             _stop(sim)
@@ -84,14 +87,15 @@ def test_unseen_appliance_is_unknown_and_the_failing_fridge_is_flagged(
     assert first["explain"]["method"] == "occlusion" and len(first["explain"]["segments"]) == 8
 
     onset_s = ONSET_H * 3600.0
-    ends = [(WINDOW - 1 + HOP * k) * PERIOD_S for k in range(len(fridge))]  # each answer's window end
-    before = [a for a, end in zip(fridge, ends, strict=True) if end < onset_s]
-    assert before, "no answer on the healthy stretch"
-    assert all(a["label"] == "normal" and not a["anomaly"] for a in before), before
-    flagged = [end for a, end in zip(fridge, ends, strict=True) if a["anomaly"]]
-    assert flagged, f"the failing fridge was not flagged in {len(fridge)} answers"
-    delay_h = (flagged[0] - onset_s) / 3600.0
-    assert 0 <= delay_h <= DETECT_WITHIN_H, delay_h
+    for pipeline, answers in scored.items():
+        ends = [(WINDOW - 1 + HOP * k) * PERIOD_S for k in range(len(answers))]  # each window's end
+        before = [a for a, end in zip(answers, ends, strict=True) if end < onset_s]
+        assert before, f"{pipeline}: no answer on the healthy stretch"
+        assert all(a["label"] == "normal" and not a["anomaly"] for a in before), (pipeline, before)
+        flagged = [end for a, end in zip(answers, ends, strict=True) if a["anomaly"]]
+        assert flagged, f"{pipeline}: the fault was not flagged in {len(answers)} answers"
+        delay_h = (flagged[0] - onset_s) / 3600.0
+        assert 0 <= delay_h <= DETECT_WITHIN_H, (pipeline, delay_h)
 
 
 def test_board_judges_unknown_and_anomaly_and_shows_why() -> None:
@@ -127,4 +131,4 @@ def test_board_judges_unknown_and_anomaly_and_shows_why() -> None:
     assert fridge["labels"] == {"normal": 1, "anomaly": 1} and fridge["score"] == 0.5
     assert fridge["first_anomaly_s"] >= 0 and "first_anomaly_sim_h" in fridge
     assert "ood_score" in per_device(board, "appliance_open_set", 600.0)[UNSEEN_ID]
-    assert DEMO_FAULTS == ("unseen_appliance", "fridge_creep")
+    assert DEMO_FAULTS == ("unseen_appliance", "fridge_creep", "water_leak")

@@ -28,7 +28,11 @@ PIPELINE_OF = {
     "esphome_climate": "occupancy_esphome",
 }
 # and which serves the fault devices of the demo's default faults (devices/faults.py)
-FAULT_PIPELINE_OF = {"unseen_appliance": "appliance_open_set", "fridge": "fridge_anomaly"}
+FAULT_PIPELINE_OF = {
+    "unseen_appliance": "appliance_open_set",
+    "fridge": "fridge_anomaly",
+    "water_flow": "water_flow_anomaly",
+}
 
 
 def test_there_are_examples() -> None:

@@ -135,7 +135,7 @@ def test_demo_runs_from_the_installed_wheel_in_an_empty_directory(venv: Path, tm
     summary = json.loads(proc.stdout)
     pipelines = summary["pipelines"]
     expected = {"activity", "appliance_tasmota", "appliance_z2m", "occupancy_esphome", "occupancy_z2m"}
-    assert set(pipelines) == expected | {"appliance_open_set", "fridge_anomaly"}  # + the demo's faults
+    assert set(pipelines) == expected | {"appliance_open_set", "fridge_anomaly", "water_flow_anomaly"}
     unseen = pipelines["appliance_open_set"]["answers"]["shellyplusplugs-unseen"]
     assert set(unseen["labels"]) == {"unknown"} and "explain" in unseen  # the bundled open-set model
     for name, result in pipelines.items():
