@@ -18,6 +18,10 @@
   totals, ``<id>/online``) or as a Tasmota energy meter (``tele/<name>/SENSOR`` ``ENERGY``), so
   a plug can teach the mains meter to recognise its appliance (NILM). Its truth lists the plugs
   drawing more than ``MAINS_ON_W`` as they change.
+* **Faults** (``SimConfig(faults=...)``, ``--fault``; none by default, devices/faults.py): a
+  fridge on a Shelly plug whose compressor creeps to a 100 % duty cycle, short-cycles or sticks
+  on, a water-flow sensor that never returns to zero, an appliance the open-set model never
+  trained on; each begins after ``fault_onset_h`` simulated hours (``--fault-onset-h``).
 * The truth, for tests and the demo, on retained ``edge-infer-sim/truth/<device>`` JSON topics
   (appliance class, activity, room occupancy as it changes) and the device list on the retained
   ``edge-infer-sim/devices``. Device names carry the true class too (``sim_plug_03_fridge_freezer``).
@@ -52,6 +56,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from devices.faults import FAULTS, check_faults, fault_devices
 from devices.roomsim import SCHEDULES, RoomConfig, simulate_room
 from edge.config import mask_url
 
@@ -83,6 +88,8 @@ class SimConfig:
     qos: int = 0
     mains: str | None = None  # "shelly" or "tasmota": a mains meter summing the plugs (off: None)
     mains_base_w: float = 150.0  # the rest of the house: base load (with a slow swing and noise)
+    faults: tuple[str, ...] = ()  # devices that go wrong (devices/faults.py, --fault)
+    fault_onset_h: float = 4.0  # simulated hours of normal behaviour before a fault starts
 
     def __post_init__(self) -> None:
         if not self.speed > 0 or not math.isfinite(self.speed):
@@ -92,6 +99,9 @@ class SimConfig:
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+        check_faults(tuple(self.faults))
+        if not (self.fault_onset_h >= 0 and math.isfinite(self.fault_onset_h)):
+            raise ValueError(f"fault_onset_h must be a non-negative number, not {self.fault_onset_h}")
         if self.mains is not None:
             if self.mains not in MAINS_FORMATS:
                 raise ValueError(f"mains {self.mains!r}: use one of {', '.join(MAINS_FORMATS)}")
@@ -201,6 +211,12 @@ class Simulator:
         if cfg.mains is not None:  # last, with its own random stream: the other devices stay as they were
             plugs = [d for d in self.devices if d.power_w is not None]
             self.devices.append(mains_meter(cfg, plugs, np.random.default_rng(cfg.seed + 7717)))
+        # faults last, each from its own random stream: the rest of the home stays as it was
+        onset_s = cfg.fault_onset_h * 3600.0
+        for spec in fault_devices(
+            tuple(cfg.faults), cfg.seed, onset_s, acsf1, lambda series: acsf1_watts(acsf1, series)
+        ):
+            self.devices.append(SimDevice(speed=cfg.speed, **spec))
 
     def _plug(
         self, family: str, number: int, series: int, acsf1: dict[str, np.ndarray], rng: np.random.Generator
@@ -708,6 +724,19 @@ def cli_simulate(argv: list[str]) -> int:
         help="add a mains meter (sum of the plugs plus a base load) as a Shelly Pro EM or a Tasmota meter",
     )
     parser.add_argument(
+        "--fault",
+        action="append",
+        choices=FAULTS,
+        default=[],
+        help="add a device that goes wrong (repeatable; docs/devices.md#faults)",
+    )
+    parser.add_argument(
+        "--fault-onset-h",
+        type=float,
+        default=4.0,
+        help="simulated hours of normal behaviour before the faults start (default 4)",
+    )
+    parser.add_argument(
         "--list", action="store_true", help="print the simulated devices and their topics, then exit"
     )
     args = parser.parse_args(argv)
@@ -720,6 +749,8 @@ def cli_simulate(argv: list[str]) -> int:
             imu_speed=args.imu_speed,
             outages=args.outages,
             mains=args.mains,
+            faults=tuple(args.fault),
+            fault_onset_h=args.fault_onset_h,
         )
         sim = Simulator(config)
         if args.list:

@@ -3,9 +3,14 @@
 Everything runs in one process on one event loop except the broker when a local
 Mosquitto is used. The simulated devices publish replayed ACSF1 smart-plug power
 traces (Zigbee2MQTT and Tasmota plugs), BasicMotions IMU data (a wearable) and
-the room simulator (Zigbee2MQTT and ESPHome climate sensors); the daemon runs
-``examples/home.yaml`` with the bundled models; the view compares each
-prediction with the simulator's ground truth.
+the room simulator (Zigbee2MQTT and ESPHome climate sensors), and by default two
+faults (``DEMO_FAULTS``): a Shelly plug with an appliance the open-set model never
+trained on (answered ``unknown``), a fridge whose compressor starts to run ever
+longer and a water-flow sensor that stops returning to zero after ``--fault-onset-h``
+simulated hours (the anomaly models raise them). The
+daemon runs ``examples/home.yaml`` with the bundled models; the view compares each
+prediction with the simulator's ground truth and shows the attributions
+(``output.explain``) of the pipelines that ask for them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices.faults import FAULTS
 from edge import zoo
 from edge.config import Config, ConfigError, load_config
 from edge.daemon import Daemon, load_models
@@ -39,6 +45,8 @@ log = logging.getLogger("edge.demo")
 
 DEFAULT_CONFIG = zoo.example("home.yaml")  # the checkout's examples/, or the wheel's copy
 TRUTH_PREFIX = "edge-infer-sim/truth/"
+DEMO_FAULTS = ("unseen_appliance", "fridge_creep", "water_leak")
+DEMO_FAULT_ONSET_H = 3.0  # the fridge's first 3 h window is healthy, then its runs grow longer
 
 
 def free_port() -> int:
@@ -126,6 +134,11 @@ class DeviceRow:
     count: int = 0
     correct: int = 0
     judged: int = 0
+    explain: dict[str, Any] | None = None
+    ood_score: float | None = None
+    score: float | None = None
+    labels: Counter[str] = field(default_factory=Counter)  # every answer's label, counted
+    first_anomaly: float | None = None  # monotonic time of the first answer with anomaly: true
 
 
 @dataclass
@@ -145,6 +158,12 @@ class Board:
         row.value = body.get("value")
         row.confidence = body.get("confidence")
         row.latency_ms = body.get("latency_ms")
+        row.explain = body.get("explain") if isinstance(body.get("explain"), dict) else row.explain
+        row.ood_score = body.get("ood_score")
+        row.score = body.get("score")
+        row.labels[str(row.label)] += 1
+        if body.get("anomaly") is True and row.first_anomaly is None:
+            row.first_anomaly = time.monotonic()
         row.count += 1
         self.per_pipeline[pipeline] += 1
         self.first.setdefault(pipeline, time.monotonic())
@@ -158,6 +177,12 @@ class Board:
         if truth is None:
             return None
         labels = self.labels.get(pipeline, [])
+        if "fault_active" in truth:  # a fault device: the anomaly model should say so once it began
+            return "anomaly" if truth["fault_active"] else "normal"
+        if truth.get("unseen_by") and labels and truth.get("label") not in labels:
+            return "unknown"  # an appliance type the open-set model never trained on
+        if labels and truth.get("label") in labels:
+            return str(truth["label"])
         if "class_index" in truth and labels and 0 <= int(truth["class_index"]) < len(labels):
             return labels[int(truth["class_index"])]
         if "occupancy" in truth and len(labels) == 2:
@@ -237,7 +262,29 @@ def render(board: Board, daemon: Daemon, broker: str, cards: dict[str, float | N
         for name, accuracy in sorted((cards or {}).items())
         if (note := accuracy_note(name, accuracy, board.wrong_series(name)))
     ]
-    return Group(table, *(Text(n, style="yellow") for n in notes), summary)
+    why = [Text(line, style="cyan") for line in explain_lines(board)]
+    return Group(table, *why, *(Text(n, style="yellow") for n in notes), summary)
+
+
+def explain_text(explain: dict[str, Any], top: int = 3) -> str:
+    """One line of an answer's ``explain`` field: its target and the segments that drove it most."""
+    segments = [s for s in explain.get("segments") or [] if isinstance(s, dict)]
+    ranked = sorted(segments, key=lambda s: -(s.get("share") or 0.0))[:top]
+    parts = [f"samples {s['start']}-{s['end']} {100 * (s.get('share') or 0.0):.0f} %" for s in ranked]
+    if not segments:  # a snapshot model: its features
+        feats = explain.get("features") or {}
+        top_feats = sorted(feats.items(), key=lambda kv: -(kv[1].get("share") or 0.0))[:top]
+        parts = [f"{name} {100 * (v.get('share') or 0.0):.0f} %" for name, v in top_feats]
+    return f"{explain.get('target')}: " + ", ".join(parts)
+
+
+def explain_lines(board: Board) -> list[str]:
+    """Why, for each device whose pipeline asks for attributions (output.explain)."""
+    return [
+        f"why {pipeline}/{device} -> {row.label}: {explain_text(row.explain)}"
+        for (pipeline, device), row in sorted(board.rows.items())
+        if row.explain is not None
+    ]
 
 
 async def watch(url: str, board: Board, base: str) -> None:
@@ -325,7 +372,18 @@ async def run_demo(
         for name, p in daemon.pipelines.items()
     }
     board = Board(labels)
-    sim = Simulator(SimConfig(speed=speed, devices=args.devices, seed=args.seed))
+    faults: tuple[str, ...] = tuple(getattr(args, "fault", None) or ())
+    if not faults and not getattr(args, "no_faults", False):
+        faults = DEMO_FAULTS
+    sim = Simulator(
+        SimConfig(
+            speed=speed,
+            devices=args.devices,
+            seed=args.seed,
+            faults=faults,
+            fault_onset_h=getattr(args, "fault_onset_h", DEMO_FAULT_ONSET_H),
+        )
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -391,6 +449,8 @@ async def run_demo(
         "seconds": round(time.monotonic() - started, 1),
         # from the command's start until the simulated home began publishing (broker, models, daemon)
         "startup_s": None if launched is None else round(board.started - launched, 1),
+        "faults": list(faults),
+        "fault_onset_h": getattr(args, "fault_onset_h", DEMO_FAULT_ONSET_H),
         "pipelines": {},
     }
     for name in sorted(daemon.pipelines):
@@ -408,8 +468,32 @@ async def run_demo(
             "first_prediction_s": (
                 round(board.first[name] - board.started, 1) if name in board.first else None
             ),
+            "answers": per_device(board, name, speed),
         }
     return summary
+
+
+def per_device(board: Board, pipeline: str, speed: float) -> dict[str, dict[str, Any]]:
+    """What each device of ``pipeline`` was answered: every label counted, the latest answer's
+    ``ood_score`` / ``score`` / ``explain``, and when the first anomaly came (seconds from the
+    simulator's start, and the simulated hours that is)."""
+    out: dict[str, dict[str, Any]] = {}
+    for (name, device), row in sorted(board.rows.items()):
+        if name != pipeline:
+            continue
+        entry: dict[str, Any] = {"labels": dict(row.labels), "latest": row.label}
+        if row.ood_score is not None:
+            entry["ood_score"] = row.ood_score
+        if row.score is not None:
+            entry["score"] = row.score
+        if row.explain is not None:
+            entry["explain"] = row.explain
+        if row.first_anomaly is not None:
+            after = row.first_anomaly - board.started
+            entry["first_anomaly_s"] = round(after, 1)
+            entry["first_anomaly_sim_h"] = round(after * speed / 3600.0, 2)
+        out[device] = entry
+    return out
 
 
 def cli_demo(argv: Sequence[str]) -> int:
@@ -427,6 +511,20 @@ def cli_demo(argv: Sequence[str]) -> int:
     parser.add_argument("--speed", type=float, help="simulated time factor (default: fills windows in ~25 s)")
     parser.add_argument("--devices", type=int, default=2, help="simulated devices per family")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        choices=FAULTS,
+        help=f"simulate this fault (repeatable; default: {', '.join(DEMO_FAULTS)})",
+    )
+    parser.add_argument("--no-faults", action="store_true", help="the simulated home without faults")
+    parser.add_argument(
+        "--fault-onset-h",
+        type=float,
+        default=DEMO_FAULT_ONSET_H,
+        help=f"simulated hours before the faults begin (default {DEMO_FAULT_ONSET_H:g})",
+    )
     parser.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live table")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
@@ -468,4 +566,18 @@ def cli_demo(argv: Sequence[str]) -> int:
             )
             if info["note"]:
                 print(f"    {info['note']}")
+            for device, answer in info["answers"].items():
+                if not ({"ood_score", "score", "explain"} & set(answer)):
+                    continue  # the plain classifiers: the counts above say it
+                seen = ", ".join(f"{label} x{n}" for label, n in sorted(answer["labels"].items()))
+                line = f"    {device}: {seen}"
+                if "first_anomaly_s" in answer:
+                    line += (
+                        f"; first anomaly after {answer['first_anomaly_s']} s "
+                        f"({answer['first_anomaly_sim_h']} simulated h, "
+                        f"fault from {summary['fault_onset_h']:g} h)"
+                    )
+                print(line)
+                if "explain" in answer:
+                    print(f"      why: {explain_text(answer['explain'])}")
     return 0

@@ -318,6 +318,44 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     )
 
 
+def also_bundled(models_dir: Path) -> list[str]:
+    """docs/models.md's list of the bundled entries without a recipe (zoo:appliance_open_set,
+    zoo:fridge_anomaly): what each is and its headline figures, from its report.json."""
+    lines: list[str] = []
+    for path in sorted(models_dir.glob("*/report.json")):
+        if (path.parent / "recipe.yaml").is_file():
+            continue
+        r = json.loads(path.read_text())
+        m = r["metrics"]["fp32"]
+        if r["task"] == "anomaly":
+            delays = ", ".join(
+                f"{k} {'missed' if v is None else f'{v:.2f} h'}" for k, v in m["detection_delay_h"].items()
+            )
+            figures = (
+                f"{m['test_false_alarms_per_day']:.3f} false alarms/day on the test days (target "
+                f"{r['threshold']['target_false_alarms_per_day']:g}); detection delay {delays}; "
+                f"baseline ({r['baseline']['name']}): "
+                f"{r['baseline']['test_false_alarms_per_day']:.3f} false alarms/day, "
+                + ", ".join(
+                    f"{k} {'missed' if v is None else f'{v:.2f} h'}"
+                    for k, v in r["baseline"]["detection_delay_h"].items()
+                )
+            )
+        else:
+            figures = (
+                f"known-class test accuracy {m['accuracy']:.4f}, AUROC unseen vs known "
+                f"{m['auroc_unseen']:.3f}, unseen flagged {m['unseen_flagged']:.3f}, known test "
+                f"flagged {m['known_test_flagged']:.3f}"
+            )
+        lines.append(
+            f"- [`zoo:{r['name']}`](../models/{r['name']}/card.md) ({r['task']}, "
+            f"window {r['input']['window']} x {r['input']['sample_period_s']:g} s of "
+            f"{', '.join(r['input']['features'])}; fp32 only): {r['dataset']['split']}. {figures}. "
+            f"Reproduce: `{r['command']}`."
+        )
+    return ["## Also bundled", "", *lines, ""] if lines else []
+
+
 def models_table(models_dir: Path) -> str:
     """docs/models.md: every bundled model, from the reports."""
     rows = [
@@ -335,7 +373,12 @@ def models_table(models_dir: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     details: list[str] = []
-    reports = [json.loads(p.read_text()) for p in sorted(models_dir.glob("*/report.json"))]
+    # the trained zoo (a recipe each); the other bundled entries are listed after it (also_bundled)
+    reports = [
+        json.loads(p.read_text())
+        for p in sorted(models_dir.glob("*/report.json"))
+        if (p.parent / "recipe.yaml").is_file()
+    ]
     open_set = [  # leave-classes-out figures (python -m exporters.ood acsf1 --save DIR/open_set)
         open_set_markdown(json.loads(p.read_text()))
         for p in sorted(models_dir.glob("*/open_set/report.json"))
@@ -443,6 +486,7 @@ def models_table(models_dir: Path) -> str:
             *q_rows,
             "",
             *open_set,
+            *also_bundled(models_dir),
             OUTRO,
             "",
         ]

@@ -13,7 +13,7 @@ import pytest
 from devices.simulate import FAMILIES, SimConfig, Simulator
 from edge.config import load_config
 from edge.daemon import build_pipelines, load_models
-from edge.demo import DEFAULT_CONFIG, demo_config
+from edge.demo import DEFAULT_CONFIG, DEMO_FAULTS, demo_config
 from tests.harness import ROOT, run_cli
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -26,6 +26,12 @@ PIPELINE_OF = {
     "wearable": "activity",
     "z2m_climate": "occupancy_z2m",
     "esphome_climate": "occupancy_esphome",
+}
+# and which serves the fault devices of the demo's default faults (devices/faults.py)
+FAULT_PIPELINE_OF = {
+    "unseen_appliance": "appliance_open_set",
+    "fridge": "fridge_anomaly",
+    "water_flow": "water_flow_anomaly",
 }
 
 
@@ -47,10 +53,11 @@ def test_check_passes(path: Path) -> None:
 def test_home_example_uses_the_zoo_and_discovery() -> None:
     config = load_config(HOME)
     assert config.homeassistant.enabled
-    assert {m.path.resolve().parent.parent for m in config.models.values()} == {(ROOT / "models").resolve()}
+    # (not resolved: zoo:appliance_open_set is a link to models/appliance/open_set/)
+    assert {m.path.parent.parent.resolve() for m in config.models.values()} == {(ROOT / "models").resolve()}
     profiles = {p.source.profile for p in config.pipelines.values()}
-    assert profiles == {"zigbee2mqtt", "tasmota", "json", "esphome"}
-    assert set(PIPELINE_OF.values()) == set(config.pipelines)
+    assert profiles == {"zigbee2mqtt", "tasmota", "json", "esphome", "shelly"}
+    assert set(PIPELINE_OF.values()) | set(FAULT_PIPELINE_OF.values()) == set(config.pipelines)
     assert set(PIPELINE_OF) == set(FAMILIES)
 
 
@@ -91,6 +98,35 @@ def test_every_simulated_device_reaches_its_pipeline() -> None:
             assert not pipeline.stats.dropped, (name, dict(pipeline.stats.dropped))
             served = {d.name for d in sim.devices if PIPELINE_OF[d.family] == name}
             assert windows[name] == served  # no pipeline predicts for another family's devices
+    finally:
+        for model in models.values():
+            model.close()
+
+
+def test_the_demo_faults_reach_their_pipelines() -> None:
+    """Offline: the unseen appliance's plug fills the open-set pipeline's window, the fridge's the
+    anomaly pipeline's, and no other pipeline takes either (nor do they take the others)."""
+    config = load_config(HOME)
+    models = load_models(config)
+    try:
+        pipelines = build_pipelines(config, models)
+        sim = Simulator(SimConfig(speed=1.0, devices=1, seed=0, faults=DEMO_FAULTS))
+        windows: dict[str, set[str]] = defaultdict(set)
+        start = time.time()
+        for dev in sim.devices:
+            if dev.family not in FAULT_PIPELINE_OF:
+                continue
+            window = models[config.pipelines[FAULT_PIPELINE_OF[dev.family]].model].spec.sample_shape[0]
+            for step in range(window + 2):
+                for topic, payload in dev.messages(step, start + step * dev.period_s):
+                    for name, pipeline in pipelines.items():
+                        if not any(mqtt.topic_matches_sub(f, topic) for f in pipeline.filters):
+                            continue
+                        for item in pipeline.handle(topic, payload, 0.0, lambda *_: None):
+                            windows[name].add(item.device)
+        assert dict(windows) == {p: {d.name} for d in sim.devices if (p := FAULT_PIPELINE_OF.get(d.family))}
+        for name in FAULT_PIPELINE_OF.values():
+            assert not pipelines[name].stats.dropped, (name, dict(pipelines[name].stats.dropped))
     finally:
         for model in models.values():
             model.close()

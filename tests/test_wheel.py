@@ -63,7 +63,8 @@ def test_sdist_and_wheel_carry_the_zoo_and_the_examples(dist: Path) -> None:
     assert (dist / f"edge_infer-{version}.tar.gz").is_file()
     names = set(zipfile.ZipFile(wheel).namelist())
     for model in zoo.names():
-        for item in (f"{model}.fp32.onnx", f"{model}.int8.onnx", "card.md", "report.json"):
+        variants = [entry["path"] for entry in zoo.report(model)["files"].values()]  # fp32 (+ int8)
+        for item in (*variants, "card.md", "report.json"):
             assert f"edge/_bundled/models/{model}/{item}" in names
     assert "edge/_bundled/examples/home.yaml" in names
     assert any(n.startswith("devices/traces/") for n in names)
@@ -134,7 +135,9 @@ def test_demo_runs_from_the_installed_wheel_in_an_empty_directory(venv: Path, tm
     summary = json.loads(proc.stdout)
     pipelines = summary["pipelines"]
     expected = {"activity", "appliance_tasmota", "appliance_z2m", "occupancy_esphome", "occupancy_z2m"}
-    assert set(pipelines) == expected
+    assert set(pipelines) == expected | {"appliance_open_set", "fridge_anomaly", "water_flow_anomaly"}
+    unseen = pipelines["appliance_open_set"]["answers"]["shellyplusplugs-unseen"]
+    assert set(unseen["labels"]) == {"unknown"} and "explain" in unseen  # the bundled open-set model
     for name, result in pipelines.items():
         assert result["predictions"] > 0, (name, result, proc.stderr[-2000:])
         assert result["devices"] >= 1, (name, result)
