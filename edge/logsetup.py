@@ -146,6 +146,10 @@ class EdgeFormatter(logging.Formatter):
         return line
 
 
+class _EdgeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler setup_logging installs (a later call replaces it, and only it)."""
+
+
 def setup_logging(
     level: int | str = "INFO",
     *,
@@ -167,11 +171,10 @@ def setup_logging(
         raise ValueError(f"unknown log level {level!r}")
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_edge_infer", False):
+        if isinstance(handler, _EdgeHandler):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream)
+    handler = _EdgeHandler(stream)
     handler.setFormatter(EdgeFormatter(journald=journald))
-    handler._edge_infer = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
     for name in quiet:
