@@ -39,6 +39,7 @@ from edge.decode import (
     parse_timestamp,
     to_float,
 )
+from edge.homeassistant import mac_connection
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 COMMON_OPTIONS = ("devices",)
@@ -183,6 +184,9 @@ class DeviceInfo:
     manufacturer: str | None = None
     model: str | None = None
     via: str | None = None  # the family / bridge
+    # ("mac", "aa:bb:cc:dd:ee:ff") where the device's own payloads carry its MAC (Shelly's sys
+    # status): the connection its own Home Assistant integration registers the device with
+    mac: tuple[str, str] | None = None
 
 
 class _InfoMixin:
@@ -211,7 +215,12 @@ class _InfoMixin:
             manufacturer=self._profile.manufacturer,
             model=self._models.get(device, self._profile.model),
             via=self._profile.name,
+            mac=self._mac(device),
         )
+
+    def _mac(self, device: str) -> tuple[str, str] | None:
+        """The device's MAC connection, where its family's payloads carry it (Shelly)."""
+        return None
 
 
 # --------------------------------------------------------------------------- option checks
@@ -518,6 +527,35 @@ class ShellyDecoder(_InfoMixin):
             self._filters = ["+/online", "+/status/+", "+/events/rpc"]
             self._fixed = None
         self._status: dict[str, dict[str, Any]] = {}  # device -> {component: status}
+        self._macs: dict[str, tuple[str, str]] = {}  # device -> its MAC connection (sys status)
+        self._on_identity: Callable[[str], None] | None = None
+        self.mac_rejected = 0  # sys statuses whose mac is not a MAC (not used, counted)
+
+    def notify_identity(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback(device)`` when a device's MAC is first learned or changes (Home
+        Assistant discovery then links the device to the Shelly integration's device)."""
+        self._on_identity = callback
+
+    def _mac(self, device: str) -> tuple[str, str] | None:
+        return self._macs.get(device)
+
+    def _note_mac(self, device: str, sys_status: Any) -> None:
+        """The MAC from a ``sys`` status (``status/sys``, NotifyFullStatus, NotifyStatus):
+        as Shelly writes it (``A8032AB12345``), kept only when it is one (mac_connection)."""
+        if not isinstance(sys_status, Mapping) or "mac" not in sys_status:
+            return
+        raw = sys_status["mac"]
+        connection = mac_connection(raw) if isinstance(raw, str) and len(raw) <= 32 else None
+        if connection is None:
+            self.mac_rejected += 1
+            return
+        if self._macs.get(device) == connection:
+            return
+        if device not in self._macs and len(self._macs) >= self.max_devices:
+            return
+        self._macs[device] = connection
+        if self._on_identity is not None:
+            self._on_identity(device)
 
     @property
     def filters(self) -> list[str]:
@@ -558,6 +596,8 @@ class ShellyDecoder(_InfoMixin):
             data = _parse_object(payload, topic)
             comp = parts[2]
             self._note_model(device)
+            if comp == "sys":
+                self._note_mac(device, data)
             if comp not in self._components:  # not kept: no reading comes from it
                 return []
             self._room_for(self._status, device, topic)
@@ -569,9 +609,12 @@ class ShellyDecoder(_InfoMixin):
             if device is None:
                 return []
             data = _parse_object(payload, topic)
-            if data.get("method") != "NotifyStatus":
-                return []
+            method = data.get("method")
             params = data.get("params")
+            if method in ("NotifyStatus", "NotifyFullStatus") and isinstance(params, dict):
+                self._note_mac(device, params.get("sys"))
+            if method != "NotifyStatus":
+                return []
             if not isinstance(params, dict):
                 raise DecodeError("missing_field", f"NotifyStatus on {topic!r} has no params object")
             self._note_model(device)

@@ -42,6 +42,7 @@ from edge.homeassistant import (
     esphome_identity,
     humanise,
     is_ha_online,
+    mac_connection,
     reannounce_delay,
     tasmota_identity,
     zigbee2mqtt_identities,
@@ -102,6 +103,16 @@ def readable_labels(labels: Iterable[str], names: dict[str, str] | None) -> tupl
     model card's labels made readable (``fridge_freezer`` -> ``Fridge freezer``)."""
     given = names or {}
     return tuple(given.get(label) or humanise(label) for label in labels)
+
+
+def payload_mac(pipeline: Pipeline, device: str) -> tuple[str, str] | None:
+    """The MAC connection ``device``'s own payloads gave ``pipeline``'s decoder (Shelly's ``sys``
+    status), checked again with :func:`mac_connection`; ``None`` when none (or not a MAC)."""
+    info = getattr(pipeline.decoder, "device_info", None)
+    mac = info(device).mac if callable(info) else None
+    if not (isinstance(mac, tuple) and len(mac) == 2 and mac[0] == "mac" and isinstance(mac[1], str)):
+        return None
+    return mac_connection(mac[1])
 
 
 def source_device(pipeline: Pipeline, device: str, identity: Identity | None = None) -> SourceDevice:
@@ -191,6 +202,8 @@ class Discovery:
         # device id -> how the family's own integration identifies it in Home Assistant
         self._identities: dict[str, dict[str, Identity]] = {}
         self._tasmota_topics: dict[str, str] = {}  # Tasmota discovery topic -> its device's topic
+        # (pipeline, device) -> the identity its config of an earlier run linked it by (read back)
+        self._readback_identities: dict[tuple[str, str], Identity] = {}
         self.identity_rejected = 0  # identity payloads that were not what the family publishes
         self._clock: Callable[[], float] = time.time
 
@@ -247,13 +260,21 @@ class Discovery:
         return sources
 
     def identity(self, pipeline: str, device: str) -> Identity | None:
-        """The family's own identity of ``device`` as served by ``pipeline``, when known."""
+        """The family's own identity of ``device`` as served by ``pipeline``, when known: from the
+        family's identity topics, else from the device's own payloads (Shelly's MAC), else the
+        one a config of an earlier run carried (read back: a restart does not unlink a device
+        whose family tells its identity only now and then)."""
         for source, pipelines in self._identity_sources().items():
             if pipeline in pipelines:
                 found = self._identities.get(source, {}).get(device)
                 if found is not None:
                     return found
-        return None
+        for candidate in self._pipelines():
+            if candidate.name == pipeline and candidate.cfg.homeassistant.enabled:
+                mac = payload_mac(candidate, device)
+                if mac is not None:
+                    return Identity(connections=(mac,))
+        return self._readback_identities.get((pipeline, device))
 
     def subscriptions(self) -> list[tuple[str, int]]:
         if not self.enabled:
@@ -378,6 +399,12 @@ class Discovery:
                     match = pattern.match(state_topic)
                     if match is not None:
                         self._restored.setdefault(name, set()).add(match["device"])
+            for identity, state_topics in tracker.announced_identities():
+                for state_topic in state_topics:
+                    for name, pattern in patterns:
+                        match = pattern.match(state_topic)
+                        if match is not None:
+                            self._readback_identities[(name, match["device"])] = identity
 
     async def _sweep(self) -> None:
         """Now and then: note which devices answered, and remove those unseen for too long."""
@@ -403,6 +430,7 @@ class Discovery:
         self._seen.pop(key, None)
         self._marks.pop(key, None)
         self._restored.get(pipeline.name, set()).discard(device)
+        self._readback_identities.pop(key, None)
         pipeline.last_published.pop(device, None)  # its next answer announces it again
         pipeline.availability.pop(device, None)
         topic = pipeline.output_topic(device)  # no stale retained state or availability left behind
@@ -426,6 +454,10 @@ class Discovery:
             return
         self.plans += 1
         now = self._clock()
+        for pipeline in self._pipelines():  # a MAC a device's payload gives later re-announces it
+            watch = getattr(pipeline.decoder, "notify_identity", None)
+            if callable(watch):
+                watch(self._identity_learned)
         devices: list[tuple[SourceDevice, list[OutputEntity]]] = []
         by_device: dict[str, list[tuple[Pipeline, OutputEntity]]] = {}
         for pipeline in self._pipelines():
@@ -465,6 +497,10 @@ class Discovery:
         for topic in sorted(before - set(tracker.announced_state_topics())):
             if topic != tracker.bridge.info_topic:
                 self._publish(Outgoing(topic, b"", 1, True))
+
+    def _identity_learned(self, device: str) -> None:
+        """A decoder learned ``device``'s MAC from its payload: announce it linked soon."""
+        self.device_seen()
 
     def device_seen(self) -> None:
         """A device's first prediction: announce it soon, coalescing a burst of new devices."""

@@ -924,6 +924,44 @@ class DiscoveryTracker:
                     topics.append(topic)
         return topics
 
+    def announced_identities(self) -> list[tuple[Identity, list[str]]]:
+        """The family identities that announced (or read back) linked configs attach to, each
+        with its components' state topics: a restart links those devices again at once, before
+        their family tells the identity anew. Only MAC connections and plain identifiers of
+        configs without ``via_device`` count (edge-infer's own devices have one)."""
+        found: list[tuple[Identity, list[str]]] = []
+        for config in self._announced.values():
+            dev = config.get("dev", config.get("device"))
+            cmps = config.get("cmps", config.get("components"))
+            if not isinstance(dev, Mapping) or not isinstance(cmps, Mapping):
+                continue
+            if dev.get("via_device", dev.get("via_dev")) is not None:
+                continue
+            ids = dev.get("identifiers", dev.get("ids"))
+            ids = [ids] if isinstance(ids, str) else ids
+            identifiers = tuple(
+                i for i in (ids if isinstance(ids, list) else [])
+                if isinstance(i, str) and 0 < len(i) <= 256 and i != self.bridge.identifier
+            )  # fmt: skip
+            cns = dev.get("connections", dev.get("cns"))
+            connections: list[tuple[str, str]] = []
+            for entry in cns if isinstance(cns, list) else []:
+                pair = entry if isinstance(entry, list) and len(entry) == 2 else None
+                if pair is not None and pair[0] == "mac" and isinstance(pair[1], str):
+                    connection = mac_connection(pair[1])
+                    if connection is not None and connection not in connections:
+                        connections.append(connection)
+            if not identifiers and not connections:
+                continue
+            name = dev.get("name")
+            name = name if isinstance(name, str) and 0 < len(name) <= 256 else None
+            topics = [
+                t for c in cmps.values() if isinstance(c, Mapping)
+                and isinstance(t := c.get("state_topic", c.get("stat_t")), str)
+            ]  # fmt: skip
+            found.append((Identity(identifiers[:8], tuple(connections[:8]), name), topics))
+        return found
+
     def announce_all(self) -> list[DiscoveryMessage]:
         return [DiscoveryMessage(topic, _encode(config)) for topic, config in self._announced.items()]
 
