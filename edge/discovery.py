@@ -29,6 +29,7 @@ from typing import Any
 
 from edge import __version__
 from edge.config import Config
+from edge.corrections import correction_fields
 from edge.decode import TopicPattern, sanitise_segment
 from edge.homeassistant import (
     Availability,
@@ -59,7 +60,7 @@ MAX_IDENTITIES = 100_000  # Tasmota identities kept at most
 SWEEP_MAX_S = 3600.0  # how often, at most, devices are checked for having answered
 
 
-def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
+def output_entity(pipeline: Pipeline, device: str, corrections: bool = False) -> OutputEntity:
     spec = pipeline.spec
     ha = pipeline.cfg.homeassistant
     out = pipeline.cfg.output
@@ -80,6 +81,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         label_names=readable_labels(spec.labels, ha.label_names),
         open_set=spec.task == "classification" and spec.ood_output is not None,
         explain=getattr(pipeline, "explain_plan", None) is not None,
+        **(correction_fields(pipeline, device) if corrections else {}),
     )
 
 
@@ -133,6 +135,7 @@ class Discovery:
     ) -> None:
         ha = config.homeassistant
         self.enabled = ha.enabled
+        self.corrections = config.corrections.enabled  # the select/buttons of edge/corrections.py
         self.status_topic = ha.status_topic
         base = config.mqtt.base_topic
         # Outside a cluster one tracker announces the bridge and every device; in a cluster
@@ -437,7 +440,9 @@ class Discovery:
                 if device not in learned and self._unseen(pipeline, device, now):
                     self._forget(pipeline, device)
                     continue
-                by_device.setdefault(device, []).append((pipeline, output_entity(pipeline, device)))
+                by_device.setdefault(device, []).append(
+                    (pipeline, output_entity(pipeline, device, self.corrections))
+                )
         for device, entries in sorted(by_device.items()):
             identity = next((i for p, _ in entries if (i := self.identity(p.name, device)) is not None), None)
             devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))

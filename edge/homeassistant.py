@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from edge.corrections import correction_components
 from edge.manifest import Task
 
 ORIGIN_NAME: Final = "edge-infer"
@@ -44,7 +45,7 @@ ANOMALY_LABEL: Final = "anomaly"
 NORMAL_LABEL: Final = "normal"
 UNKNOWN_LABEL: Final = "unknown"  # edge.outputs.UNKNOWN_LABEL: an open-set classifier's unlike input
 
-Platform = Literal["sensor", "binary_sensor"]
+Platform = Literal["sensor", "binary_sensor", "select", "button"]
 
 # Keys of the retained ``<base>/bridge/info`` JSON that the bridge's diagnostic sensors read.
 BRIDGE_INFO_KEYS: Final = ("version", "started", "messages_per_s", "drops", "latency_ms")
@@ -280,6 +281,10 @@ class OutputEntity:
     label_names: tuple[str, ...] = ()
     open_set: bool = False  # the model has an OOD score: ``unknown`` is a state, the score an attribute
     explain: bool = False  # output.explain is on: the answer's ``explain`` is an attribute of the entity
+    # Corrections (edge/corrections.py): ``<base>/<pipeline>/<device>``, or None for no correction entities
+    command_topic: str | None = None
+    correct_options: tuple[str, ...] = ()
+    correct_buttons: bool = False
 
     @property
     def display_name(self) -> str:
@@ -538,6 +543,17 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
                 "value_template": "{{ " + _field("score") + " }}",
             },
         )
+    if output.command_topic is not None:  # the select and buttons of edge/corrections.py
+        for suffix, platform, config in correction_components(
+            output.command_topic, output.correct_options, output.correct_buttons, name
+        ):
+            full = {
+                "platform": platform,
+                "unique_id": f"{base_uid}_{suffix}",
+                "default_entity_id": f"{platform}.{base_eid}_{suffix}",
+                **config,
+            }
+            components.append(Component(f"{base_key}_{suffix}", platform, full))  # type: ignore[arg-type]
     return components
 
 
