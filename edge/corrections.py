@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from edge.commands import REASONS, Command, CommandValidator, PipelineCommands, Refusal, command_filters
 from edge.decode import sanitise_segment
-from edge.labelstore import NONE_OF_THESE, LabelStore, LabelStoreError
+from edge.labelstore import FILENAME, NONE_OF_THESE, LabelStore, LabelStoreError
 
 if TYPE_CHECKING:
     from edge.config import Config
@@ -273,7 +273,7 @@ class Corrections:
             if store is None:
                 store = self._store = await asyncio.to_thread(
                     LabelStore,
-                    self.directory,
+                    self.directory / FILENAME,  # a directory not made yet would be taken for the file
                     max_rows=self.cfg.max_rows,
                     max_bytes=int(self.cfg.max_mib * 1024 * 1024),
                 )

@@ -141,3 +141,33 @@ def test_a_correction_is_stored_with_its_window_and_hostile_commands_are_refused
     assert {r[3] for r in rows} <= {"kettle", "fridge", "off"}
     out.close()
     pub.close()
+
+
+def test_learn_reads_the_store_where_the_daemon_writes_it_without_a_state_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge.labelstore import FILENAME, LabelStore
+    from edge.learn.run import make_table
+    from tests.test_learn_table import T0, learn_cfg
+
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "sd"))
+    data = {
+        "models": {"m": {"path": "/nonexistent/m.onnx"}},
+        "pipelines": {
+            "p": {
+                "model": "m",
+                "source": {"profile": "json", "topics": ["home/{device}/power"]},
+                "inputs": {"power": "power"},
+                "features": {"type": "window", "size": 3, "resample_period_s": 10},
+                "learn": learn_cfg(labels={"corrections": True}, days=30, end="2026-11-10T00:00:00Z"),
+            }
+        },
+    }
+    config = make_config(data, tmp_path)
+    store = LabelStore(corrections_dir(config) / FILENAME)
+    store.add(device="plug", pipeline="p", predicted="x", label="kettle", model_version="1",
+              input=[[1.0], [2.0], [3.0]], ts=T0)  # fmt: skip
+    store.close()
+    table, described = make_table("p", config)
+    assert str(tmp_path / "sd") in described
+    assert table.labels == ["kettle"] and table.x[:, :, 0].tolist() == [[1, 2, 3]]
