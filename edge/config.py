@@ -784,6 +784,10 @@ class CorrectionsConfig(_Model):
     max_rows: int = Field(100_000, ge=1, description="Corrections kept in the label store at most.")
     max_mib: float = Field(256.0, gt=0, description="Input bytes kept in the label store at most (MiB).")
     agreement_window: int = Field(50, ge=1, description="Recent corrections the rolling agreement counts.")
+    agreement_min: int = Field(20, ge=1, description="Corrections needed before the agreement is judged.")
+    agreement_margin: float = Field(
+        0.1, ge=0, le=1, description="A problem when the agreement is below holdout accuracy minus this."
+    )
 
 
 class Config(_Model):

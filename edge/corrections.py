@@ -24,6 +24,7 @@ binary output (``homeassistant.binary_on``) "False alarm" stores the other label
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections import OrderedDict, deque
@@ -151,6 +152,11 @@ class Agreement:
     @property
     def value(self) -> float | None:
         return sum(self.recent) / len(self.recent) if self.recent else None
+
+
+def is_problem(value: float | None, count: int, holdout: float | None, minimum: int, margin: float) -> bool:
+    """At least ``minimum`` corrections, and an agreement below ``holdout - margin``."""
+    return value is not None and holdout is not None and count >= minimum and value < holdout - margin
 
 
 def button_label(pipeline: Pipeline, action: str) -> str | None:
@@ -306,6 +312,24 @@ class Corrections:
         self.ratelog.warning("corrections", reason, "correction not stored (%s): %s", reason, detail)
 
     # -- reporting -----------------------------------------------------------
+    def judge(self, name: str) -> dict[str, Any]:
+        """One pipeline's agreement, the model card's holdout accuracy and whether it is a problem:
+        at least ``agreement_min`` corrections and an agreement below the holdout accuracy minus
+        ``agreement_margin`` (never a problem for a card without a holdout accuracy)."""
+        from edge.discovery import holdout_accuracy  # edge.discovery imports this module
+
+        a = self.agreement[name]
+        pipeline = self._pipelines().get(name)
+        holdout = holdout_accuracy(pipeline.spec) if pipeline is not None else None
+        value = a.value
+        problem = is_problem(value, a.count, holdout, self.cfg.agreement_min, self.cfg.agreement_margin)
+        return {
+            "value": None if value is None else round(value, 4),
+            "count": a.count,
+            "holdout": holdout,
+            "problem": problem,
+        }
+
     def info(self) -> dict[str, Any]:
         """The ``corrections`` part of bridge/info."""
         return {
@@ -316,11 +340,7 @@ class Corrections:
             "not_stored": {k: v for k, v in self.not_stored.items() if v},
             "store": str(self.directory),
             "ring_entries": sum(r.entries() for r in self.rings.values()),
-            "agreement": {
-                name: {"value": None if a.value is None else round(a.value, 4), "count": a.count}
-                for name, a in self.agreement.items()
-                if name in self.rings
-            },
+            "agreement": {name: self.judge(name) for name in self.agreement if name in self.rings},
         }
 
     def close(self) -> None:
@@ -415,4 +435,39 @@ def correction_fields(pipeline: Pipeline, device: str) -> dict[str, Any]:
         "command_topic": f"{pipeline.base}/{pipeline.name}/{sanitise_segment(device)}",
         "correct_options": select_options(pipeline),
         "correct_buttons": has_buttons(pipeline),
+    }
+
+
+def agreement_components(uid: str, eid: str, info_topic: str, pipeline: str) -> dict[str, dict[str, Any]]:
+    """The bridge device's diagnostics of one pipeline's rolling agreement (read from bridge/info):
+    a sensor (%, unknown before the first correction) and a ``problem`` binary sensor."""
+    key = "agreement_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in pipeline)
+    entry = "value_json.get('corrections', {}).get('agreement', {}).get(" + json.dumps(pipeline) + ", {})"
+    title = pipeline.replace("_", " ").capitalize()
+    common = {"state_topic": info_topic, "entity_category": "diagnostic"}
+    return {
+        key: {
+            "platform": "sensor",
+            "name": f"{title} agreement with corrections",
+            "unique_id": f"{uid}_{key}",
+            "default_entity_id": f"sensor.{eid}_{key}",
+            "unit_of_measurement": "%",
+            "state_class": "measurement",
+            "suggested_display_precision": 1,
+            "icon": "mdi:account-check-outline",
+            "value_template": "{% set a = " + entry + ".get('value') %}"
+            "{{ (a * 100) | round(2) if a is number else 'None' }}",
+            **common,
+        },
+        f"{key}_problem": {
+            "platform": "binary_sensor",
+            "name": f"{title} disagrees with corrections",
+            "unique_id": f"{uid}_{key}_problem",
+            "default_entity_id": f"binary_sensor.{eid}_{key}_problem",
+            "device_class": "problem",
+            "payload_on": "ON",
+            "payload_off": "OFF",
+            "value_template": "{{ 'ON' if " + entry + ".get('problem') else 'OFF' }}",
+            **common,
+        },
     }

@@ -136,6 +136,7 @@ class Discovery:
         ha = config.homeassistant
         self.enabled = ha.enabled
         self.corrections = config.corrections.enabled  # the select/buttons of edge/corrections.py
+        self._corrected: list[str] = []  # pipelines whose agreement the bridge shows
         self.status_topic = ha.status_topic
         base = config.mqtt.base_topic
         # Outside a cluster one tracker announces the bridge and every device; in a cluster
@@ -447,10 +448,11 @@ class Discovery:
             identity = next((i for p, _ in entries if (i := self.identity(p.name, device)) is not None), None)
             devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
         models = sorted({p.cfg.model for p in self._pipelines()})
+        self._corrected = sorted(p.name for p in self._pipelines()) if self.corrections else []
         if self.shared is None:
             self._plan(self.tracker, devices, models)
             return
-        self._send(self.tracker.plan([], models=models))
+        self._send(self.tracker.plan([], models=models, corrected=self._corrected))
         if self._is_leader():
             self._plan(self.shared, devices, [])
 
@@ -464,7 +466,8 @@ class Discovery:
         that left the config, in this run or since the last, a device gone): they were retained
         for Home Assistant only."""
         before = set(tracker.announced_state_topics())
-        self._send(tracker.plan(devices, models=models))
+        corrected = self._corrected if tracker is self.tracker else []  # the instance's bridge/info
+        self._send(tracker.plan(devices, models=models, corrected=corrected))
         for topic in sorted(before - set(tracker.announced_state_topics())):
             if topic != tracker.bridge.info_topic:
                 self._publish(Outgoing(topic, b"", 1, True))

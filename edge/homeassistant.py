@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from edge.corrections import correction_components
+from edge.corrections import agreement_components, correction_components
 from edge.manifest import Task
 
 ORIGIN_NAME: Final = "edge-infer"
@@ -618,7 +618,9 @@ def device_config(
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, device), "cmps": cmps}
 
 
-def bridge_config(bridge: BridgeInfo, models: Sequence[str] = ()) -> dict[str, Any]:
+def bridge_config(
+    bridge: BridgeInfo, models: Sequence[str] = (), corrected: Sequence[str] = ()
+) -> dict[str, Any]:
     """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
     with a version and a holdout accuracy sensor per model in ``models``."""
     dev: dict[str, Any] = {
@@ -677,6 +679,8 @@ def bridge_config(bridge: BridgeInfo, models: Sequence[str] = ()) -> dict[str, A
             "{% set a = " + model_field + ".get('accuracy') %}"
             "{{ (a * 100) | round(2) if a is number else 'None' }}"
         )  # fmt: skip
+    for pipeline in corrected:  # pipelines taking corrections: their rolling agreement
+        cmps.update(agreement_components(uid, eid, bridge.info_topic, pipeline))
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -875,10 +879,11 @@ class DiscoveryTracker:
         *,
         include_bridge: bool = True,
         models: Sequence[str] = (),
+        corrected: Sequence[str] = (),
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:
-            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models)
+            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models, corrected)
         for device, outputs in devices:
             if not outputs:
                 continue

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.corrections import Agreement, InputRing, Seen, corrections_dir
+from edge.corrections import Agreement, InputRing, Seen, agreement_components, corrections_dir, is_problem
 from tests.broker import Mosquitto
 from tests.harness import Collector, DaemonThread, Publisher, make_config
 from tests.test_daemon import base_config
@@ -49,6 +49,17 @@ def test_agreement_is_the_fraction_of_the_last_window() -> None:
     assert a.count == 4 and a.value == 1.0
     a.add(False)
     assert a.value == 0.75
+
+
+def test_a_problem_needs_enough_corrections_below_the_card_minus_the_margin() -> None:
+    assert not is_problem(0.5, 19, 0.9, 20, 0.1)  # too few to judge
+    assert is_problem(0.79, 20, 0.9, 20, 0.1)
+    assert not is_problem(0.8, 20, 0.9, 20, 0.1)  # at the margin: not below it
+    assert not is_problem(0.1, 50, None, 20, 0.1)  # a card without a holdout accuracy
+    assert not is_problem(None, 50, 0.9, 20, 0.1)
+    cmps = agreement_components("uid", "eid", "base/bridge/info", "plug")
+    assert set(cmps) == {"agreement_plug", "agreement_plug_problem"}
+    assert cmps["agreement_plug_problem"]["device_class"] == "problem"
 
 
 def test_the_store_lives_beside_the_state_file_else_in_the_default_state_dir(
@@ -132,6 +143,17 @@ def test_a_correction_is_stored_with_its_window_and_hostile_commands_are_refused
         out.wait(lambda _m: bool(out.on(f"{p}/ei/plug/p2")))
         bridge = runner.call(daemon.bridge_info)
         assert bridge["corrections"]["refused"]["rate_limited"] == refused["rate_limited"]
+        agreement = bridge["corrections"]["agreement"]["plug"]
+        deadline = time.monotonic() + 15
+        while (
+            runner.call(lambda: daemon.corrections.stored) < info["accepted"] and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)  # stored off the loop, after being counted
+        labels = [r[3] for r in _rows(db)][-50:]  # corrections.agreement_window
+        # all for p1's one answer: agreement is the share of corrections naming its prediction
+        assert agreement["count"] == len(labels) == min(info["accepted"], 50), (agreement, labels)
+        assert agreement["value"] == round(labels.count(predicted) / len(labels), 4), (agreement, predicted)
+        assert agreement["problem"] is False  # the test model's card has no holdout accuracy
         metrics = runner.call(daemon.render_metrics)
         assert 'edge_infer_corrections_refused_total{reason="unknown_label"} 1.0' in metrics
         assert "edge_infer_corrections_stored_total" in metrics

@@ -82,6 +82,31 @@ def test_a_correction_made_in_home_assistant_is_stored_with_its_input(
             )
             home_assistant._wait(lambda: stored() >= 2 or None, "the button's correction stored", timeout=30)
             info = runner.call(daemon.corrections.info)
+            runner.call(daemon.publish_bridge_info)  # the agreement, without waiting for the tick
+
+            def agreement() -> tuple[dict[str, Any], dict[str, Any]] | None:
+                listed = home_assistant.ws({"type": "config/entity_registry/list"})[0]
+                ids = {e["unique_id"]: e["entity_id"] for e in listed}
+                sensor, problem = (
+                    ids.get(f"{bridge_id}_agreement_occupancy"),
+                    ids.get(f"{bridge_id}_agreement_occupancy_problem"),
+                )
+                states = home_assistant.states()
+                if (
+                    sensor is None
+                    or problem is None
+                    or states.get(sensor, {}).get("state") in (None, "unknown")
+                ):
+                    return None
+                return states[sensor], states[problem]
+
+            sensor, problem = home_assistant._wait(
+                agreement, "the agreement sensors with a state", timeout=60
+            )
+            # two corrections; the button always disagrees: 0 % or 50 %
+            expected = info["agreement"]["occupancy"]["value"] * 100
+            assert float(sensor["state"]) == pytest.approx(expected) and expected in (0.0, 50.0), sensor
+            assert problem["state"] == "off" and problem["attributes"]["device_class"] == "problem", problem
         with sqlite3.connect(tmp_path / "state" / "labels.sqlite3") as db:
             rows = db.execute("SELECT device, pipeline, label, input FROM corrections ORDER BY id").fetchall()
         assert [(d, p, label) for d, p, label, _ in rows] == [
