@@ -781,6 +781,20 @@ class StateConfig(_Model):
     interval_s: float = Field(60.0, gt=0, description="How often it is written; also at every clean stop.")
 
 
+class CorrectionsConfig(_Model):
+    """Corrections from Home Assistant (see docs/corrections.md)."""
+
+    enabled: bool = Field(True, description="Command topics subscribed, select/buttons announced.")
+    ring: int = Field(4, ge=1, le=64, description="Answered inputs kept per device for corrections.")
+    max_rows: int = Field(100_000, ge=1, description="Corrections kept in the label store at most.")
+    max_mib: float = Field(256.0, gt=0, description="Input bytes kept in the label store at most (MiB).")
+    agreement_window: int = Field(50, ge=1, description="Recent corrections the rolling agreement counts.")
+    agreement_min: int = Field(20, ge=1, description="Corrections needed before the agreement is judged.")
+    agreement_margin: float = Field(
+        0.1, ge=0, le=1, description="A problem when the agreement is below holdout accuracy minus this."
+    )
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -795,6 +809,7 @@ class Config(_Model):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    corrections: CorrectionsConfig = Field(default_factory=CorrectionsConfig)
     bridge_info_interval_s: float = Field(60.0, gt=0, description="How often bridge/info is refreshed.")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="Bound on the flush at shutdown.")
     log_interval_s: float = Field(60.0, gt=0, description="Repeated problems are logged at most this often.")

@@ -49,6 +49,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("cluster", c.ClusterConfig),
     ("reload", c.ReloadConfig),
     ("state", c.StateConfig),
+    ("corrections", c.CorrectionsConfig),
 ]
 
 

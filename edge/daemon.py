@@ -36,6 +36,7 @@ from edge.config import (
     mask_url,
     read_limited,
 )
+from edge.corrections import Corrections, CorrectionsCollector
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery, holdout_accuracy
 from edge.features import WindowBudget
@@ -230,6 +231,8 @@ class Daemon:
         self.started = time.time()
         self.ratelog = RateLimitedLogger(log, config.log_interval_s)
         self.metrics = DaemonMetrics(self.metrics_reading)
+        self.corrections = Corrections(config, lambda: self.pipelines, self.ratelog, self._background)
+        self.metrics.registry.register(CorrectionsCollector(self.corrections))
         self.notifier = Notifier()
         self.liveness = Liveness()
         self.liveness.add_check(self._models_alive)
@@ -473,7 +476,7 @@ class Daemon:
         if self.membership is not None:
             subs[f"{self.instances_prefix}/+/status"] = 1
             subs[f"{self.instances_prefix}/+/bridge/info"] = 1
-        for topic, qos in self.discovery.subscriptions():
+        for topic, qos in [*self.discovery.subscriptions(), *self.corrections.subscriptions()]:
             subs[topic] = max(subs.get(topic, 0), qos)
         return sorted(subs.items())
 
@@ -500,6 +503,10 @@ class Daemon:
         received = time.perf_counter()
         self.messages_in += 1
         if not self.intake_open:
+            return
+        if self.corrections.handles(topic):  # the daemon's own command topics (edge/corrections.py)
+            self.corrections.on_message(topic, payload)
+            self.link.ack(ack)
             return
         pipelines = self._route(topic)
         if not pipelines:
@@ -723,6 +730,7 @@ class Daemon:
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
+                self.corrections.seen(pipeline, item, prediction.fields, spec.version)
                 if item.explain is not None:  # output.explain: the batcher's attribution
                     add_explain(prediction, item.explain)
                 try:
@@ -856,6 +864,7 @@ class Daemon:
                 for name, m in self.models.items()
             },
             "pipelines": {name: self._pipeline_info(name, p) for name, p in self.pipelines.items()},
+            "corrections": self.corrections.info(),
             **self._cluster_fields(),
         }
 
@@ -1001,6 +1010,7 @@ class Daemon:
         self.pipelines = pipelines
         self._bind_partitions(pipelines)
         self._rebuild_routes()
+        self.corrections.rebuild()
         for name, model in models.items():
             if old_models.get(name) is not model:
                 changed.append(
@@ -1130,6 +1140,7 @@ class Daemon:
             if server is not None:
                 await server.close()
             self.discovery.close()
+            self.corrections.close()
             for model in self.models.values():
                 model.close()
             self.ratelog.flush()  # what the rate limit held back since its last line, per key

@@ -29,6 +29,7 @@ from typing import Any
 
 from edge import __version__
 from edge.config import Config
+from edge.corrections import correction_fields
 from edge.decode import TopicPattern, sanitise_segment
 from edge.homeassistant import (
     Availability,
@@ -61,7 +62,7 @@ MAX_IDENTITIES = 100_000  # Tasmota identities kept at most
 SWEEP_MAX_S = 3600.0  # how often, at most, devices are checked for having answered
 
 
-def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
+def output_entity(pipeline: Pipeline, device: str, corrections: bool = False) -> OutputEntity:
     spec = pipeline.spec
     ha = pipeline.cfg.homeassistant
     out = pipeline.cfg.output
@@ -83,6 +84,7 @@ def output_entity(pipeline: Pipeline, device: str) -> OutputEntity:
         open_set=spec.task == "classification" and spec.ood_output is not None,
         explain=getattr(pipeline, "explain_plan", None) is not None,
         inputs_watched=watched_stats(spec) is not None,
+        **(correction_fields(pipeline, device) if corrections else {}),
     )
 
 
@@ -146,6 +148,8 @@ class Discovery:
     ) -> None:
         ha = config.homeassistant
         self.enabled = ha.enabled
+        self.corrections = config.corrections.enabled  # the select/buttons of edge/corrections.py
+        self._corrected: list[str] = []  # pipelines whose agreement the bridge shows
         self.status_topic = ha.status_topic
         base = config.mqtt.base_topic
         # Outside a cluster one tracker announces the bridge and every device; in a cluster
@@ -471,15 +475,18 @@ class Discovery:
                 if device not in learned and self._unseen(pipeline, device, now):
                     self._forget(pipeline, device)
                     continue
-                by_device.setdefault(device, []).append((pipeline, output_entity(pipeline, device)))
+                by_device.setdefault(device, []).append(
+                    (pipeline, output_entity(pipeline, device, self.corrections))
+                )
         for device, entries in sorted(by_device.items()):
             identity = next((i for p, _ in entries if (i := self.identity(p.name, device)) is not None), None)
             devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
         models = sorted({p.cfg.model for p in self._pipelines()})
+        self._corrected = sorted(p.name for p in self._pipelines()) if self.corrections else []
         if self.shared is None:
             self._plan(self.tracker, devices, models)
             return
-        self._send(self.tracker.plan([], models=models))
+        self._send(self.tracker.plan([], models=models, corrected=self._corrected))
         if self._is_leader():
             self._plan(self.shared, devices, [])
 
@@ -493,7 +500,8 @@ class Discovery:
         that left the config, in this run or since the last, a device gone): they were retained
         for Home Assistant only."""
         before = set(tracker.announced_state_topics())
-        self._send(tracker.plan(devices, models=models))
+        corrected = self._corrected if tracker is self.tracker else []  # the instance's bridge/info
+        self._send(tracker.plan(devices, models=models, corrected=corrected))
         for topic in sorted(before - set(tracker.announced_state_topics())):
             if topic != tracker.bridge.info_topic:
                 self._publish(Outgoing(topic, b"", 1, True))

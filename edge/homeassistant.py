@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from edge.corrections import agreement_components, correction_components
 from edge.manifest import Task
 
 ORIGIN_NAME: Final = "edge-infer"
@@ -44,7 +45,7 @@ ANOMALY_LABEL: Final = "anomaly"
 NORMAL_LABEL: Final = "normal"
 UNKNOWN_LABEL: Final = "unknown"  # edge.outputs.UNKNOWN_LABEL: an open-set classifier's unlike input
 
-Platform = Literal["sensor", "binary_sensor"]
+Platform = Literal["sensor", "binary_sensor", "select", "button"]
 
 # Keys of the retained ``<base>/bridge/info`` JSON that the bridge's diagnostic sensors read.
 BRIDGE_INFO_KEYS: Final = ("version", "started", "messages_per_s", "drops", "latency_ms")
@@ -281,6 +282,10 @@ class OutputEntity:
     open_set: bool = False  # the model has an OOD score: ``unknown`` is a state, the score an attribute
     explain: bool = False  # output.explain is on: the answer's ``explain`` is an attribute of the entity
     inputs_watched: bool = False  # training_stats: a problem sensor on <state_topic>/inputs (edge/watch.py)
+    # Corrections (edge/corrections.py): ``<base>/<pipeline>/<device>``, or None for no correction entities
+    command_topic: str | None = None
+    correct_options: tuple[str, ...] = ()
+    correct_buttons: bool = False
 
     @property
     def display_name(self) -> str:
@@ -541,6 +546,17 @@ def output_components(bridge: BridgeInfo, device: SourceDevice, output: OutputEn
         )
     if output.inputs_watched:
         components.append(inputs_component(base_key, base_uid, base_eid, name, output.state_topic))
+    if output.command_topic is not None:  # the select and buttons of edge/corrections.py
+        for suffix, platform, config in correction_components(
+            output.command_topic, output.correct_options, output.correct_buttons, name
+        ):
+            full = {
+                "platform": platform,
+                "unique_id": f"{base_uid}_{suffix}",
+                "default_entity_id": f"{platform}.{base_eid}_{suffix}",
+                **config,
+            }
+            components.append(Component(f"{base_key}_{suffix}", platform, full))  # type: ignore[arg-type]
     return components
 
 
@@ -625,7 +641,9 @@ def device_config(
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, device), "cmps": cmps}
 
 
-def bridge_config(bridge: BridgeInfo, models: Sequence[str] = ()) -> dict[str, Any]:
+def bridge_config(
+    bridge: BridgeInfo, models: Sequence[str] = (), corrected: Sequence[str] = ()
+) -> dict[str, Any]:
     """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
     with a version and a holdout accuracy sensor per model in ``models``."""
     dev: dict[str, Any] = {
@@ -684,6 +702,8 @@ def bridge_config(bridge: BridgeInfo, models: Sequence[str] = ()) -> dict[str, A
             "{% set a = " + model_field + ".get('accuracy') %}"
             "{{ (a * 100) | round(2) if a is number else 'None' }}"
         )  # fmt: skip
+    for pipeline in corrected:  # pipelines taking corrections: their rolling agreement
+        cmps.update(agreement_components(uid, eid, bridge.info_topic, pipeline))
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -882,10 +902,11 @@ class DiscoveryTracker:
         *,
         include_bridge: bool = True,
         models: Sequence[str] = (),
+        corrected: Sequence[str] = (),
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:
-            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models)
+            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models, corrected)
         for device, outputs in devices:
             if not outputs:
                 continue

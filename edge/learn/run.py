@@ -146,17 +146,13 @@ def _make_table(
     spec = pipeline.spec
     spans = [(s.start.timestamp(), s.end.timestamp()) for s in learn.exclude]
     if learn.labels is not None and learn.labels.corrections:
-        from edge.labelstore import LabelStore
+        from edge.corrections import corrections_dir  # where the daemon stores them
+        from edge.labelstore import FILENAME, LabelStore
 
-        if config.state.file is None:
-            raise ConfigError(f"{key}.labels.corrections", "the label store lives beside state.file: set it")
-        from edge.labelstore import FILENAME
-
-        if not (config.state.file.parent / FILENAME).is_file():
-            raise ConfigError(
-                f"{key}.labels.corrections", f"no label store at {config.state.file.parent / FILENAME} yet"
-            )
-        store = LabelStore(config.state.file.parent)
+        folder = corrections_dir(config)
+        if not (folder / FILENAME).is_file():
+            raise ConfigError(f"{key}.labels.corrections", f"no label store at {folder / FILENAME} yet")
+        store = LabelStore(folder / FILENAME)
         try:
             rows = [(c.ts, c.device, c.label, c.input.reshape(-1).tolist()) for c in store.corrections(name)]
         finally:
