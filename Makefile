@@ -67,7 +67,7 @@ HA_VENV_NEW ?= .cache/ha-venv-2026
 HA_VERSION_NEW ?= 2026.2.3
 # Every test that needs a real Home Assistant: discovery, the open-set enum, and (on 2025.4.4) the
 # history sources and learn end to end (the NILM path trains twice: about 9 of its minutes).
-HA_TESTS = tests/test_ha_real.py tests/test_ha_open_set.py
+HA_TESTS = tests/test_ha_real.py tests/test_ha_open_set.py tests/test_ha_corrections.py
 HA_LEARN_TESTS = tests/test_ha_history.py tests/test_learn_ha_e2e.py tests/test_learn_ha_motion.py
 test-ha: $(VENV)/.installed-all mosquitto
 	test -x $(HA_VENV)/bin/hass || tests/ha/setup_ha_venv.sh $(HA_VENV)

@@ -473,6 +473,15 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+CONTROLS = ("_correct", "_false_alarm", "_missed")  # the correction entities' unique-id suffixes
+
+
+def _predictions_and_select(ours: list[dict[str, Any]]) -> bool:
+    """The prediction and its confidence, and the "Correct ..." select (docs/corrections.md)."""
+    predictions = [e for e in ours if not e["unique_id"].endswith(CONTROLS)]
+    return len(predictions) == 2 and any(e["unique_id"].endswith("_correct") for e in ours)
+
+
 class EntityClock:
     """Polls Home Assistant and notes, per entity, when it first exists and when it first has a
     state that came from a message (not ``unavailable``: every entity here has ``expire_after``,
@@ -484,12 +493,16 @@ class EntityClock:
         self.created: dict[str, float] = {}
         self.stated: dict[str, float] = {}
         self.states: dict[str, dict[str, Any]] = {}
+        self.controls: dict[str, dict[str, Any]] = {}  # the correction selects and buttons
 
     def poll(self) -> None:
         now = time.monotonic()
         for entity_id, state in self.ha.mqtt_states().items():
             name = state["attributes"].get("friendly_name", "")
             if name.startswith(self.exclude_prefix):
+                continue
+            if entity_id.startswith(("select.", "button.")):  # commands, not predictions: no state
+                self.controls[entity_id] = state
                 continue
             self.states[entity_id] = state
             self.created.setdefault(entity_id, now)
@@ -551,6 +564,14 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
         f"state after creation: max {max(spans, default=float('nan')):.2f} s"
     )
     assert len(clock.created) == expected_entities, sorted(clock.created)
+    # a "Correct ..." select per device (corrections.enabled, the default; docs/corrections.md),
+    # offering the model's labels and "none of these"
+    selects = {e: st for e, st in clock.controls.items() if e.startswith("select.")}
+    # occupancy is a binary output: "False alarm" and "Missed" buttons on its 2 x 2 climate devices
+    buttons = {e for e in clock.controls if e.startswith("button.")}
+    assert len(selects) == devices * len(SIM_FAMILIES), sorted(selects)
+    assert len(buttons) == 2 * devices * 2 and all("occupancy" in e for e in buttons), sorted(buttons)
+    assert all("none of these" in st["attributes"]["options"] for st in selects.values()), selects
     # the readable class names of the model card's labels, the raw label beside them
     appliances = [
         s for s in clock.states.values() if s["attributes"].get("options") and "appliance" in s["entity_id"]
@@ -757,7 +778,7 @@ def test_a_zigbee2mqtt_device_and_its_prediction_are_one_home_assistant_device(
                 entities = home_assistant.ws({"type": "config/entity_registry/list"})[0]
                 ours = [e for e in entities if e["unique_id"].startswith(f"{bridge_id}_hall_sensor")]
                 theirs = [e for e in entities if e["unique_id"].startswith(f"{ieee}_")]
-                return (ours, theirs) if len(ours) == 2 and len(theirs) == 2 else None
+                return (ours, theirs) if _predictions_and_select(ours) and len(theirs) == 2 else None
 
             ours, theirs = home_assistant._wait(linked, "both families' entities", timeout=60)
             device_ids = {e["device_id"] for e in ours + theirs}
@@ -774,7 +795,7 @@ def test_a_zigbee2mqtt_device_and_its_prediction_are_one_home_assistant_device(
             assert device["id"] in device_ids
             assert ["mqtt", f"zigbee2mqtt_{ieee}"] in device["identifiers"], device
             assert device["manufacturer"] == "Aqara" and device["model"] == "Temperature and humidity sensor"
-            main = next(e for e in ours if not e["unique_id"].endswith("_confidence"))
+            main = next(e for e in ours if not e["unique_id"].endswith(("_confidence", *CONTROLS)))
 
             # the registry lists the entity as soon as its config is handled; its state follows once
             # Home Assistant has read the retained availability and state on subscribing
@@ -848,7 +869,7 @@ def test_an_esphome_node_and_its_prediction_are_one_home_assistant_device(
                     [e["unique_id"] for e in ours],
                     [e["unique_id"] for e in theirs],
                 )
-                return (ours, theirs) if len(ours) == 2 and len(theirs) == 2 else None
+                return (ours, theirs) if _predictions_and_select(ours) and len(theirs) == 2 else None
 
             seen: dict[str, Any] = {}
             ours, theirs = home_assistant._wait(
