@@ -654,7 +654,7 @@ def test_a_rename_and_an_area_set_in_home_assistant_survive_a_daemon_restart(
             def entity() -> dict[str, Any] | None:
                 entries = home_assistant.ws({"type": "config/entity_registry/list"})[0]
                 mine = [e for e in entries if e["unique_id"].startswith(f"{bridge_id}_hall_sensor_occupancy")]
-                main = [e for e in mine if not e["unique_id"].endswith("_confidence")]
+                main = [e for e in mine if not e["unique_id"].endswith(("_confidence", *CONTROLS))]
                 return main[0] if main else None
 
             main = home_assistant._wait(entity, "the prediction entity in the entity registry", timeout=60)
