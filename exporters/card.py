@@ -5,12 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from edge.manifest import Manifest
+from exporters import plots
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _plot(alt: str, name: str) -> str:
+    """A plot beside the card, or why it is not there (matplotlib is optional: exporters/plots.py)."""
+    return f"![{alt}]({name})" if plots.available() else f"_{alt}: {plots.MISSING_NOTE}_"
 
 
 def _size(n: int) -> str:
@@ -110,7 +116,7 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
         ]
         for name, c in metrics[best]["per_class"].items():
             lines.append(f"| {name} | {_fmt(c['precision'], 3)} | {_fmt(c['recall'], 3)} | {c['support']} |")
-        lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
+        lines += ["", _plot("confusion matrix", "confusion_matrix.png"), ""]
     if "calibration" in report:
         lines += _calibration(report["calibration"])
     lines += ["", "## Parity", "", "| check | max abs diff | argmax agreement | |", "|---|---|---|---|"]
@@ -181,7 +187,7 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
     for key in ("limitations", "rebuild"):
         if key in report:
             lines += ["", f"## {key.capitalize()}", "", str(report[key])]
-    lines += ["", "![training curves](training_curves.png)", ""]
+    lines += ["", _plot("training curves", "training_curves.png"), ""]
     return "\n".join(lines)
 
 
@@ -237,7 +243,7 @@ def _calibration(cal: dict[str, Any]) -> list[str]:
             ]
     if cal.get("note"):
         lines += ["", cal["note"]]
-    lines += ["", "![reliability diagram](reliability.png)"]
+    lines += ["", _plot("reliability diagram", "reliability.png")]
     return lines
 
 

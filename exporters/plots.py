@@ -1,9 +1,22 @@
-"""PNG plots of training curves and confusion matrices (matplotlib, headless)."""
+"""PNG plots of training curves and confusion matrices (matplotlib, headless).
+
+matplotlib is optional: the ``trainer`` extra (what the add-on image and a systemd install carry for
+``edge-infer learn``) leaves it out. Without it every ``plot_*`` draws nothing and returns ``None``,
+and the card says so (``MISSING_NOTE``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
+
+MISSING_NOTE = "Plots not drawn: matplotlib is not installed (`pip install matplotlib` draws them)."
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported (the plots are drawn)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot() -> Any:
@@ -15,7 +28,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path:
+def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path | None:
+    if not available():
+        return None
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -39,7 +54,9 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Pat
     return path
 
 
-def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
+def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> Path | None:
+    if not available():
+        return None
     plt = _pyplot()
     n = len(labels)
     size = max(4.0, 0.55 * n + 2.0)
@@ -62,8 +79,10 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     return path
 
 
-def plot_reliability(curves: dict[str, list[dict[str, float]]], path: Path, title: str) -> Path:
+def plot_reliability(curves: dict[str, list[dict[str, float]]], path: Path, title: str) -> Path | None:
     """Reliability diagram: accuracy vs mean confidence per bin, one line per curve (bins with data)."""
+    if not available():
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import mmap
 import random
 import sys
 import time
@@ -181,6 +182,33 @@ def _evaluate_split(
     return {"loss": float(F.smooth_l1_loss(out[:, 0], target)), "mae": float((pred - yt).abs().mean())}
 
 
+def executable_memory_allowed() -> bool:
+    """Whether this process may map memory both writable and executable.
+
+    A systemd unit with ``MemoryDenyWriteExecute=yes`` (edge-infer's own units) forbids it, and
+    oneDNN, the JIT behind torch's CPU convolutions and matmuls, then fails ("could not create a
+    primitive"). ``learn`` started by the daemon inherits that sandbox."""
+    try:
+        with mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC):
+            return True
+    except OSError:
+        return False
+
+
+def use_jit_kernels_if_allowed(stream: TextIO = sys.stderr) -> bool:
+    """Turn torch's oneDNN kernels off where executable memory is denied (its plain ATen kernels
+    need none; the small models here train a little slower). True when the JIT stays on."""
+    if executable_memory_allowed():
+        return True
+    torch.backends.mkldnn.enabled = False
+    print(
+        "training: executable memory is denied (MemoryDenyWriteExecute): torch's oneDNN kernels "
+        "are off, its plain kernels train instead",
+        file=stream,
+    )
+    return False
+
+
 def train(
     recipe: Recipe,
     out_dir: Path,
@@ -193,6 +221,7 @@ def train(
     """Train the recipe's model; write the checkpoint (``<out_dir>/<name>.pt`` unless
     ``checkpoint`` is given), metrics and PNG plots into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    use_jit_kernels_if_allowed()
     spec = recipe.train
     seed_everything(spec.seed, spec.threads)
     ds = dataset or load_dataset(recipe, data_override)
@@ -270,9 +299,9 @@ def train(
     for split, x, y in (("val", ds.x_val, ds.y_val), ("test", ds.x_test, ds.y_test)):
         if len(x):
             metrics[split] = evaluate(recipe.task, y, predict(served, ds.model_input(x)), ds.labels)
-    plots = [plot_history(history, out_dir / "training_curves.png", f"{recipe.name}: training")]
+    drawn = [plot_history(history, out_dir / "training_curves.png", f"{recipe.name}: training")]
     if classification and "test" in metrics:
-        plots.append(
+        drawn.append(
             plot_confusion(
                 metrics["test"]["confusion_matrix"],
                 ds.labels,
@@ -313,6 +342,7 @@ def train(
         },
         path,
     )
+    plots = [p for p in drawn if p is not None]
     return TrainResult(path, served, ds, metrics, history, plots)
 
 

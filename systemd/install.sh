@@ -5,6 +5,7 @@
 #   sudo systemd/install.sh                    # from a checkout: installs that checkout
 #   sudo systemd/install.sh --source 'edge-infer==0.2.0'
 #   sudo systemd/install.sh --jetson --onnxruntime /path/to/onnxruntime_gpu-*.whl
+#   sudo systemd/install.sh --trainer          # + what `edge-infer learn` trains with (CPU torch)
 #   systemd/install.sh --dry-run               # print what would be done, change nothing
 #   systemd/install.sh --prefix /tmp/root      # install under a root of your choosing
 #                                              # (no systemctl; for packaging and tests)
@@ -31,6 +32,8 @@ ENABLE=1
 START_NOW=0
 PYTHON="${PYTHON:-python3}"
 PIP_ARGS=()
+TRAINER=0
+TORCH_SPEC=""
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -46,6 +49,10 @@ options:
   --onnxruntime SPEC  replace the CPU onnxruntime by SPEC (an onnxruntime-gpu wheel on Jetson)
   --jetson            install the Jetson GPU drop-in (default: auto-detect /etc/nv_tegra_release)
   --no-jetson         do not install it (and remove one installed earlier)
+  --trainer           also install the trainer extra (torch CPU build, onnx, onnxscript, pandas) so
+                      `edge-infer learn` and the Retrain button train beside the daemon
+  --torch SPEC        the torch to install first with --trainer (default: torch==2.9.1, on x86_64
+                      the +cpu build from PyTorch's CPU index; PyPI's x86_64 wheel pulls CUDA)
   --pip-arg ARG       extra argument for pip install (repeatable), e.g. --pip-arg=--no-index
   --no-pip            do not create or upgrade the virtual environment
   --no-enable         do not enable the unit
@@ -65,6 +72,9 @@ while [[ $# -gt 0 ]]; do
         --onnxruntime=*) ORT="${1#*=}"; shift ;;
         --jetson) JETSON=1; shift ;;
         --no-jetson) JETSON=0; shift ;;
+        --trainer) TRAINER=1; shift ;;
+        --torch) TORCH_SPEC="${2:?--torch needs a requirement}"; shift 2 ;;
+        --torch=*) TORCH_SPEC="${1#*=}"; shift ;;
         --pip-arg) PIP_ARGS+=("${2:?}"); shift 2 ;;
         --pip-arg=*) PIP_ARGS+=("${1#*=}"); shift ;;
         --no-pip) DO_PIP=0; shift ;;
@@ -149,7 +159,26 @@ if [[ $DO_PIP -eq 1 ]]; then
         say "upgrading the existing virtual environment $VENV"
     fi
     run "$VENV/bin/python" -m pip install --quiet --upgrade pip ${PIP_ARGS[@]+"${PIP_ARGS[@]}"}
-    run "$VENV/bin/python" -m pip install --quiet --upgrade ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "$SOURCE"
+    if [[ $TRAINER -eq 1 ]]; then
+        # torch first, a CPU build, so the extra's torch>=2.4 is met and never pulls a CUDA one.
+        if [[ -n "$TORCH_SPEC" ]]; then
+            run "$VENV/bin/python" -m pip install --quiet ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "$TORCH_SPEC"
+        elif [[ "$(uname -m)" == x86_64 ]]; then
+            run "$VENV/bin/python" -m pip install --quiet ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} \
+                --index-url https://download.pytorch.org/whl/cpu "torch==2.9.1+cpu"
+        else
+            run "$VENV/bin/python" -m pip install --quiet ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "torch==2.9.1"
+        fi
+        # the extra goes on the project name: "edge-infer==0.2.0" -> "edge-infer[trainer]==0.2.0"
+        if [[ "$SOURCE" =~ ^([A-Za-z0-9._-]+)([<>=!~].*)$ ]]; then
+            WANT="${BASH_REMATCH[1]}[trainer]${BASH_REMATCH[2]}"
+        else
+            WANT="${SOURCE}[trainer]"
+        fi
+    else
+        WANT="$SOURCE"
+    fi
+    run "$VENV/bin/python" -m pip install --quiet --upgrade ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "$WANT"
     if [[ -n "$ORT" ]]; then
         # onnxruntime and onnxruntime-gpu install the same 'onnxruntime' package: never both.
         run "$VENV/bin/python" -m pip uninstall --quiet --yes onnxruntime

@@ -149,6 +149,26 @@ def test_dockerfile_follows_current_base_image_conventions() -> None:
     assert re.search(r'ARG EDGE_INFER_VERSION="([^"]+)"', dockerfile).group(1) == edge.__version__  # type: ignore[union-attr]
 
 
+def test_dockerfile_installs_a_cpu_torch_then_the_trainer_extra() -> None:
+    """Retrain runs `learn` in the add-on: the image carries the trainer extra, with a CPU torch
+    installed first on both arches (PyPI's amd64 torch pulls CUDA)."""
+    dockerfile = (ADDON / "Dockerfile").read_text()
+    version = re.search(r'ARG TORCH_VERSION="([^"]+)"', dockerfile).group(1)  # type: ignore[union-attr]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+    cpu = '--index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}+cpu"'
+    assert cpu in dockerfile
+    assert '"torch==${TORCH_VERSION}"' in dockerfile  # aarch64: PyPI's wheel is a CPU build
+    torch_at = dockerfile.index(cpu)
+    wheel_at = dockerfile.index('py3-none-any.whl[trainer]"')
+    assert torch_at < wheel_at
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=!~; \[]", req, maxsplit=1)[0] for req in extras["trainer"]}
+    assert {"torch", "onnx", "onnxscript", "pandas", "websockets"} <= names
+    assert not names & {"matplotlib", "aeon", "pyarrow"}  # the heavy parts learn does not need
+
+
 def test_s6_service_start_script() -> None:
     run = SERVICE / "run"
     text = run.read_text()

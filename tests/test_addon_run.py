@@ -62,9 +62,23 @@ source "$1"
 def _dockerfile_wheel() -> str:
     text = (ADDON / "Dockerfile").read_text()
     version = re.search(r'ARG EDGE_INFER_VERSION="([^"]+)"', text).group(1)  # type: ignore[union-attr]
-    spec = re.search(r'/opt/edge-infer/bin/pip install --no-cache-dir "([^"]+)"', text).group(1)  # type: ignore[union-attr]
+    spec = re.search(r'/opt/edge-infer/bin/pip install --no-cache-dir "(/tmp/wheels/[^"]+)"', text).group(1)  # type: ignore[union-attr]
     assert spec.startswith("/tmp/wheels/"), "the Dockerfile installs from its build context"
-    return spec.replace("/tmp/wheels/", "").replace("${EDGE_INFER_VERSION}", version)
+    name = spec.replace("/tmp/wheels/", "").replace("${EDGE_INFER_VERSION}", version)
+    return re.sub(r"\[[a-z,]+\]$", "", name)
+
+
+def _dockerfile_extras() -> str:
+    """The extras the Dockerfile installs the wheel with (``[trainer]``)."""
+    text = (ADDON / "Dockerfile").read_text()
+    spec = re.search(r'/opt/edge-infer/bin/pip install --no-cache-dir "(/tmp/wheels/[^"]+)"', text).group(1)  # type: ignore[union-attr]
+    extras = re.search(r"(\[[a-z,]+\])$", spec)
+    return extras.group(1) if extras else ""
+
+
+# The Dockerfile installs a CPU torch before the wheel (2.9.1 for the image's Python 3.13); this
+# machine's Python takes the CPU build on local disk that the Makefile pins.
+TORCH_HERE = "torch==2.13.0"
 
 
 def test_versions_agree() -> None:
@@ -106,13 +120,21 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = root / "opt" / "edge-infer"
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean, timeout=120)
+    if "[trainer]" in _dockerfile_extras():
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", TORCH_HERE],
+            check=True,
+            env=clean,
+            cwd=root,
+            timeout=900,
+        )
     subprocess.run(
         [
             str(venv / "bin" / "pip"),
             "install",
             "-q",
             "--no-cache-dir",
-            str(context / "wheels" / _dockerfile_wheel()),
+            str(context / "wheels" / _dockerfile_wheel()) + _dockerfile_extras(),
         ],
         check=True,
         env=clean,

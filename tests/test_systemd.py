@@ -189,7 +189,7 @@ def test_jetson_dropin_opens_only_gpu_nodes() -> None:
 # Installs the seccomp filter systemd uses for MemoryDenyWriteExecute=yes (mmap with
 # PROT_WRITE|PROT_EXEC, mprotect/pkey_mprotect with PROT_EXEC, shmat with SHM_EXEC all
 # fail with EPERM), then runs an ONNX model through onnxruntime's CPU provider.
-_MDWE_PROBE = textwrap.dedent(
+_MDWE_FILTER = textwrap.dedent(
     """
     import ctypes, ctypes.util, errno, mmap, sys
 
@@ -222,7 +222,10 @@ _MDWE_PROBE = textwrap.dedent(
         sys.exit("filter not effective: W+X mapping allowed")
     except OSError:
         pass
-
+    """
+)
+_MDWE_PROBE = _MDWE_FILTER + textwrap.dedent(
+    """
     import numpy as np
     import onnxruntime as ort
     model = open(sys.argv[1], "rb").read()
@@ -275,6 +278,65 @@ def test_onnxruntime_runs_under_memory_deny_write_execute(tmp_path: Path) -> Non
     assert result.stdout.startswith("ok")
 
 
+# SystemCallFilter=~@resources as systemd resolves it: setpriority, setrlimit/prlimit64 and the
+# scheduler/NUMA calls fail with EPERM (learn's nice and its child's memory ceiling then fail too).
+_RESOURCES_FILTER = textwrap.dedent(
+    """
+    ctx2 = lib.seccomp_init(0x7FFF0000)
+    for name in ["ioprio_set", "mbind", "migrate_pages", "move_pages", "nice", "sched_setaffinity",
+                 "sched_setattr", "sched_setparam", "sched_setscheduler", "set_mempolicy",
+                 "set_mempolicy_home_node", "setpriority", "setrlimit", "prlimit64"]:
+        nr = lib.seccomp_syscall_resolve_name(name.encode())
+        if nr >= 0:
+            assert lib.seccomp_rule_add_array(ctx2, deny, nr, 0, None) == 0
+    assert lib.seccomp_load(ctx2) == 0
+    """
+)
+_LEARN_RUN = textwrap.dedent(
+    """
+    import json, shutil
+    from pathlib import Path
+    import yaml
+    from tests.test_learn_e2e import BUNDLED, config_data, history
+    from edge.learn import run as learn_run
+    from edge.learn.sources import MemorySource
+    work = Path(sys.argv[1])
+    shutil.copyfile(BUNDLED, work / "occupancy.onnx")
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config_data(work, {"train": {"epochs": 4}}), sort_keys=False))
+    result = learn_run.learn(path, "rooms", source=MemorySource(history(), "simulated rooms"))
+    print("learn", result.status, json.dumps(result.report.get("training")))
+    """
+)
+
+
+def test_learn_trains_inside_the_units_sandbox(tmp_path: Path) -> None:
+    """The daemon's Retrain runs `learn` as its own child, inside the unit's sandbox: with
+    MemoryDenyWriteExecute=yes torch's oneDNN JIT cannot map code ("could not create a primitive"),
+    and ~@resources denies learn's nice and its child's memory ceiling. Training still runs: the
+    child turns oneDNN off when W+X memory is denied, the RSS watch still bounds it."""
+    pytest.importorskip("torch")
+    import ctypes.util
+
+    if ctypes.util.find_library("seccomp") is None:
+        pytest.skip("libseccomp is not installed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", _MDWE_FILTER + _RESOURCES_FILTER + _LEARN_RUN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+        cwd=ROOT,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "oneDNN kernels are off" in out, out[-3000:]
+    status = next(line for line in result.stdout.splitlines() if line.startswith("learn "))
+    assert status.split()[1] in ("0", "1"), out[-3000:]  # promoted or kept: the model was trained
+
+
 # ---------------------------------------------------------------------------- install.sh
 
 
@@ -285,6 +347,27 @@ def _install(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def test_install_trainer_puts_a_cpu_torch_first_then_the_extra(tmp_path: Path) -> None:
+    """--trainer: a CPU torch before the extra (a bare torch on x86_64 pulls CUDA), the extra on the
+    project name of any --source spelling."""
+    for source, want in (
+        ("edge-infer==0.2.0", "edge-infer[trainer]==0.2.0"),
+        ("/srv/edge-infer", "/srv/edge-infer[trainer]"),
+    ):
+        out = _install("--dry-run", "--trainer", "--source", source, "--prefix", str(tmp_path)).stdout
+        pips = [line for line in out.splitlines() if " -m pip install " in line]
+        assert len(pips) == 3, out  # pip itself, torch, the project with the extra
+        if os.uname().machine == "x86_64":
+            assert "--index-url https://download.pytorch.org/whl/cpu torch==2.9.1+cpu" in pips[1], pips
+        else:
+            assert pips[1].endswith("torch==2.9.1"), pips
+        assert pips[2].endswith(" " + want), pips
+    custom = _install("--dry-run", "--trainer", "--torch", "torch==2.13.0", "--prefix", str(tmp_path)).stdout
+    assert any(line.endswith(" torch==2.13.0") for line in custom.splitlines()), custom
+    plain = _install("--dry-run", "--prefix", str(tmp_path)).stdout
+    assert "torch" not in plain and "[trainer]" not in plain, plain
 
 
 def test_install_dry_run_changes_nothing(tmp_path: Path) -> None:
