@@ -698,7 +698,8 @@ class HomeAssistantConfig(_Model):
         7.0,
         gt=0,
         description="A device no pipeline has answered for this long is removed from Home Assistant "
-        "(null: never). A restart never removes a device its config still covers.",
+        "(null: never). With state.file the last answers are kept there, so the time counts across "
+        "restarts; without it a restart counts as an answer.",
     )
 
 

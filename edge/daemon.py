@@ -907,7 +907,8 @@ class Daemon:
             return
         await self.watch.save()
         try:
-            await asyncio.to_thread(write_state, path, snapshot_state(self.pipelines))
+            document = snapshot_state(self.pipelines, self.discovery.last_seen())
+            await asyncio.to_thread(write_state, path, document)
         except OSError as exc:
             self.state_write_errors += 1
             log.warning("could not write the state file %s: %s", path, exc)
@@ -1165,9 +1166,10 @@ class Daemon:
             self._spawn(Watchdog(self.notifier, self.liveness).run(), "watchdog"),
         ]
         if self.config.state.file is not None:
-            restore_state(self.config.state.file, self.pipelines)
+            restored = restore_state(self.config.state.file, self.pipelines)
             for name, pipeline in self.pipelines.items():  # announced at once, not at their next answer
                 self.discovery.remember(name, pipeline.store.states)
+            self.discovery.restore_seen(restored.last_seen)  # forget_after_days runs across restarts
             periodic.append(self._spawn(self._keep_state(), "state"))
         link_task = self._spawn(self._run_link(), "mqtt")
         try:

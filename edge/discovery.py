@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from edge import __version__
@@ -145,6 +145,7 @@ class Discovery:
         *,
         is_leader: Callable[[], bool] | None = None,
         spawn: Callable[[Coroutine[Any, Any, None], str], object] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         ha = config.homeassistant
         self.enabled = ha.enabled
@@ -209,7 +210,7 @@ class Discovery:
         # (pipeline, device) -> the identity its config of an earlier run linked it by (read back)
         self._readback_identities: dict[tuple[str, str], Identity] = {}
         self.identity_rejected = 0  # identity payloads that were not what the family publishes
-        self._clock: Callable[[], float] = time.time
+        self._clock = clock  # wall time: when devices answered (tests pass their own)
 
     def retains(self, pipeline: Pipeline) -> bool:
         """Whether ``pipeline``'s predictions are published retained for Home Assistant.
@@ -418,16 +419,68 @@ class Discovery:
             await asyncio.sleep(interval)
             self.replan()
 
-    def _unseen(self, pipeline: Pipeline, device: str, now: float) -> bool:
-        """Notes whether ``device`` answered since the last look; ``True`` when it has not for
-        ``forget_after_s`` (a device known only from before this run counts from the restart)."""
+    def _note(self, pipeline: Pipeline, device: str, now: float) -> None:
+        """Notes whether ``device`` answered since the last look (a new published payload)."""
         key = (pipeline.name, device)
         payload = pipeline.last_published.get(device)
         if payload is not None and self._marks.get(key) is not payload:
             self._marks[key] = payload
             self._seen[key] = now
-        seen = self._seen.setdefault(key, now)
+
+    def _unseen(self, pipeline: Pipeline, device: str, now: float) -> bool:
+        """Notes whether ``device`` answered since the last look; ``True`` when it has not for
+        ``forget_after_s``. The clock runs from the last answer the state file kept
+        (:meth:`restore_seen`); a device known only otherwise (the broker's retained configs, no
+        state file) counts from the restart."""
+        self._note(pipeline, device, now)
+        seen = self._seen.setdefault((pipeline.name, device), now)
         return self.forget_after_s is not None and now - seen > self.forget_after_s
+
+    def _announced(self) -> dict[str, Pipeline]:
+        return {p.name: p for p in self._pipelines() if p.cfg.homeassistant.enabled}
+
+    def _drop_seen_of_gone_pipelines(self, names: Iterable[str]) -> None:
+        keep = set(names)
+        for key in [k for k in self._seen if k[0] not in keep]:
+            self._seen.pop(key, None)
+            self._marks.pop(key, None)
+
+    def last_seen(self) -> dict[str, dict[str, float]]:
+        """Pipeline -> device -> wall time it last answered, for the state file: one entry per
+        device known to an announced pipeline (answers since the last look noted now), none for
+        pipelines no longer configured. Empty when discovery is off."""
+        if not self.enabled:
+            return {}
+        pipelines = self._announced()
+        now = self._clock()
+        for pipeline in pipelines.values():
+            for device in pipeline.last_published:
+                self._note(pipeline, device, now)
+        self._drop_seen_of_gone_pipelines(pipelines)
+        out: dict[str, dict[str, float]] = {}
+        for (name, device), seen in self._seen.items():
+            out.setdefault(name, {})[device] = seen
+        return out
+
+    def restore_seen(self, seen: Mapping[str, Mapping[str, float]]) -> int:
+        """The last-answered times the state file kept (:func:`edge.statefile.restore` checked
+        them), so ``forget_after_days`` counts across restarts: for announced pipelines only, a
+        time ahead of the clock (the clock was set back) taken as now. Those devices are
+        remembered like the state file's windows (announced at once, forgotten once too old).
+        Returns the number restored."""
+        if not self.enabled:
+            return 0
+        pipelines = self._announced()
+        now = self._clock()
+        restored = 0
+        for name, devices in seen.items():
+            if name not in pipelines:
+                continue
+            for device, when in devices.items():
+                self._seen[(name, device)] = min(float(when), now)
+                restored += 1
+            self.remember(name, devices)
+        return restored
 
     def _forget(self, pipeline: Pipeline, device: str) -> None:
         key = (pipeline.name, device)
@@ -464,6 +517,7 @@ class Discovery:
                 watch(self._identity_learned)
         devices: list[tuple[SourceDevice, list[OutputEntity]]] = []
         by_device: dict[str, list[tuple[Pipeline, OutputEntity]]] = {}
+        self._drop_seen_of_gone_pipelines(self._announced())  # one entry per known device
         for pipeline in self._pipelines():
             if not pipeline.cfg.homeassistant.enabled:
                 continue

@@ -11,6 +11,12 @@ the daemon starts with empty windows as it would without the file.
 Restored windows keep their last sample time, so a daemon that was down longer than a window's
 ``max_gap_s`` restarts that window on the first new reading instead of joining samples across
 the outage.
+
+Beside the windows the file keeps, under ``last_seen``, the wall time each (pipeline, device)
+last answered (:meth:`edge.discovery.Discovery.last_seen`), so ``homeassistant.forget_after_days``
+counts across restarts. It does not depend on a pipeline's input (no signature); a file without it
+(an older edge-infer) restores as if no device had a time, and an older edge-infer reading a newer
+file ignores it.
 """
 
 from __future__ import annotations
@@ -76,20 +82,71 @@ class RestoreReport:
     pipelines: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # pipeline -> why its part was ignored
     problem: str | None = None  # why the whole file was ignored
+    # pipeline -> device -> wall time it last answered (running pipelines only, valid times only)
+    last_seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    last_seen_dropped: int = 0  # last_seen entries not restored (pipeline gone, not a time)
 
 
-def snapshot(pipelines: Mapping[str, Pipeline]) -> dict[str, Any]:
-    """The document :func:`save` writes (devices whose state is empty are left out)."""
+LastSeen = Mapping[str, Mapping[str, float]]
+
+
+def snapshot(pipelines: Mapping[str, Pipeline], last_seen: LastSeen | None = None) -> dict[str, Any]:
+    """The document :func:`save` writes (devices whose state is empty are left out); ``last_seen``
+    (pipeline -> device -> wall time) only for pipelines in ``pipelines``."""
     parts: dict[str, Any] = {}
     for name, pipeline in pipelines.items():
         devices = {device: _encode(state.to_state()) for device, state in pipeline.store.states.items()}
         parts[name] = {"signature": signature(pipeline), "devices": devices}
-    return {"format": FORMAT, "version": VERSION, "written_at": time.time(), "pipelines": parts}
+    seen = {
+        name: {device: float(t) for device, t in devices.items()}
+        for name, devices in (last_seen or {}).items()
+        if name in pipelines and devices
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "written_at": time.time(),
+        "pipelines": parts,
+        "last_seen": seen,
+    }
 
 
-def save(path: Path, pipelines: Mapping[str, Pipeline]) -> int:
+def save(path: Path, pipelines: Mapping[str, Pipeline], last_seen: LastSeen | None = None) -> int:
     """Write the state of every device atomically; returns the number of devices written."""
-    return write(path, snapshot(pipelines))
+    return write(path, snapshot(pipelines, last_seen))
+
+
+def _is_time(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+def _restore_last_seen(
+    document: dict[str, Any], pipelines: Mapping[str, Pipeline], report: RestoreReport
+) -> None:
+    """``document["last_seen"]`` into ``report.last_seen``: entries of pipelines that are not
+    running, and anything that is not a device name with a positive finite time, are dropped
+    (counted); at most ``max_devices`` per pipeline, the most recent kept. Absent: nothing."""
+    part = document.get("last_seen")
+    if part is None:
+        return
+    if not isinstance(part, dict):
+        report.skipped["last_seen"] = "not a mapping"
+        return
+    for name, devices in part.items():
+        pipeline = pipelines.get(name)
+        if pipeline is None or not isinstance(devices, dict):
+            report.last_seen_dropped += len(devices) if isinstance(devices, dict) else 1
+            continue
+        valid = {d: float(t) for d, t in devices.items() if isinstance(d, str) and d and _is_time(t)}
+        report.last_seen_dropped += len(devices) - len(valid)
+        bound = pipeline.cfg.max_devices
+        if len(valid) > bound:
+            report.last_seen_dropped += len(valid) - bound
+            valid = dict(sorted(valid.items(), key=lambda item: item[1], reverse=True)[:bound])
+        if valid:
+            report.last_seen[name] = valid
 
 
 def write(path: Path, document: dict[str, Any]) -> int:
@@ -188,6 +245,7 @@ def restore(path: Path, pipelines: Mapping[str, Pipeline], max_bytes: int = MAX_
             restored += 1
         report.devices += restored
         report.pipelines.append(name)
+    _restore_last_seen(document, pipelines, report)
     for name, why in list(report.skipped.items())[:5]:
         log.warning("state file %s: %s not restored: %s", path, name, why)
     if len(report.skipped) > 5:
@@ -195,5 +253,13 @@ def restore(path: Path, pipelines: Mapping[str, Pipeline], max_bytes: int = MAX_
     if report.pipelines:
         log.info(
             "restored %d device state(s) of %s from %s", report.devices, ", ".join(report.pipelines), path
+        )
+    if report.last_seen or report.last_seen_dropped:
+        log.info(
+            "restored the last-seen time of %d device(s) from %s (%d entries dropped: pipeline gone or "
+            "not a time)",
+            sum(len(d) for d in report.last_seen.values()),
+            path,
+            report.last_seen_dropped,
         )
     return report

@@ -7,7 +7,11 @@
 # Home Assistant 2025.4.4 is the newest release whose Requires-Python admits Python 3.13.0
 # (later releases ask for 3.13.2). It is installed under its own package_constraints.txt,
 # together with the frontend (without it Home Assistant boots into recovery mode), the
-# requirements of the integrations the test loads (mqtt), and pyotp/PyQRCode (auth modules).
+# requirements of the integrations the tests load (mqtt; tasmota, whose HATasmota links a Tasmota
+# device in tests/test_ha_linking.py, and camera and stream, which its camera platform imports:
+# 2025.4.4's homeassistant package still required their numpy and PyTurboJPEG, 2026.x's not), and
+# pyotp/PyQRCode (auth modules). Each integration's pinned requirements come from its
+# manifest.json in the wheel, so they match the release.
 # Takes a few minutes and about 1 GB of disk on a fresh machine.
 #
 # Newer releases (HA_VERSION=2026.2.3, say) ask for Python 3.13.2. With only 3.13.0 at hand,
@@ -50,13 +54,14 @@ wheel, work = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as zf:
     constraints = zf.read("homeassistant/package_constraints.txt").decode()
     reqs = []
-    for integration in ("frontend", "mqtt", "onboarding", "auth", "http", "api"):
+    for integration in ("frontend", "mqtt", "tasmota", "camera", "stream", "onboarding", "auth", "http", "api"):
         name = f"homeassistant/components/{integration}/manifest.json"
         try:
             reqs += json.loads(zf.read(name)).get("requirements", [])
         except KeyError:
             pass
 open(f"{work}/constraints.txt", "w").write(constraints)
+reqs = list(dict.fromkeys(reqs))  # camera and stream both pin PyTurboJPEG
 open(f"{work}/requirements.txt", "w").write("\n".join(reqs + ["pyotp", "PyQRCode"]) + "\n")
 PY
 echo "setup_ha_venv: integration requirements: $(tr '\n' ' ' < "${WORK}/requirements.txt")"
