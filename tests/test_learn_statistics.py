@@ -316,3 +316,80 @@ def test_the_card_says_which_spans_came_from_statistics(recorder: Path) -> None:
         "gate": {"metric": "macro_f1", "margin": 0.02, "reason": "r"},
     }
     assert "Long-term statistics" in learn_card(report)
+
+
+def test_a_snapshot_takes_each_row_at_once_and_its_label_from_the_same_row() -> None:
+    """A snapshot holds a reading at once (no tick): its vector at a row's start is that row, and
+    the teacher's row of the same start labels it; a missing row is a gap (no vector there)."""
+    five = 300.0
+    rows = {
+        MAINS: [StatisticRow(T0 + five * k, mean=10.0 + k) for k in range(12) if k != 4],
+        PLUG: [StatisticRow(T0 + five * k, mean=9.0 if k % 2 else 1.0) for k in range(12)],
+    }
+    source = MemorySource({}, statistics={"5minute": rows})
+    cfg = load(
+        pipeline(
+            statistics={"use": "only", "period": "5minute"}, features={"type": "snapshot", "max_age_s": 300}
+        )
+    )
+    table = table_of(cfg, source)
+    ks = [k for k in range(12) if k != 4]
+    assert ((table.ts - T0) / five).tolist() == ks
+    assert table.x[:, 0].tolist() == [10.0 + k for k in ks]
+    assert table.labels == ["on" if k % 2 else "off" for k in ks]
+    assert table.statistics["examples"] == len(ks)
+    # the gap after the last row's period: the teacher's row 11 ends at 12 periods, the entity is
+    # unavailable from there (never a value held on)
+    assert table.statistics["entities"][MAINS]["gaps"] == 2
+
+
+def test_learn_end_to_end_reports_and_cards_the_statistics_spans(tmp_path: Path) -> None:
+    """`learn` with a recorder copy whose states cover the last day and whose hourly statistics the
+    five before: trained (a few epochs), the card and learn_report.json say what statistics fed."""
+    pytest.importorskip("torch")
+    import io
+    import json
+    import math
+    from datetime import UTC, datetime
+
+    import yaml
+
+    from edge.learn.run import EXIT_KEPT, EXIT_PROMOTED, learn
+
+    end = T0 + 6 * 86400
+    first_state = end - 86400
+    rec = Recorder(tmp_path / "home-assistant_v2.db")
+
+    def on(k: int) -> bool:
+        return k % 24 in (7, 8, 9, 18, 19, 20, 21)
+
+    for k in range(int((first_state - T0) // H)):
+        rec.statistic(MAINS, "statistics", T0 + k * H, mean=(950.0 if on(k) else 140.0) + 15 * math.sin(k))
+        rec.statistic(PLUG, "statistics", T0 + k * H, mean=1500.0 if on(k) else 0.4)
+    for i in range(86400 // 600):
+        ts = first_state + 600 * i
+        k = int((ts - T0) // H)
+        rec.state(MAINS, f"{(950.0 if on(k) else 140.0) + 15 * math.sin(i)}", ts)
+        rec.state(PLUG, "1500.0" if on(k) else "0.4", ts)
+    rec.close()
+    data = pipeline(rec.path, statistics={"use": "fill"})
+    data["models"]["m"]["path"] = str(tmp_path / "m.onnx")
+    data["pipelines"]["heat"]["learn"].update(
+        days=6,
+        end=datetime.fromtimestamp(end, UTC).isoformat(),
+        min_examples_per_class=5,
+        train={"epochs": 5},
+        work_dir=str(tmp_path / "work"),
+    )
+    config = tmp_path / "edge-infer.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result = learn(config, "heat", deploy_model=False, out=io.StringIO())
+    assert result.status in (EXIT_PROMOTED, EXIT_KEPT), result.message
+    report = json.loads((tmp_path / "work" / "learn_report.json").read_text())
+    stats = report["statistics"]
+    assert stats["use"] == "fill" and stats["period"] == "hour"
+    assert 0 < stats["examples"] < report["examples"] == stats["of_examples"]
+    assert stats["entities"][MAINS]["spans"] == [[_iso(T0), _iso(first_state), 120]]
+    card = (tmp_path / "work" / "build" / "card.md").read_text()
+    assert f"`{MAINS}`: {_iso(T0)} to {_iso(first_state)} (120 rows)" in card
+    assert f"{stats['examples']} of {report['examples']} examples hold a value or a label" in card
