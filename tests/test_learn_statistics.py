@@ -393,3 +393,25 @@ def test_learn_end_to_end_reports_and_cards_the_statistics_spans(tmp_path: Path)
     card = (tmp_path / "work" / "build" / "card.md").read_text()
     assert f"`{MAINS}`: {_iso(T0)} to {_iso(first_state)} (120 rows)" in card
     assert f"{stats['examples']} of {report['examples']} examples hold a value or a label" in card
+
+
+def test_the_docs_statistics_example_is_valid_and_its_refusal_is_the_codes() -> None:
+    import re
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "learning-sources.md").read_text()
+    block = re.search(r"<!-- statistics example -->\n```yaml\n(.*?)\n```", doc, re.S)
+    assert block is not None
+    data = yaml.safe_load(block.group(1))
+    cfg = parse_config(data)  # the model file does not exist yet: learn creates it
+    stats = cfg.pipelines["heatpump"].learn.source.statistics  # type: ignore[union-attr]
+    assert stats is not None and (stats.use, stats.period, stats.value) == ("fill", "hour", "mean")
+    # the refusal the docs quote, for the 10-second washer window
+    data["pipelines"]["washer"] = data["pipelines"].pop("heatpump")
+    data["pipelines"]["washer"]["features"] = {"type": "window", "size": 30, "resample_period_s": 10}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    quoted = re.search(r"`(pipelines\.washer\.learn\.source\.statistics\.period: .*?)`", doc, re.S)
+    assert quoted is not None
+    assert f"{err.value.key}: {err.value.message}" == " ".join(quoted.group(1).split())
