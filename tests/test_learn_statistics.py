@@ -415,3 +415,15 @@ def test_the_docs_statistics_example_is_valid_and_its_refusal_is_the_codes() -> 
     quoted = re.search(r"`(pipelines\.washer\.learn\.source\.statistics\.period: .*?)`", doc, re.S)
     assert quoted is not None
     assert f"{err.value.key}: {err.value.message}" == " ".join(quoted.group(1).split())
+
+
+def test_an_entity_that_is_input_and_teacher_gets_each_its_own_timing() -> None:
+    """The mains meter teaching itself (above 150 W): its input rows stand at their start, its
+    teacher rows at their end, so each window is labelled by its own newest hour."""
+    rows = {MAINS: [StatisticRow(T0 + k * H, mean=100.0 + 20.0 * (k % 5)) for k in range(10)]}
+    cfg = load(pipeline(statistics={"use": "only"}, labels={"teacher": {"entity": MAINS, "above": 150}}))
+    table = table_of(cfg, MemorySource({}, statistics={"hour": rows}))
+    assert len(table) == 9  # ticks at hours 2..10 (the last at the end of row 9)
+    newest = table.x[:, -1, 0].tolist()
+    assert table.labels == ["on" if v > 150 else "off" for v in newest]
+    assert set(table.labels) == {"on", "off"}

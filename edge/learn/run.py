@@ -179,8 +179,8 @@ def _make_table(
             entities += label_entities(learn.labels, device)
         stats_cfg = learn.source.statistics
         if stats_cfg is not None and stats_cfg.use == "only":  # their states are not read
-            numeric = set(statistics_entities(learn)[0] + statistics_entities(learn)[1])
-            entities = [e for e in entities if e not in numeric]
+            numeric_inputs, numeric_labels = statistics_entities(learn)
+            entities = [e for e in entities if e not in {*numeric_inputs, *numeric_labels}]
         history = opened.states(list(dict.fromkeys(entities)), start, end)
         described = opened.describe() if source is not None and hasattr(opened, "describe") else None
         windowed = isinstance(pcfg.features, WindowFeatures)
