@@ -5,7 +5,8 @@ a user's devices would announce themselves), at a pace the recorder stores with 
 timestamps, then reads them back through the WebSocket API (``HaWebSocketSource``) and from a
 copy of the recorder's SQLite file (``RecorderDbSource``) and asserts the two are identical:
 every state, its ``last_updated`` and attributes, and each entity's state from before the period.
-Long-term statistics are imported through the WebSocket API and read back both ways. It also
+Long-term statistics are imported through the WebSocket API and read back both ways, and learn's
+table filled from them (``learn.source.statistics``) is the same both ways. It also
 checks a refused token (the error names the URL, never the token) and ``--suggest`` on the
 real registries. Skipped without ``EDGE_INFER_HA_VENV`` (see tests/test_ha_real.py).
 """
