@@ -484,18 +484,64 @@ class LearnHaSource(_Model):
         return self
 
 
+#: seconds per Home Assistant long-term statistics period
+STATISTICS_PERIOD_S = {"5minute": 300.0, "hour": 3600.0}
+
+
+class LearnStatistics(_Model):
+    """Home Assistant's long-term statistics where states are not available (docs/learning-sources.md)."""
+
+    use: Literal["off", "fill", "only"] = Field(
+        "fill",
+        description="fill: per entity, the span before its oldest kept state (all of the period when "
+        "it has none) from statistics rows; only: statistics for every numeric entity, states not "
+        "read for them; off: states only.",
+    )
+    period: Literal["5minute", "hour"] = Field(
+        "hour", description="Which statistics: hour (kept for good) or 5minute (purged with states)."
+    )
+    value: Literal["mean", "min", "max"] = Field(
+        "mean", description="The row's value fed as the entity's state at the row's start."
+    )
+
+    @field_validator("use", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted off as false: take it as meant.
+        return "off" if value is False else value
+
+    @property
+    def period_s(self) -> float:
+        return STATISTICS_PERIOD_S[self.period]
+
+    @property
+    def active(self) -> bool:
+        return self.use != "off"
+
+
 class LearnSource(_Model):
     """Where learn reads history: exactly one of ha, recorder_db, record."""
 
     ha: LearnHaSource | None = None
     recorder_db: Path | None = Field(None, description="A copy of home-assistant_v2.db (opened read-only).")
     record: Path | None = Field(None, description="A CSV/Parquet file written by edge-infer record.")
+    statistics: LearnStatistics | None = Field(
+        None,
+        description="Also read Home Assistant's long-term statistics (ha or recorder_db), where states "
+        "are not available; absent: states only.",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> LearnSource:
         given = [k for k in ("ha", "recorder_db", "record") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of ha, recorder_db, record (got {given or 'none'})")
+        if self.record is not None and self.statistics is not None and self.statistics.active:
+            raise _KeyedError(
+                "statistics",
+                "a record file holds model inputs, not Home Assistant's statistics: use statistics "
+                "with ha or recorder_db",
+            )
         return self
 
 
@@ -630,6 +676,12 @@ class LearnConfig(_Model):
             raise _KeyedError("end", "give a time with a zone, e.g. 2026-11-20T10:00:00Z")
         if self.test_fraction + self.val_fraction >= 0.9:
             raise _KeyedError("val_fraction", "test_fraction + val_fraction leaves too little to train on")
+        stats = self.source.statistics
+        if stats is not None and stats.active and self.labels is not None and self.labels.corrections:
+            raise _KeyedError(
+                "source.statistics",
+                "corrections are model inputs already: statistics are not read for them (leave it out)",
+            )
         return self
 
 
@@ -654,6 +706,55 @@ class PipelineConfig(_Model):
         "snapshot: shared). See docs/scale-out.md.",
     )
     learn: LearnConfig | None = Field(None, description="Where `edge-infer learn` finds data and labels.")
+
+    @model_validator(mode="after")
+    def _learn_statistics(self) -> PipelineConfig:
+        stats = self.learn.source.statistics if self.learn is not None else None
+        if stats is not None and stats.active:
+            problem = statistics_problem(stats, self.features)
+            if problem is not None:
+                raise _KeyedError(*problem)
+        return self
+
+
+def statistics_problem(
+    stats: LearnStatistics, features: SnapshotFeatures | WindowFeatures
+) -> tuple[str, str] | None:
+    """Why ``stats`` cannot feed a pipeline with ``features`` (key, message), or None.
+
+    A statistics row stands for its whole period, so it may only feed a model whose inputs are at
+    least that coarse: a window resampled to ``resample_period_s`` >= the period (and whose
+    ``max_gap_s`` does not restart it between two rows), or a snapshot whose ``max_age_s`` is at
+    least the period."""
+    key = "learn.source.statistics.period"
+    p = stats.period_s
+    what = f"{stats.period} statistics ({p:g} s per row)"
+    if isinstance(features, SnapshotFeatures):
+        if p > features.max_age_s:
+            return key, (
+                f"{what} are coarser than features.max_age_s={features.max_age_s:g}: a snapshot model "
+                f"is served readings at most {features.max_age_s:g} s old (use period: 5minute, raise "
+                "max_age_s, or leave statistics out)"
+            )
+        return None
+    if features.resample_period_s is None:
+        return "learn.source.statistics", (
+            f"{what} need a resampled window: set features.resample_period_s (at least {p:g}) or "
+            "leave statistics out"
+        )
+    if p > features.resample_period_s:
+        return key, (
+            f"{what} are coarser than features.resample_period_s={features.resample_period_s:g}: "
+            "windows of them would hold one value for several samples, unlike what the model is "
+            "served (use period: 5minute, a resample period of at least the statistics period, or "
+            "leave statistics out)"
+        )
+    if features.max_gap_s is not None and p > features.max_gap_s:
+        return key, (
+            f"{what} are further apart than features.max_gap_s={features.max_gap_s:g}: every row "
+            f"would restart the window (raise max_gap_s to at least {p:g})"
+        )
+    return None
 
 
 class DeadLetterConfig(_Model):

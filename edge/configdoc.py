@@ -37,6 +37,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("pipelines.<name>.learn", c.LearnConfig),
     ("pipelines.<name>.learn.source", c.LearnSource),
     ("pipelines.<name>.learn.source.ha", c.LearnHaSource),
+    ("pipelines.<name>.learn.source.statistics", c.LearnStatistics),
     ("pipelines.<name>.learn.labels", c.LearnLabels),
     ("pipelines.<name>.learn.labels.teacher", c.TeacherRule),
     ("pipelines.<name>.learn.exclude[]", c.ExcludeSpan),

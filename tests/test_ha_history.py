@@ -5,7 +5,8 @@ a user's devices would announce themselves), at a pace the recorder stores with 
 timestamps, then reads them back through the WebSocket API (``HaWebSocketSource``) and from a
 copy of the recorder's SQLite file (``RecorderDbSource``) and asserts the two are identical:
 every state, its ``last_updated`` and attributes, and each entity's state from before the period.
-Long-term statistics are imported through the WebSocket API and read back both ways. It also
+Long-term statistics are imported through the WebSocket API and read back both ways, and learn's
+table filled from them (``learn.source.statistics``) is the same both ways. It also
 checks a refused token (the error names the URL, never the token) and ``--suggest`` on the
 real registries. Skipped without ``EDGE_INFER_HA_VENV`` (see tests/test_ha_real.py).
 """
@@ -319,6 +320,117 @@ def test_statistics_identical_over_websocket_and_from_the_copy(
         (302.0, 12.0, 2498.5),
         (303.0, 13.0, 2497.5),
     ]
+
+
+def _import_hourly(source: HaWebSocketSource, entity: str, rows: list[tuple[float, float]]) -> None:
+    source.command(
+        {
+            "type": "recorder/import_statistics",
+            "metadata": {
+                "has_mean": True,
+                "has_sum": False,
+                "name": None,
+                "source": "recorder",
+                "statistic_id": entity,
+                "unit_of_measurement": "W",
+            },
+            "stats": [
+                {
+                    "start": datetime.fromtimestamp(start, UTC).isoformat(),
+                    "mean": mean,
+                    "min": mean - 1.0,
+                    "max": mean + 1.0,
+                }
+                for start, mean in rows
+            ],
+        }
+    )
+
+
+def test_learn_fills_from_long_term_statistics_identically_over_websocket_and_from_the_copy(
+    recorded_home: RecordedHome, tmp_path: Path
+) -> None:
+    """learn.source.statistics against a real recorder: hourly statistics imported for 19 of the
+    20 hours before the sensors existed (as after a purge: states only from then on) feed learn's
+    table, a window of 3 hourly samples taught by the plug's hourly mean; the table over the
+    WebSocket API equals the one from a copy of the recorder, bit for bit, and holds the imported
+    means. (The hour before the sensors is left without rows, so a row Home Assistant compiles
+    itself for the hour they appeared in, should the test pass the hour, starts a window of its
+    own that never fills.)"""
+    from edge.config import parse_config
+    from edge.learn.run import make_table
+
+    home = recorded_home
+    assert home.ha.token is not None
+    hour = int(home.t0) // 3600 * 3600 - 20 * 3600  # 20 hours before the fixture began, on the hour
+    missing = 9  # no mains row for hour 9: a gap
+    mains = [(hour + 3600.0 * k, 400.0 + 25.5 * k) for k in range(19) if k != missing]
+    plug = [(hour + 3600.0 * k, 1800.5 if k % 4 == 1 else 0.75) for k in range(19)]
+    with HaWebSocketSource(url=home.url, token=home.ha.token) as source:
+        _import_hourly(source, MAINS, mains)
+        _import_hourly(source, PLUG, plug)
+        _ws_wait(
+            source,
+            lambda: (
+                len(source.statistics([MAINS], hour, hour + 19 * 3600.0)[MAINS]) == 18
+                and len(source.statistics([PLUG], hour, hour + 19 * 3600.0)[PLUG]) == 19
+            ),
+            "the imported statistics",
+        )
+        config = parse_config(
+            {
+                "models": {"m": {"path": str(tmp_path / "m.onnx")}},  # none yet: the config's spec
+                "pipelines": {
+                    "heat": {
+                        "model": "m",
+                        "source": {"profile": "shelly"},
+                        "inputs": {"power": "em1:0.act_power"},
+                        "features": {
+                            "type": "window",
+                            "size": 3,
+                            "resample_period_s": 3600,
+                            "max_gap_s": 3600,
+                        },
+                        "learn": {
+                            "source": {
+                                "recorder_db": str(tmp_path / "unused.db"),  # the sources are given below
+                                "statistics": {"use": "fill", "period": "hour"},
+                            },
+                            "days": (home.end - hour) / 86400,
+                            "end": datetime.fromtimestamp(home.end, UTC).isoformat(),
+                            "inputs": {"mains_meter": {"power": MAINS}},
+                            "labels": {"teacher": {"entity": PLUG, "above": 5}},
+                        },
+                    }
+                },
+            }
+        )
+        over_ws, _ = make_table("heat", config, source=source)
+    copy = copy_recorder_db(home.ha.config_dir / "home-assistant_v2.db", tmp_path / "copy.db")
+    with RecorderDbSource(path=copy) as db:
+        from_db, _ = make_table("heat", config, source=db)
+    assert over_ws.ts.tolist() == from_db.ts.tolist()
+    assert over_ws.x.tobytes() == from_db.x.tobytes()
+    assert over_ws.labels == from_db.labels and over_ws.statistics == from_db.statistics
+    # the windows from statistics: each ticks at an hour's end and ends with that hour's mean,
+    # labelled by the plug's mean of the same hour; the missing hour restarts the window
+    mean = dict(mains)
+    before = [i for i in range(len(over_ws)) if over_ws.ts[i] <= hour + 19 * 3600.0]
+    assert len(before) == 8 + 8  # ticks at hours 2..9, and after the gap at hours 12..19
+    for i in before:
+        k = round((over_ws.ts[i] - hour) / 3600) - 1  # the hour the window ends with
+        assert float(over_ws.x[i, -1, 0]) == mean[hour + 3600.0 * k]
+        assert over_ws.labels[i] == ("on" if k % 4 == 1 else "off")
+    assert {over_ws.labels[i] for i in before} == {"on", "off"}
+    assert over_ws.x[before[0], :, 0].tolist() == [400.0, 400.0, 425.5]
+    summary = over_ws.statistics
+    assert summary["examples"] == len(before)
+    spans = summary["entities"][MAINS]["spans"]
+    iso = [
+        datetime.fromtimestamp(hour + 3600.0 * k, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") for k in (0, 9, 10, 19)
+    ]
+    assert spans[:2] == [[iso[0], iso[1], 9], [iso[2], iso[3], 9]]
+    assert summary["entities"][f"{PLUG} (label)"]["spans"][0][2] == 19
 
 
 def test_a_refused_token_names_the_url_never_the_token(

@@ -41,6 +41,8 @@ from edge.learn.gate import NotComparable, Verdict, decide, majority_baseline, o
 from edge.learn.history import HistorySource, SourceError
 from edge.learn.sources import RecordTable, close_source, describe_source, open_source
 from edge.learn.split import DAY, TooLittleData, check_enough, class_order, time_split, window_span_s
+from edge.learn.statistics import examples_from_statistics, fill_from_statistics, statistics_entities
+from edge.learn.statistics import summary as statistics_summary
 from edge.learn.table import Table, build_table, label_entities, pipeline_for, table_from_rows
 from edge.runtime import ModelLoadError
 
@@ -128,6 +130,7 @@ def drop_flagged(table: Table, config: Config, *, keep: bool) -> Table:
         table.start,
         table.end,
         table.stats,
+        table.statistics,
     )
 
 
@@ -174,9 +177,27 @@ def _make_table(
             entities += list(mapping.values())
             assert learn.labels is not None
             entities += label_entities(learn.labels, device)
+        stats_cfg = learn.source.statistics
+        if stats_cfg is not None and stats_cfg.use == "only":  # their states are not read
+            numeric_inputs, numeric_labels = statistics_entities(learn)
+            entities = [e for e in entities if e not in {*numeric_inputs, *numeric_labels}]
         history = opened.states(list(dict.fromkeys(entities)), start, end)
         described = opened.describe() if source is not None and hasattr(opened, "describe") else None
-        table = build_table(name, config, history, start, end, pipeline=pipeline)
+        windowed = isinstance(pcfg.features, WindowFeatures)
+        for_inputs, for_labels, filled = fill_from_statistics(
+            opened, history, learn, start, end, windowed=windowed
+        )
+        table = build_table(name, config, for_inputs, start, end, pipeline=pipeline, label_history=for_labels)
+        if stats_cfg is not None and stats_cfg.active:
+            # a window's oldest tick is (size - 1) periods back (the config checks it is resampled)
+            period_s = pcfg.features.resample_period_s if isinstance(pcfg.features, WindowFeatures) else None
+            reach = (spec.sample_shape[0] - 1) * period_s if windowed and period_s else 0.0
+            used = examples_from_statistics(
+                table.ts.tolist(), table.devices, learn, filled, reach, windowed=windowed
+            )
+            table.statistics = statistics_summary(
+                filled, stats_cfg, examples=len(table), from_statistics=used
+            )
         return table, described or describe_source(learn.source)
     finally:
         if source is None:  # opened here: closed here
@@ -316,6 +337,7 @@ def learn_card(report: dict[str, Any]) -> str:
         lines.append(f"- **Labels**: {d['labels']}")
     if d.get("exclude"):
         lines.append("- **Excluded spans**: " + ", ".join(f"{a} to {b}" for a, b in d["exclude"]))
+    lines += statistics_card(d.get("statistics"))
     lines.append(
         f"- **Split**: contiguous time blocks (oldest train, then validation, newest test) with a "
         f"purge gap of {d['split']['purge_s']:.0f} s (at least one window) before each boundary"
@@ -349,6 +371,26 @@ def learn_card(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def statistics_card(stats: dict[str, Any] | None) -> list[str]:
+    """The card's lines on what long-term statistics fed (none when they were not used)."""
+    if not stats:
+        return []
+    lines = [
+        f"- **Long-term statistics** (`learn.source.statistics`: use {stats['use']}, "
+        f"{stats['period']} rows, their {stats['value']}): {stats['examples']} of "
+        f"{stats['of_examples']} examples hold a value or a label from them"
+    ]
+    for entity, info in stats["entities"].items():
+        spans = ", ".join(f"{a} to {b} ({n} rows)" for a, b, n in info["spans"]) or "no rows"
+        extra = (
+            f"; {info['rows_without_value']} rows without a {stats['value']} (gaps)"
+            if info["rows_without_value"]
+            else ""
+        )
+        lines.append(f"  - `{entity}`: {spans}{extra}")
+    return lines
 
 
 # ---------------------------------------------------------------------------- the whole run
@@ -386,6 +428,12 @@ def learn(
         f"learn {name}: {len(table)} labelled examples from {sources}, "
         f"{_iso(table.start)} to {_iso(table.end)} ({table_s:.1f} s)"
     )
+    if table.statistics:
+        st = table.statistics
+        note(
+            f"  long-term statistics ({st['period']} {st['value']}, use {st['use']}): "
+            f"{st['examples']} of {st['of_examples']} examples hold a value or a label from them"
+        )
     flagged = table.stats.get("rows in flagged spans", 0)
     kept = table.stats.get("rows in flagged spans (kept: keep_flagged)", 0)
     if flagged or kept:
@@ -488,6 +536,7 @@ def learn(
         "classes": classes,
         "examples": len(table),
         "table_stats": dict(table.stats),
+        "statistics": table.statistics or None,
         "split": {
             "purge_s": purge,
             "counts": counts,

@@ -90,9 +90,15 @@ class RecordTable:
 class MemorySource:
     """A history held in memory (tests, simulations, a history read once and reused)."""
 
-    def __init__(self, history: EntityHistory, name: str = "history in memory") -> None:
+    def __init__(
+        self,
+        history: EntityHistory,
+        name: str = "history in memory",
+        statistics: dict[str, dict[str, list[StatisticRow]]] | None = None,
+    ) -> None:
         self.history = history
         self.name = name
+        self.rows = statistics or {}  # period ("hour", "5minute") -> statistic id -> rows by start
 
     def describe(self) -> str:
         return self.name
@@ -108,7 +114,8 @@ class MemorySource:
     def statistics(
         self, statistic_ids: Sequence[str], start: float, end: float, period: str = "hour"
     ) -> dict[str, list[StatisticRow]]:
-        return {s: [] for s in statistic_ids}
+        rows = self.rows.get(period, {})
+        return {s: [r for r in rows.get(s, []) if start <= r.start < end] for s in statistic_ids}
 
 
 def _parse_ts(text: str) -> float | None:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +59,8 @@ class Table:
     start: float
     end: float
     stats: Counter[str] = field(default_factory=Counter)
+    #: what long-term statistics fed (edge/learn/statistics.py summary); empty: states only
+    statistics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -232,8 +235,11 @@ def build_table(
     end: float,
     *,
     pipeline: Pipeline | None = None,
+    label_history: EntityHistory | None = None,
 ) -> Table:
-    """The labelled table of pipeline ``name`` from ``history`` in ``[start, end)``."""
+    """The labelled table of pipeline ``name`` from ``history`` in ``[start, end)``; labels are read
+    from ``label_history`` when given (long-term statistics stamp a teacher's rows apart from an
+    input's, edge/learn/statistics.py), else from ``history``."""
     learn = config.pipelines[name].learn
     if learn is None:
         raise ConfigError(f"pipelines.{name}.learn", "this pipeline has no learn section")
@@ -244,7 +250,8 @@ def build_table(
     check_inputs(name, learn, spec)
     store = pipe.store
     stats: Counter[str] = Counter()
-    labellers = {device: make_labeller(learn.labels, device, history) for device in learn.inputs}
+    labels_from = history if label_history is None else label_history
+    labellers = {device: make_labeller(learn.labels, device, labels_from) for device in learn.inputs}
     # (ts, kind, seq, device, feature, value|None)
     events: list[tuple[float, int, int, str, str, float | None]] = []
     seq = 0
