@@ -5,16 +5,19 @@ learns to reconstruct its windows; the anomaly score is the mean squared reconst
 error (in z-units of the training data) of the latest window. The exported graph takes raw
 units ``[batch, window, channels]`` and returns ``score`` ``[batch, 1]``; the manifest has
 ``task: anomaly``, ``output: {name: score, kind: score}`` and ``threshold``, which is what
-``edge.outputs`` post-processes (``anomaly = score >= threshold``).
+``edge.outputs`` post-processes (``anomaly = score >= threshold``), gated per device by the
+manifest's alarm rule in the daemon (edge/alarm.py).
 
 Threshold: set on held-out normal data (the last ``holdout_fraction`` of the normal stretch,
-never trained on) for a target number of false alarms per day (``false_alarms_per_day``,
-a recipe parameter). The daemon scores one window every ``hop`` samples, so a day holds
-``86400 / (sample_period_s * hop)`` scores and the allowed share above the threshold is
-``false_alarms_per_day / scores_per_day``; the threshold is that upper quantile of the
-held-out scores. When the held-out data are too short to read that quantile off (fewer than
-ten expected exceedances), an exponential tail is fitted to the top 10 % of the held-out
-scores (peaks over threshold) and solved for the target share; the record says which.
+or ``held_out``: more normal readings, never trained on) for a target number of false alarms
+per day (``false_alarms_per_day``, a recipe parameter). A false alarm is an episode of the alarm
+the daemon publishes (edge/alarm.py, the manifest's ``provenance.alarm``): on after ``persist``
+scores in a row at or over the threshold, off after ``clear`` under it. The threshold is the
+lowest at which the held-out days show at most the number of alarms whose one-sided Poisson
+upper bound at ``confidence`` is within the target times the days; it is set on the scores
+ONNX Runtime gives. When the held-out days are too few for that (even no alarm would not show
+the target), an exponential tail is fitted to block maxima of the held-out scores (peaks over
+threshold) and solved for the target share; the record says which.
 
 ``python -m exporters.anomaly --out DIR`` trains, exports and writes a card on the synthetic
 fridge of :func:`fridge_power` and water-flow sensor of :func:`water_flow` (the figures in
