@@ -730,6 +730,7 @@ class Daemon:
             for index, prediction in zip(indices, predictions, strict=True):
                 item = batch[index]
                 pipeline.stats.predicted += 1
+                pipeline.alarms.apply(item.device, spec.alarm, prediction)  # anomaly: edge/alarm.py
                 self.corrections.seen(pipeline, item, prediction.fields, spec.version)
                 if item.explain is not None:  # output.explain: the batcher's attribution
                     add_explain(prediction, item.explain)

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devices.profiles import build_decoder as build_profile_decoder
+from edge.alarm import DeviceAlarms
 from edge.config import Config, PipelineConfig, SnapshotFeatures, WindowFeatures
 from edge.decode import (
     Availability,
@@ -139,6 +140,7 @@ class Pipeline:
         self.post = PostProcessor(spec, cfg.output)
         self.explain_plan = self._explain_plan(spec)
         self.policy = PublishPolicy(cfg.output)
+        self.alarms = DeviceAlarms(cfg.max_devices)  # anomaly models: the alarm per device
         self.stats = PipelineStats()
         self.topic_template = cfg.output.topic
         self._topics: dict[str, str] = {}

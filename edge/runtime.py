@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from edge.alarm import AlarmRule, AlarmRuleError
 from edge.config import ModelConfig, RuntimeConfig
 from edge.manifest import Manifest, ManifestError, Task, manifest_from_metadata
 
@@ -79,6 +80,9 @@ class ModelSpec:
     #: which a classification is published as ``unknown`` (manifest ``provenance.ood``)
     ood_output: str | None = None
     ood_threshold: float | None = None
+    #: anomaly: the alarm's persistence rule (manifest ``provenance.alarm``, edge/alarm.py);
+    #: None: every window at or over the threshold is an alarm window, as before
+    alarm: AlarmRule | None = None
 
 
 def resolve_providers(requested: list[str] | str, available: list[str]) -> tuple[list[str], list[str]]:
@@ -276,7 +280,18 @@ class LoadedModel:
             manifest=manifest,
             ood_output=ood_output,
             ood_threshold=ood_threshold,
+            alarm=self._alarm(manifest, task),
         )
+
+    def _alarm(self, manifest: Manifest | None, task: str) -> AlarmRule | None:
+        """An anomaly model's persistence rule (``provenance.alarm``), checked."""
+        record = manifest.provenance.get("alarm") if manifest is not None else None
+        if record is None or task != "anomaly":
+            return None
+        try:
+            return AlarmRule.from_record(record, f"model {self.name!r} manifest provenance.alarm")
+        except AlarmRuleError as exc:
+            raise ModelLoadError(self.name, str(exc)) from None
 
     def _ood(
         self, manifest: Manifest | None, task: str, outputs: list[str]

@@ -5,16 +5,19 @@ learns to reconstruct its windows; the anomaly score is the mean squared reconst
 error (in z-units of the training data) of the latest window. The exported graph takes raw
 units ``[batch, window, channels]`` and returns ``score`` ``[batch, 1]``; the manifest has
 ``task: anomaly``, ``output: {name: score, kind: score}`` and ``threshold``, which is what
-``edge.outputs`` post-processes (``anomaly = score >= threshold``).
+``edge.outputs`` post-processes (``anomaly = score >= threshold``), gated per device by the
+manifest's alarm rule in the daemon (edge/alarm.py).
 
 Threshold: set on held-out normal data (the last ``holdout_fraction`` of the normal stretch,
-never trained on) for a target number of false alarms per day (``false_alarms_per_day``,
-a recipe parameter). The daemon scores one window every ``hop`` samples, so a day holds
-``86400 / (sample_period_s * hop)`` scores and the allowed share above the threshold is
-``false_alarms_per_day / scores_per_day``; the threshold is that upper quantile of the
-held-out scores. When the held-out data are too short to read that quantile off (fewer than
-ten expected exceedances), an exponential tail is fitted to the top 10 % of the held-out
-scores (peaks over threshold) and solved for the target share; the record says which.
+or ``held_out``: more normal readings, never trained on) for a target number of false alarms
+per day (``false_alarms_per_day``, a recipe parameter). A false alarm is an episode of the alarm
+the daemon publishes (edge/alarm.py, the manifest's ``provenance.alarm``): on after ``persist``
+scores in a row at or over the threshold, off after ``clear`` under it. The threshold is the
+lowest at which the held-out days show at most the number of alarms whose one-sided Poisson
+upper bound at ``confidence`` is within the target times the days; it is set on the scores
+ONNX Runtime gives. When the held-out days are too few for that (even no alarm would not show
+the target), an exponential tail is fitted to block maxima of the held-out scores (peaks over
+threshold) and solved for the target share; the record says which.
 
 ``python -m exporters.anomaly --out DIR`` trains, exports and writes a card on the synthetic
 fridge of :func:`fridge_power` and water-flow sensor of :func:`water_flow` (the figures in
@@ -38,6 +41,7 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from edge.alarm import AlarmRule, episodes, gate
 from edge.drift import FeatureStats
 from edge.manifest import InputSpec, Manifest, OutputSpec
 
@@ -63,11 +67,25 @@ class AnomalyRecipe:
     description: str = ""
     #: "raw": reconstruct the window as it came; "sorted": reconstruct its values sorted per
     #: channel (TopK in the graph), a profile of levels that ignores when in the window a
-    #: draw happened, for devices whose timing is random (water flow)
+    #: draw happened, for devices whose timing is random (water flow); "sorted_steps": that
+    #: profile and the sorted sizes of the steps between neighbouring readings (how often the
+    #: device switched in the window: a fridge that short-cycles)
     view: str = "raw"
     #: log(1 + max(x, 0)) before scaling, in the graph: for non-negative readings with rare
     #: large values (flow), so a small level that never goes away is not drowned by the draws
     log1p: bool = False
+    #: the alarm rule (edge/alarm.py, written to the manifest's ``provenance.alarm``): on after
+    #: ``persist`` windows in a row at or over the threshold, off after ``clear`` under it; the
+    #: threshold is set, and false alarms are counted, as episodes of this alarm
+    persist: int = 1
+    clear: int = 1
+    #: the threshold allows the most calibration alarms whose one-sided Poisson upper bound at
+    #: this confidence is within ``false_alarms_per_day`` (so a longer calibration costs less margin)
+    confidence: float = 0.9
+
+    @property
+    def alarm(self) -> AlarmRule:
+        return AlarmRule(self.persist, self.clear)
 
     @property
     def scores_per_day(self) -> float:
@@ -92,58 +110,133 @@ def window_end_times(n_samples: int, window: int, hop: int, sample_period_s: flo
     return np.asarray((ends - 1.0) * sample_period_s, dtype=np.float64)
 
 
+def poisson_upper(count: int, confidence: float) -> float:
+    """One-sided upper confidence bound on a Poisson mean from ``count`` events: the mean at which
+    seeing ``count`` or fewer has probability ``1 - confidence`` (bisection on the CDF)."""
+
+    def cdf(mean: float) -> float:
+        term = total = float(np.exp(-mean))
+        for i in range(1, count + 1):
+            term *= mean / i
+            total += term
+        return total
+
+    lo, hi = 0.0, 10.0 + 10.0 * count
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) > 1.0 - confidence else (lo, mid)
+    return hi
+
+
+def allowed_alarms(days: float, recipe: AnomalyRecipe) -> int:
+    """The most alarms ``days`` of calibration may show for the target to hold at ``confidence``
+    (-1: not even none would show it, the calibration is too short)."""
+    budget = recipe.false_alarms_per_day * days
+    count = -1
+    while poisson_upper(count + 1, recipe.confidence) <= budget:
+        count += 1
+    return count
+
+
+def persisted(scores: NDArray[Any], persist: int) -> NDArray[np.float64]:
+    """Per window, the lowest of the last ``persist`` scores: the alarm can go on at that window
+    only for a threshold at or below it (the first ``persist - 1`` windows: -inf)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if persist <= 1:
+        return s
+    if len(s) < persist:
+        return np.full(len(s), -np.inf)
+    low = np.lib.stride_tricks.sliding_window_view(s, persist).min(axis=1)
+    return np.concatenate([np.full(persist - 1, -np.inf), low])
+
+
 def choose_threshold(held_out_scores: NDArray[Any], recipe: AnomalyRecipe) -> dict[str, Any]:
+    """The threshold from consecutive held-out normal scores (one trace, in order)."""
     s = np.sort(np.asarray(held_out_scores, dtype=np.float64).ravel())
     if len(s) == 0:
         raise ValueError("no held-out normal windows to set the threshold on")
-    rate = recipe.false_alarms_per_day / recipe.scores_per_day
-    if rate * len(s) >= 10.0:
-        thr, how = float(np.quantile(s, 1.0 - rate, method="higher")), f"upper {rate:.2e} quantile"
-    else:
-        # too few held-out scores to see that rate. Overlapping windows make neighbouring
-        # scores near copies, so take the maximum of each run of ``window / hop`` scores
-        # (windows that share no sample), fit an exponential tail to the top 30 % of these
-        # block maxima (peaks over threshold) and solve it for the rate per block;
-        # never below the largest held-out score
-        raw = np.asarray(held_out_scores, dtype=np.float64).ravel()
-        block = max(1, recipe.window // recipe.hop)
-        maxima = np.sort(np.array([raw[i : i + block].max() for i in range(0, len(raw), block)]))
-        rate_block = min(0.3, recipe.false_alarms_per_day / (recipe.scores_per_day / block))
-        u = float(np.quantile(maxima, 0.7))
-        excess = maxima[maxima > u] - u
-        scale = float(excess.mean()) if len(excess) else 0.0
-        thr = max(u + scale * float(np.log(0.3 / rate_block)), float(s[-1]))
-        how = (
-            f"exponential tail of the top 30 % of {len(maxima)} block maxima ({block} overlapping "
-            f"windows a block) extrapolated to {rate_block:.2e} a block (too few scores to read it off)"
-        )
-    return {
-        "threshold": thr,
-        "method": how,
+    raw = np.asarray(held_out_scores, dtype=np.float64).ravel()
+    days = len(s) / recipe.scores_per_day
+    rule = recipe.alarm
+    allowed = allowed_alarms(days, recipe)
+    record: dict[str, Any] = {
         "target_false_alarms_per_day": recipe.false_alarms_per_day,
         "scores_per_day": recipe.scores_per_day,
         "held_out_windows": len(s),
-        "held_out_days": len(s) / recipe.scores_per_day,
+        "held_out_days": days,
+        "alarm": rule.record(),
     }
+    if allowed >= 0:
+        # episodes of the alarm (edge/alarm.py) on the held-out days: the lowest threshold among
+        # the persisted scores (a k-run's lowest score) at which they stay within the allowance
+        # (binary search: fewer episodes at a higher threshold)
+        # (only thresholds in the top 5 % of the scores: lower, a near-constant alarm would
+        # count as few long episodes)
+        tail = float(np.quantile(raw, 0.95))
+        cand = np.unique(persisted(raw, rule.persist)[rule.persist - 1 :])
+        cand = cand[cand >= tail] if (cand >= tail).any() else cand[-1:]
+        lo, hi = 0, len(cand)  # cand[len] stands for just above the highest: no alarm at all
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if episodes(gate(raw, float(cand[mid]), rule)) <= allowed:
+                hi = mid
+            else:
+                lo = mid + 1
+        thr = float(cand[lo]) if lo < len(cand) else float(np.nextafter(cand[-1], np.inf))
+        seen = episodes(gate(raw, thr, rule))
+        record |= {
+            "threshold": thr,
+            "held_out_alarms": seen,
+            "held_out_false_alarms_per_day": seen / days,
+            "method": (
+                f"lowest threshold with at most {allowed} alarms (persist {rule.persist}, clear "
+                f"{rule.clear} windows) on {days:.0f} held-out normal days, the most whose one-sided "
+                f"{recipe.confidence:.0%} Poisson upper bound is within the target; {seen} there "
+                f"({seen / days:.3f} a day)"
+            ),
+        }
+        return record
+    # too few held-out days to count alarms at that rate. Overlapping windows make neighbouring
+    # scores near copies, so take the maximum of each run of ``window / hop`` scores (windows
+    # that share no sample), fit an exponential tail to the top 30 % of these block maxima
+    # (peaks over threshold) and solve it for the rate per block; never below the largest
+    # held-out score
+    block = max(1, recipe.window // recipe.hop)
+    maxima = np.sort(np.array([raw[i : i + block].max() for i in range(0, len(raw), block)]))
+    rate_block = min(0.3, recipe.false_alarms_per_day / (recipe.scores_per_day / block))
+    u = float(np.quantile(maxima, 0.7))
+    excess = maxima[maxima > u] - u
+    scale = float(excess.mean()) if len(excess) else 0.0
+    thr = max(u + scale * float(np.log(0.3 / rate_block)), float(s[-1]))
+    record |= {
+        "threshold": thr,
+        "method": (
+            f"exponential tail of the top 30 % of {len(maxima)} block maxima ({block} overlapping "
+            f"windows a block) extrapolated to {rate_block:.2e} a block ({days:.1f} held-out days, "
+            f"too few to count alarms at the target rate: more normal days are the fix)"
+        ),
+    }
+    return record
 
 
 def alarm_episodes(flags: NDArray[Any]) -> int:
-    """Number of alarms: rising edges of the binary sensor (a run of flagged windows is one)."""
-    f = np.asarray(flags, dtype=bool)
-    return int(f[0]) + int((f[1:] & ~f[:-1]).sum()) if len(f) else 0
+    """Number of alarms: rising edges of the binary sensor (a run of alarm windows is one)."""
+    return episodes(flags)
 
 
 def false_alarms_per_day(scores: NDArray[Any], threshold: float, recipe: AnomalyRecipe) -> float:
+    """Episodes of the alarm (the recipe's persistence rule) a day over normal scores."""
     days = len(scores) / recipe.scores_per_day
-    return alarm_episodes(np.asarray(scores) >= threshold) / days
+    return episodes(gate(scores, threshold, recipe.alarm)) / days
 
 
 def detection_delay_s(
     scores: NDArray[Any], threshold: float, onset_s: float, recipe: AnomalyRecipe, n_samples: int
 ) -> float | None:
-    """Seconds from the fault's onset to the first flagged window ending after it (None: missed)."""
+    """Seconds from the fault's onset to the end of the first window after it at which the alarm
+    (the recipe's persistence rule, from the trace's start) is on (None: missed)."""
     t = window_end_times(n_samples, recipe.window, recipe.hop, recipe.sample_period_s)
-    hit = np.flatnonzero((t >= onset_s) & (np.asarray(scores) >= threshold))
+    hit = np.flatnonzero((t >= onset_s) & gate(scores, threshold, recipe.alarm))
     return None if len(hit) == 0 else float(t[hit[0]] - onset_s)
 
 
@@ -159,7 +252,8 @@ def _model(recipe: AnomalyRecipe, mean: FloatArray, std: FloatArray) -> Any:
 
         def __init__(self) -> None:
             super().__init__()
-            d = recipe.window * len(recipe.features)
+            per_channel = 2 * recipe.window - 1 if recipe.view == "sorted_steps" else recipe.window
+            d = per_channel * len(recipe.features)
             dims = [d, *recipe.hidden]
             enc: list[nn.Module] = []
             for a, b in itertools.pairwise(dims):
@@ -180,9 +274,14 @@ def _model(recipe: AnomalyRecipe, mean: FloatArray, std: FloatArray) -> Any:
                 x = torch.log1p(torch.clamp(x, min=0.0))
             mean, std = self.get_buffer("mean"), self.get_buffer("std")
             z = (x - mean) / std
-            if recipe.view == "sorted":
-                z = torch.topk(z, recipe.window, dim=1).values
-            z = z.flatten(1)
+            if recipe.view in {"sorted", "sorted_steps"}:
+                parts = [torch.topk(z, recipe.window, dim=1).values.flatten(1)]
+                if recipe.view == "sorted_steps":
+                    steps = torch.abs(z[:, 1:] - z[:, :-1])
+                    parts.append(torch.topk(steps, recipe.window - 1, dim=1).values.flatten(1))
+                z = torch.cat(parts, dim=1)
+            else:
+                z = z.flatten(1)
             err: torch.Tensor = (self.decoder(self.encoder(z)) - z) ** 2
             return err
 
@@ -210,9 +309,13 @@ class AnomalyResult:
     held_out_scores: NDArray[np.float32] = field(repr=False)
 
 
-def fit(normal: NDArray[Any], recipe: AnomalyRecipe, out: Path) -> AnomalyResult:
+def fit(
+    normal: NDArray[Any], recipe: AnomalyRecipe, out: Path, held_out: NDArray[Any] | None = None
+) -> AnomalyResult:
     """Train on the first part of ``normal`` ([T, C] readings marked normal), set the threshold
-    on the rest, export ``out`` (ONNX with manifest). Training runs in this process (never the daemon's)."""
+    on the rest, export ``out`` (ONNX with manifest). With ``held_out`` (more normal readings, one
+    trace, never trained on): train on all of ``normal`` and set the threshold on ``held_out``.
+    Training runs in this process (never the daemon's)."""
     import torch
 
     from exporters.onnxutil import created_now, session, set_manifest, tool_versions
@@ -221,9 +324,14 @@ def fit(normal: NDArray[Any], recipe: AnomalyRecipe, out: Path) -> AnomalyResult
     torch.set_num_threads(1)
     s = np.asarray(normal, dtype=np.float32)
     s = s[:, None] if s.ndim == 1 else s
-    cut = int(len(s) * (1.0 - recipe.holdout_fraction))
-    x_tr = windows(s[:cut], recipe.window, recipe.hop)
-    x_ho = windows(s[cut:], recipe.window, recipe.hop)
+    if held_out is None:
+        cut = int(len(s) * (1.0 - recipe.holdout_fraction))
+        x_tr = windows(s[:cut], recipe.window, recipe.hop)
+        x_ho = windows(s[cut:], recipe.window, recipe.hop)
+    else:
+        cut = len(s)
+        x_tr = windows(s, recipe.window, recipe.hop)
+        x_ho = windows(held_out, recipe.window, recipe.hop)
     if len(x_tr) < 10 or len(x_ho) < 10:
         raise ValueError(f"normal data too short: {len(x_tr)} training and {len(x_ho)} held-out windows")
     scaled = np.log1p(np.clip(s[:cut], 0.0, None)) if recipe.log1p else s[:cut]
@@ -240,8 +348,25 @@ def fit(normal: NDArray[Any], recipe: AnomalyRecipe, out: Path) -> AnomalyResult
             loss = model(data[idx]).mean()
             loss.backward()
             opt.step()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            (data[:2],),
+            str(Path(tmp) / "m.onnx"),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["score"],
+            dynamic_axes={"input": {0: "batch"}, "score": {0: "batch"}},
+            opset_version=17,
+        )
+        onnx_model = onnx.load_model(str(Path(tmp) / "m.onnx"))
+        # the threshold is set on the scores ONNX Runtime gives (what the daemon and the tests see)
+        got = session(Path(tmp) / "m.onnx").run(["score"], {"input": x_ho})[0][:, 0]
     held = _scores(model, x_ho)
-    thr = choose_threshold(held, recipe)
+    if not np.allclose(got, held, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"ONNX scores differ from PyTorch by {np.abs(got - held).max():.2e}")
+    thr = choose_threshold(got, recipe)
     manifest = Manifest(
         name=recipe.name,
         task="anomaly",
@@ -265,30 +390,15 @@ def fit(normal: NDArray[Any], recipe: AnomalyRecipe, out: Path) -> AnomalyResult
             "recipe": asdict(recipe),
             "tools": tool_versions(),
             "hop": recipe.hop,
+            "alarm": recipe.alarm.record(),
         },
     )
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (data[:2],),
-            str(Path(tmp) / "m.onnx"),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["score"],
-            dynamic_axes={"input": {0: "batch"}, "score": {0: "batch"}},
-            opset_version=17,
-        )
-        onnx_model = onnx.load_model(str(Path(tmp) / "m.onnx"))
     onnx.checker.check_model(onnx_model, full_check=True)
     onnx_model.producer_name = "edge-infer exporters"
     set_manifest(onnx_model, manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(onnx_model, str(out))
-    got = session(out).run(["score"], {"input": x_ho})[0][:, 0]
-    if not np.allclose(got, held, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"ONNX scores differ from PyTorch by {np.abs(got - held).max():.2e}")
-    return AnomalyResult(out, thr, len(x_tr), held)
+    return AnomalyResult(out, thr, len(x_tr), np.asarray(got, dtype=np.float32))
 
 
 def onnx_scores(path: Path, series: NDArray[Any], window: int, hop: int) -> NDArray[np.float32]:

@@ -331,9 +331,20 @@ def also_bundled(models_dir: Path) -> list[str]:
             delays = ", ".join(
                 f"{k} {'missed' if v is None else f'{v:.2f} h'}" for k, v in m["detection_delay_h"].items()
             )
+            rule = r.get("alarm", {"persist": 1, "clear": 1})
             figures = (
-                f"{m['test_false_alarms_per_day']:.3f} false alarms/day on the test days (target "
-                f"{r['threshold']['target_false_alarms_per_day']:g}); detection delay {delays}; "
+                f"alarm on after {rule['persist']} scores in a row over the threshold, off after "
+                f"{rule['clear']} under it (edge/alarm.py); {m['test_false_alarms_per_day']:.3f} false "
+                f"alarms/day on the {r.get('test_days', 0):g} test days "
+                f"({m.get('test_false_alarms', '?')} alarms; target "
+                f"{r['threshold']['target_false_alarms_per_day']:g})"
+                + (
+                    f", {r['check']['false_alarms_per_day']:.3f} on {r['check']['days']:g} more "
+                    "normal days the command regenerates"
+                    if "check" in r
+                    else ""
+                )
+                + f"; detection delay {delays}; "
                 f"baseline ({r['baseline']['name']}): "
                 f"{r['baseline']['test_false_alarms_per_day']:.3f} false alarms/day, "
                 + ", ".join(
