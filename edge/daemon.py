@@ -47,6 +47,7 @@ from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
 from edge.outputs import PostProcessor, add_explain
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
+from edge.quality import QualityBook, confusion_topic
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
 from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
@@ -262,6 +263,10 @@ class Daemon:
         )
         self.discovery.on_ha_online = self._republish_states
         self.discovery.warn_unsupported()
+        self.quality = QualityBook()  # edge/quality.py: each model's record and confusion PNG
+        self.quality.refresh(self._model_files())
+        self.discovery.quality = self.quality.images
+        self._quality_pending = set(self.models)  # published at the first connect, then on change
         self.batchers: dict[str, Batcher] = {}
         self._batcher_tasks: dict[str, asyncio.Task[None]] = {}
         self._routes: list[tuple[TopicPattern, Pipeline]] = []
@@ -774,6 +779,7 @@ class Daemon:
             # others took its devices: it rejoins at its own 'online', which is on its way.
             self._membership_changed(self.membership.observe(self.instance or "", b"offline"))
         self.publish_bridge_info()
+        self._publish_quality()
         self._background(self.discovery.connected(), "discovery")
         if not self.ready.is_set():
             self.ready.set()
@@ -856,6 +862,7 @@ class Daemon:
                     "sha256": m.spec.sha256,
                     "providers": m.providers,
                     "accuracy": holdout_accuracy(m.spec),  # the bridge's per-model diagnostic
+                    **self.quality.info(name),  # examples_per_class, trained_at, metric (edge/quality.py)
                     "batches": self.batchers[name].batches if name in self.batchers else 0,
                     "items": self.batchers[name].items if name in self.batchers else 0,
                     "explained": self.batchers[name].explained if name in self.batchers else 0,
@@ -865,6 +872,7 @@ class Daemon:
             },
             "pipelines": {name: self._pipeline_info(name, p) for name, p in self.pipelines.items()},
             "corrections": self.corrections.info(),
+            "quality_errors": self.quality.errors,
             **self._cluster_fields(),
         }
 
@@ -946,6 +954,31 @@ class Daemon:
         if self.link.connected.is_set():
             self.publish_bridge_info()
 
+    # ------------------------------------------------------------------ quality (edge/quality.py)
+
+    def _model_files(self) -> dict[str, tuple[Path, str]]:
+        return {name: (m.config.path, m.spec.sha256) for name, m in self.models.items()}
+
+    def _publish_quality(self) -> None:
+        """The confusion PNG of each model in ``_quality_pending``, retained on its own topic (an
+        empty retained message clears the image of a model that has none now)."""
+        for name in sorted(self._quality_pending):
+            png = self.quality.png(name)
+            self.link.publish(Outgoing(confusion_topic(self.info_topic, name), png or b"", 1, True))
+        self._quality_pending.clear()
+
+    async def _quality_reload(self) -> None:
+        """After a reload: the records of replaced models read and rendered off the loop; the
+        images that changed published again."""
+        try:
+            changed = await asyncio.to_thread(self.quality.refresh, self._model_files())
+        except Exception as exc:  # a record that breaks the renderer must not stop the daemon
+            self.quality.errors += 1
+            log.warning("quality records not refreshed: %s: %s", type(exc).__name__, exc)
+            return
+        self._quality_pending.update(changed)
+        self._publish_quality()
+
     # ------------------------------------------------------------------ reload
 
     def _prepare_reload(self) -> tuple[Config, dict[str, LoadedModel], dict[str, Pipeline]]:
@@ -976,6 +1009,7 @@ class Daemon:
                 self.notifier.ready(self.status_text())
                 return False
             changed = self._swap(config, models, pipelines)
+            await self._quality_reload()
             await self.link.update_subscriptions()
             self.discovery.replan()
             self.reloads += 1

@@ -385,16 +385,17 @@ class QualityBook:
                 entries[name] = old
                 continue
             record: QualityRecord | None = None
+            png = None
             try:
                 record = load_record(path, sha)
-            except QualityError as exc:
+                if record is not None and record.confusion is not None:
+                    png = render_confusion(
+                        record.confusion.labels, record.confusion.counts, confusion_title(name, record)
+                    )
+            except (QualityError, ValueError, OSError) as exc:
                 self.errors += 1
+                record = png = None
                 log.warning("model %s: quality record not used: %s", name, exc)
-            png = None
-            if record is not None and record.confusion is not None:
-                png = render_confusion(
-                    record.confusion.labels, record.confusion.counts, confusion_title(name, record)
-                )
             entries[name] = _Entry(key, record, png)
             if old is None or old.png != png:
                 changed.append(name)
@@ -421,13 +422,17 @@ class QualityBook:
         return {name: e.png is not None for name, e in self._entries.items() if e.record is not None}
 
 
-def quality_components(uid: str, eid: str, info_topic: str, model: str, *, image: bool) -> dict[str, Any]:
+def quality_components(
+    uid: str, eid: str, info_topic: str, model: str, *, image: bool, key: str | None = None
+) -> dict[str, Any]:
     """The bridge device's quality entities of one model: "training examples" (the total; per
     class as attributes), "trained" (a timestamp) and, with ``image``, the "confusion matrix"
-    MQTT ``image`` (raw PNG bytes on :func:`confusion_topic`)."""
-    key = f"model_{segment(model)}"
+    MQTT ``image`` (raw PNG bytes on :func:`confusion_topic`). ``key`` prefixes their component
+    keys (default ``model_<model>``, as the bridge's version and accuracy sensors)."""
+    key = key or f"model_{segment(model)}"
     entry = "value_json.get('models', {}).get(" + json.dumps(model) + ", {})"
-    label = model.replace("_", " ").capitalize()
+    words = re.sub(r"[_\-.]+", " ", model).strip()
+    label = words[:1].upper() + words[1:] if words else model
     common = {"state_topic": info_topic, "entity_category": "diagnostic"}
     cmps: dict[str, Any] = {
         f"{key}_examples": {

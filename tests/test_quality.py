@@ -5,6 +5,7 @@ and again after its model file is replaced."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from edge.quality import (
     zoo_record,
 )
 from edge.runtime import file_sha256
+from tests.broker import Mosquitto
+from tests.harness import Collector, DaemonThread, make_config
+from tests.test_daemon import base_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -182,3 +186,116 @@ def test_install_writes_learns_record_beside_the_model_and_rollback_swaps_it(tmp
     assert load_record(target, file_sha256(target)) is not None  # "one"'s own record came back
     kept = deploy.sidecar(deploy.previous_path(target), deploy.QUALITY_SUFFIX)
     assert json.loads(kept.read_text())["model_sha256"] == file_sha256(tmp_path / "two.onnx")
+
+
+# ------------------------------------------------------------------------------ Home Assistant configs
+
+
+def test_the_bridge_config_carries_the_quality_entities_and_their_templates_render() -> None:
+    from edge.homeassistant import BridgeInfo, bridge_config
+    from tests.test_homeassistant import render
+
+    bridge = BridgeInfo(version="1.2.3", instance_id="home")
+    config = bridge_config(bridge, ["win", "snap"], quality={"win": True, "snap": False})
+    cmps = config["cmps"]
+    assert "model_win_confusion" in cmps and "model_snap_confusion" not in cmps
+    assert {"model_win_examples", "model_win_trained", "model_snap_examples", "model_snap_trained"} <= set(
+        cmps
+    )
+    assert bridge_config(bridge, ["win"]) == bridge_config(bridge, ["win"], quality={})  # none: as before
+    record = a_record().info()
+    info = {"models": {"win": record, "snap": {"examples_per_class": None, "trained_at": None}}}
+    examples, trained = cmps["model_win_examples"], cmps["model_win_trained"]
+    assert render(examples["value_template"], info) == "120"
+    assert json.loads(render(examples["json_attributes_template"], info)) == {
+        "off": 50,
+        "fridge": 40,
+        "kettle": 30,
+    }
+    assert render(trained["value_template"], info) == "2026-11-30T00:53:20Z"
+    snap_examples = cmps["model_snap_examples"]
+    assert render(snap_examples["value_template"], info) == "None"  # unknown in Home Assistant
+    assert json.loads(render(snap_examples["json_attributes_template"], info)) == {}
+    assert render(cmps["model_snap_trained"]["value_template"], info) == "None"
+    # what Home Assistant's MQTT schemas ask of these platforms
+    image = cmps["model_win_confusion"]
+    assert image["image_topic"] == "edge-infer/bridge/models/win/confusion"
+    assert image["content_type"] == "image/png" and "url_topic" not in image
+    assert trained["device_class"] == "timestamp" and "state_class" not in trained
+    assert "unit_of_measurement" not in trained
+    assert all(c["entity_category"] == "diagnostic" for c in cmps.values())
+    assert len({c["unique_id"] for c in cmps.values()}) == len(cmps)
+    assert len({c["default_entity_id"] for c in cmps.values()}) == len(cmps)
+
+
+# ------------------------------------------------------------------------------ a daemon on Mosquitto
+
+
+@pytest.mark.broker
+def test_the_daemon_publishes_the_confusion_png_retained_and_again_after_a_hot_reload(
+    mosquitto: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    from edge.png import render_confusion
+    from tests.onnx_models import window_classifier
+
+    p = topic_prefix
+    data = base_config(mosquitto.url, p, tmp_path)
+    data["homeassistant"] = {"enabled": True, "discovery_prefix": f"{p}/ha", "instance_id": "q"}
+    data["reload"] = {"interval_s": 0.3}
+    model = tmp_path / "win.onnx"
+    write_sidecar(sidecar_path(model), a_record(file_sha256(model)))
+    topic = f"{p}/ei/bridge/models/win/confusion"
+    out = Collector(mosquitto.url, f"{p}/ei/bridge/#", f"{p}/ha/#")
+    with DaemonThread(make_config(data, tmp_path)) as runner:
+        daemon = runner.daemon
+        assert daemon is not None
+        first = out.wait(lambda m: any(x.topic == topic for x in m))
+        record = a_record()
+        assert record.confusion is not None
+        expected = render_confusion(record.confusion.labels, record.confusion.counts, "win holdout (n=12)")
+        published = [m for m in first if m.topic == topic]
+        assert [m.payload for m in published] == [expected]
+        snap = [m for m in out.messages if m.topic == f"{p}/ei/bridge/models/snap/confusion"]
+        assert [m.payload for m in snap] == [b""]  # no record: no image (an old one is cleared)
+        info = runner.call(daemon.bridge_info)
+        win = info["models"]["win"]
+        assert win["examples_per_class"] == {"off": 50, "fridge": 40, "kettle": 30}
+        assert win["trained_at"] == "2026-11-30T00:53:20Z"
+        assert win["metric"] == {"name": "macro_f1", "value": 0.74, "n": 12}
+        assert info["models"]["snap"]["examples_per_class"] is None and info["quality_errors"] == 0
+        bridge_topic = f"{p}/ha/device/edge_infer_q/config"
+        config = out.wait(lambda m: any(x.topic == bridge_topic and x.payload for x in m))
+        cmps = json.loads([m for m in config if m.topic == bridge_topic][-1].payload)["cmps"]
+        assert cmps["model_win_confusion"]["image_topic"] == topic
+        snap_keys = {k for k in cmps if k.startswith("model_snap_")}
+        assert snap_keys == {"model_snap_version", "model_snap_accuracy"}  # no record: no quality entities
+
+        # learn deploys a new model with its record: the daemon reloads it and publishes its image
+        candidate = tmp_path / "new.onnx"
+        window_classifier(candidate, ["power"], 6, ["off", "fridge", "kettle", "kettle2"], seed=7)
+        labels = ("off", "fridge", "kettle", "kettle2")
+        new_record = write_sidecar(tmp_path / "new.quality.json", a_record(file_sha256(candidate), labels))
+        deploy.install(candidate, model, sidecars={deploy.QUALITY_SUFFIX: new_record})
+        second = out.wait(lambda m: len([x for x in m if x.topic == topic]) >= 2, timeout=20)
+        images = [m for m in second if m.topic == topic]
+        newer = read_sidecar(new_record)
+        assert newer.confusion is not None
+        assert images[1].payload == render_confusion(labels, newer.confusion.counts, "win holdout (n=12)")
+        assert images[1].payload != images[0].payload
+        assert runner.call(lambda: daemon.reloads) >= 1
+        # a reload that changed nothing publishes no image again: the bridge/info it publishes
+        # after the images would have is the sync point (one client's messages arrive in order)
+        before = len(out.messages)
+        assert asyncio.run_coroutine_threadsafe(daemon.reload("test"), runner.loop).result(20)
+        reloads = runner.call(lambda: daemon.reloads)
+        after = out.wait(
+            lambda m: any(
+                x.topic == f"{p}/ei/bridge/info" and x.json()["reloads"] == reloads for x in m[before:]
+            )
+        )
+        assert not [m for m in after[before:] if m.topic == topic]
+    retained = Collector(mosquitto.url, topic)  # what Home Assistant gets on subscribing
+    got = retained.wait(lambda m: bool(m))
+    assert got[0].retain and got[0].payload == images[1].payload
+    retained.close()
+    out.close()
