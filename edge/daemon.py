@@ -36,7 +36,7 @@ from edge.config import (
     mask_url,
     read_limited,
 )
-from edge.corrections import Corrections, CorrectionsCollector
+from edge.corrections import Agreement, Corrections, CorrectionsCollector
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery, holdout_accuracy
 from edge.features import WindowBudget
@@ -267,6 +267,8 @@ class Daemon:
         self.quality.refresh(self._model_files())
         self.discovery.quality = self.quality.images
         self._quality_pending = set(self.models)  # published at the first connect, then on change
+        self.guarded: dict[str, str] = {}  # output.guard: pipeline -> sha256 of the model it caught
+        self.guard_counts: dict[str, dict[str, int]] = {}  # pipeline -> engaged / released / withheld
         self.batchers: dict[str, Batcher] = {}
         self._batcher_tasks: dict[str, asyncio.Task[None]] = {}
         self._routes: list[tuple[TopicPattern, Pipeline]] = []
@@ -511,6 +513,7 @@ class Daemon:
             return
         if self.corrections.handles(topic):  # the daemon's own command topics (edge/corrections.py)
             self.corrections.on_message(topic, payload)
+            self._guard_check()  # output.guard: the agreement may have crossed its line
             self.link.ack(ack)
             return
         pipelines = self._route(topic)
@@ -678,7 +681,7 @@ class Daemon:
             return
         pipeline.availability[device] = online
         topic = pipeline.output_topic(device) + "/availability"
-        self.link.publish(Outgoing(topic, b"online" if online else b"offline", 1, True))
+        self.link.publish(Outgoing(topic, self._available(pipeline, online), 1, True))
 
     def _first_answer(self, pipeline: Pipeline, device: str) -> None:
         """A device's first answer from a pipeline: its output goes online and Home Assistant
@@ -686,7 +689,7 @@ class Daemon:
         if pipeline.availability.get(device) is not True:
             pipeline.availability[device] = True
             topic = pipeline.output_topic(device) + "/availability"
-            self.link.publish(Outgoing(topic, b"online", 1, True))
+            self.link.publish(Outgoing(topic, self._available(pipeline, True), 1, True))
         self.discovery.device_seen()
 
     # ------------------------------------------------------------------ inference out
@@ -738,6 +741,10 @@ class Daemon:
                 self.corrections.seen(pipeline, item, prediction.fields, spec.version)
                 if item.explain is not None:  # output.explain: the batcher's attribution
                     add_explain(prediction, item.explain)
+                if pipeline.name in self.guarded:  # output.guard: unavailable instead of guesses
+                    self._guard_counts(pipeline.name)["withheld"] += 1
+                    self._settle(item)
+                    continue
                 try:
                     if not pipeline.policy.should_publish(item.device, prediction, wall):
                         self._settle(item)
@@ -796,7 +803,7 @@ class Daemon:
                 self.link.publish(
                     Outgoing(
                         pipeline.output_topic(device) + "/availability",
-                        b"online" if online else b"offline",
+                        self._available(pipeline, online),
                         1,
                         True,
                     )
@@ -873,6 +880,7 @@ class Daemon:
             "pipelines": {name: self._pipeline_info(name, p) for name, p in self.pipelines.items()},
             "corrections": self.corrections.info(),
             "quality_errors": self.quality.errors,
+            "guard": self._guard_info(),
             **self._cluster_fields(),
         }
 
@@ -979,6 +987,67 @@ class Daemon:
         self._quality_pending.update(changed)
         self._publish_quality()
 
+    # ------------------------------------------------------------------ guard (output.guard)
+
+    def _available(self, pipeline: Pipeline, online: bool) -> bytes:
+        """A device's availability payload: offline while its pipeline is guarded."""
+        return b"online" if online and pipeline.name not in self.guarded else b"offline"
+
+    def _guard_check(self) -> None:
+        """``output.guard``: a pipeline whose rolling agreement with corrections is a problem
+        (edge/corrections.py) goes unavailable on every device and publishes no predictions;
+        it comes back when the agreement recovers, or when a new model replaces the one that
+        failed (whose agreement then starts afresh), or when the guard is switched off."""
+        for name, pipeline in self.pipelines.items():
+            guard = pipeline.cfg.output.guard and self.config.corrections.enabled
+            caught = self.guarded.get(name)
+            if caught is not None and (not guard or caught != pipeline.spec.sha256):
+                if guard:  # another model now: judged on its own corrections
+                    self.corrections.agreement[name] = Agreement(self.config.corrections.agreement_window)
+                self._guard_release(pipeline, "a new model" if guard else "the guard is off")
+                continue
+            if not guard or name not in self.corrections.agreement:
+                continue
+            judged = self.corrections.judge(name)
+            if judged["problem"] and caught is None:
+                self._guard_engage(pipeline, judged)
+            elif not judged["problem"] and caught is not None:
+                self._guard_release(pipeline, f"agreement {judged['value']} over {judged['count']}")
+
+    def _guard_counts(self, name: str) -> dict[str, int]:
+        return self.guard_counts.setdefault(name, {"engaged": 0, "released": 0, "withheld": 0})
+
+    def _guard_engage(self, pipeline: Pipeline, judged: dict[str, Any]) -> None:
+        self.guarded[pipeline.name] = pipeline.spec.sha256
+        self._guard_counts(pipeline.name)["engaged"] += 1
+        log.warning(
+            "guard: pipeline %s unavailable: its agreement with corrections %s over the last %d is "
+            "below the holdout accuracy %s by more than corrections.agreement_margin",
+            pipeline.name,
+            judged["value"],
+            judged["count"],
+            judged["holdout"],
+        )
+        for device in pipeline.last_published:
+            topic = pipeline.output_topic(device) + "/availability"
+            self.link.publish(Outgoing(topic, b"offline", 1, True))
+
+    def _guard_release(self, pipeline: Pipeline, why: str) -> None:
+        del self.guarded[pipeline.name]
+        self._guard_counts(pipeline.name)["released"] += 1
+        log.info("guard: pipeline %s available again (%s)", pipeline.name, why)
+        for device in pipeline.last_published:
+            topic = pipeline.output_topic(device) + "/availability"
+            online = pipeline.availability.get(device, True)
+            self.link.publish(Outgoing(topic, self._available(pipeline, online), 1, True))
+
+    def _guard_info(self) -> dict[str, Any]:
+        return {
+            name: {"active": name in self.guarded, **self._guard_counts(name)}
+            for name, p in self.pipelines.items()
+            if p.cfg.output.guard or name in self.guard_counts
+        }
+
     # ------------------------------------------------------------------ reload
 
     def _prepare_reload(self) -> tuple[Config, dict[str, LoadedModel], dict[str, Pipeline]]:
@@ -1010,6 +1079,7 @@ class Daemon:
                 return False
             changed = self._swap(config, models, pipelines)
             await self._quality_reload()
+            self._guard_check()
             await self.link.update_subscriptions()
             self.discovery.replan()
             self.reloads += 1
