@@ -265,7 +265,7 @@ class Daemon:
         self.discovery.warn_unsupported()
         self.quality = QualityBook()  # edge/quality.py: each model's record and confusion PNG
         self.quality.refresh(self._model_files())
-        self.discovery.quality = self.quality.images
+        self.discovery.quality = self.quality.entities
         self._quality_pending = set(self.models)  # published at the first connect, then on change
         self.guarded: dict[str, str] = {}  # output.guard: pipeline -> sha256 of the model it caught
         self.guard_counts: dict[str, dict[str, int]] = {}  # pipeline -> engaged / released / withheld

@@ -150,7 +150,7 @@ class Discovery:
         self.enabled = ha.enabled
         self.corrections = config.corrections.enabled  # the select/buttons of edge/corrections.py
         self._corrected: list[str] = []  # pipelines whose agreement the bridge shows
-        self.quality: Callable[[], dict[str, bool]] = dict  # edge/quality.py: model -> has an image
+        self.quality: Callable[[], dict[str, tuple[str, ...]]] = dict  # edge/quality.py: model -> entities
         self.status_topic = ha.status_topic
         base = config.mqtt.base_topic
         # Outside a cluster one tracker announces the bridge and every device; in a cluster

@@ -647,7 +647,7 @@ def bridge_config(
     models: Sequence[str] = (),
     corrected: Sequence[str] = (),
     *,
-    quality: Mapping[str, bool] | None = None,
+    quality: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
     with a version and a holdout accuracy sensor per model in ``models``."""
@@ -709,9 +709,9 @@ def bridge_config(
         )  # fmt: skip
     for pipeline in corrected:  # pipelines taking corrections: their rolling agreement
         cmps.update(agreement_components(uid, eid, bridge.info_topic, pipeline))
-    for model, image in sorted((quality or {}).items()):  # edge/quality.py: model -> has a confusion image
+    for model, kinds in sorted((quality or {}).items()):  # edge/quality.py: model -> its entities
         key = f"model_{topic_id(model)}"
-        cmps.update(quality_components(uid, eid, bridge.info_topic, model, image=image, key=key))
+        cmps.update(quality_components(uid, eid, bridge.info_topic, model, kinds, key=key))
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -911,7 +911,7 @@ class DiscoveryTracker:
         include_bridge: bool = True,
         models: Sequence[str] = (),
         corrected: Sequence[str] = (),
-        quality: Mapping[str, bool] | None = None,
+        quality: Mapping[str, Sequence[str]] | None = None,
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:

@@ -44,6 +44,7 @@ SIDECAR_SUFFIX = ".quality.json"
 FORMAT = 1
 METRICS = ("accuracy", "macro_f1", "mae")
 MAX_RECORD_BYTES = 1 << 20
+KINDS = ("examples", "trained", "confusion")  # the quality entities per model
 
 
 class QualityError(ValueError):
@@ -417,25 +418,44 @@ class QualityBook:
             return {"examples_per_class": None, "trained_at": None, "metric": None}
         return record.info()
 
-    def images(self) -> dict[str, bool]:
-        """Model -> whether it has a confusion image (the bridge's quality entities)."""
-        return {name: e.png is not None for name, e in self._entries.items() if e.record is not None}
+    def entities(self) -> dict[str, tuple[str, ...]]:
+        """Model -> the quality entities its record has something for (:data:`KINDS`); a model
+        whose record gives none of them is left out."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name, e in self._entries.items():
+            r = e.record
+            if r is None:
+                continue
+            has = {"examples": r.examples is not None, "trained": r.trained_at is not None,
+                   "confusion": e.png is not None}  # fmt: skip
+            kinds = tuple(k for k in KINDS if has[k])
+            if kinds:
+                out[name] = kinds
+        return out
 
 
 def quality_components(
-    uid: str, eid: str, info_topic: str, model: str, *, image: bool, key: str | None = None
+    uid: str,
+    eid: str,
+    info_topic: str,
+    model: str,
+    kinds: Sequence[str] = KINDS,
+    *,
+    key: str | None = None,
 ) -> dict[str, Any]:
-    """The bridge device's quality entities of one model: "training examples" (the total; per
-    class as attributes), "trained" (a timestamp) and, with ``image``, the "confusion matrix"
-    MQTT ``image`` (raw PNG bytes on :func:`confusion_topic`). ``key`` prefixes their component
-    keys (default ``model_<model>``, as the bridge's version and accuracy sensors)."""
+    """The bridge device's quality entities of one model, those of ``kinds``: "examples" (the
+    sensor "training examples": the total, per class as attributes), "trained" (a timestamp
+    sensor) and "confusion" (the "confusion matrix" MQTT ``image``: raw PNG bytes on
+    :func:`confusion_topic`). ``key`` prefixes their component keys (default ``model_<model>``,
+    as the bridge's version and accuracy sensors)."""
     key = key or f"model_{segment(model)}"
     entry = "value_json.get('models', {}).get(" + json.dumps(model) + ", {})"
     words = re.sub(r"[_\-.]+", " ", model).strip()
     label = words[:1].upper() + words[1:] if words else model
     common = {"state_topic": info_topic, "entity_category": "diagnostic"}
-    cmps: dict[str, Any] = {
-        f"{key}_examples": {
+    cmps: dict[str, Any] = {}
+    if "examples" in kinds:
+        cmps[f"{key}_examples"] = {
             "platform": "sensor",
             "name": f"{label} training examples",
             "unique_id": f"{uid}_{key}_examples",
@@ -447,8 +467,9 @@ def quality_components(
             "json_attributes_topic": info_topic,
             "json_attributes_template": "{{ (" + entry + ".get('examples_per_class') or {}) | tojson }}",
             **common,
-        },
-        f"{key}_trained": {
+        }
+    if "trained" in kinds:
+        cmps[f"{key}_trained"] = {
             "platform": "sensor",
             "name": f"{label} trained",
             "unique_id": f"{uid}_{key}_trained",
@@ -457,9 +478,8 @@ def quality_components(
             "icon": "mdi:school-outline",
             "value_template": "{{ " + entry + ".get('trained_at') or 'None' }}",
             **common,
-        },
-    }
-    if image:
+        }
+    if "confusion" in kinds:
         cmps[f"{key}_confusion"] = {
             "platform": "image",
             "name": f"{label} confusion matrix",

@@ -147,16 +147,16 @@ def test_the_book_renders_once_per_model_file_and_names_what_changed(tmp_path: P
     assert record is not None and record.confusion is not None
     assert png == render_confusion(record.confusion.labels, record.confusion.counts, "m holdout (n=12)")
     assert book.refresh({"m": (model, file_sha256(model))}) == []  # the same file: nothing new
-    assert book.images() == {"m": True}
+    assert book.entities() == {"m": ("examples", "trained", "confusion")}
     model.write_bytes(b"two")  # replaced beside a record of the old file: refused, counted
     assert book.refresh({"m": (model, file_sha256(model))}) == ["m"]
-    assert book.png("m") is None and book.errors == 1
+    assert book.png("m") is None and book.errors == 1 and book.entities() == {}
     assert book.info("m") == {"examples_per_class": None, "trained_at": None, "metric": None}
     assert book.refresh({}) == []
 
 
 def test_the_quality_entities_read_bridge_info_and_the_image_its_own_topic() -> None:
-    cmps = quality_components("edge_infer_default", "edge_infer", "ei/bridge/info", "appliance", image=True)
+    cmps = quality_components("edge_infer_default", "edge_infer", "ei/bridge/info", "appliance")
     assert set(cmps) == {"model_appliance_examples", "model_appliance_trained", "model_appliance_confusion"}
     image = cmps["model_appliance_confusion"]
     assert image["platform"] == "image" and image["content_type"] == "image/png"
@@ -164,10 +164,11 @@ def test_the_quality_entities_read_bridge_info_and_the_image_its_own_topic() -> 
     assert image["image_topic"] == "ei/bridge/models/appliance/confusion"
     assert "state_topic" not in image and "image_encoding" not in image  # raw bytes
     assert cmps["model_appliance_trained"]["device_class"] == "timestamp"
-    assert set(quality_components("u", "e", "t/bridge/info", "m", image=False)) == {
+    assert set(quality_components("u", "e", "t/bridge/info", "m", ("examples", "trained"))) == {
         "model_m_examples",
         "model_m_trained",
     }
+    assert set(quality_components("u", "e", "t/bridge/info", "m", ("confusion",))) == {"model_m_confusion"}
     assert confusion_topic("ei/instances/a/bridge/info", "my model") == (
         "ei/instances/a/bridge/models/my_model/confusion"
     )
@@ -196,7 +197,11 @@ def test_the_bridge_config_carries_the_quality_entities_and_their_templates_rend
     from tests.test_homeassistant import render
 
     bridge = BridgeInfo(version="1.2.3", instance_id="home")
-    config = bridge_config(bridge, ["win", "snap"], quality={"win": True, "snap": False})
+    config = bridge_config(
+        bridge,
+        ["win", "snap"],
+        quality={"win": ("examples", "trained", "confusion"), "snap": ("examples", "trained")},
+    )
     cmps = config["cmps"]
     assert "model_win_confusion" in cmps and "model_snap_confusion" not in cmps
     assert {"model_win_examples", "model_win_trained", "model_snap_examples", "model_snap_trained"} <= set(
@@ -299,3 +304,15 @@ def test_the_daemon_publishes_the_confusion_png_retained_and_again_after_a_hot_r
     assert got[0].retain and got[0].payload == images[1].payload
     retained.close()
     out.close()
+
+
+def test_only_the_entities_a_record_has_something_for_are_announced(tmp_path: Path) -> None:
+    book = QualityBook()
+    open_set = MODELS / "appliance_open_set" / "appliance_open_set.fp32.onnx"
+    activity = MODELS / "activity" / "activity.fp32.onnx"
+    fridge = MODELS / "fridge_anomaly" / "fridge_anomaly.fp32.onnx"
+    book.refresh({n: (p, file_sha256(p)) for n, p in (("open", open_set), ("act", activity), ("fr", fridge))})
+    # the open-set report gives only an accuracy (the bridge's accuracy sensor already shows it);
+    # the fridge's none; activity's report its holdout confusion, creation time and training size
+    assert book.entities() == {"act": ("examples", "trained", "confusion")}
+    assert book.info("act")["examples"] == 40 and book.info("act")["examples_per_class"] is None
