@@ -433,6 +433,11 @@ class OutputConfig(_Model):
     explain: ExplainConfig | None = Field(
         None, description="Attributions per answer (occlusion); off unless given. See ExplainConfig."
     )
+    guard: bool = Field(
+        False,
+        description="While the rolling agreement with corrections is a problem, the entities are "
+        "unavailable and no predictions are published (docs/corrections.md#the-guard).",
+    )
 
     @field_validator("topic")
     @classmethod

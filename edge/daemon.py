@@ -36,7 +36,7 @@ from edge.config import (
     mask_url,
     read_limited,
 )
-from edge.corrections import Corrections, CorrectionsCollector
+from edge.corrections import Agreement, Corrections, CorrectionsCollector
 from edge.decode import DecodeError, TopicPattern
 from edge.discovery import Discovery, holdout_accuracy
 from edge.features import WindowBudget
@@ -47,6 +47,7 @@ from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
 from edge.outputs import PostProcessor, add_explain
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
+from edge.quality import QualityBook, confusion_topic
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
 from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
@@ -262,6 +263,12 @@ class Daemon:
         )
         self.discovery.on_ha_online = self._republish_states
         self.discovery.warn_unsupported()
+        self.quality = QualityBook()  # edge/quality.py: each model's record and confusion PNG
+        self.quality.refresh(self._model_files())
+        self.discovery.quality = self.quality.entities
+        self._quality_pending = set(self.models)  # published at the first connect, then on change
+        self.guarded: dict[str, str] = {}  # output.guard: pipeline -> sha256 of the model it caught
+        self.guard_counts: dict[str, dict[str, int]] = {}  # pipeline -> engaged / released / withheld
         self.batchers: dict[str, Batcher] = {}
         self._batcher_tasks: dict[str, asyncio.Task[None]] = {}
         self._routes: list[tuple[TopicPattern, Pipeline]] = []
@@ -506,6 +513,7 @@ class Daemon:
             return
         if self.corrections.handles(topic):  # the daemon's own command topics (edge/corrections.py)
             self.corrections.on_message(topic, payload)
+            self._guard_check()  # output.guard: the agreement may have crossed its line
             self.link.ack(ack)
             return
         pipelines = self._route(topic)
@@ -673,7 +681,7 @@ class Daemon:
             return
         pipeline.availability[device] = online
         topic = pipeline.output_topic(device) + "/availability"
-        self.link.publish(Outgoing(topic, b"online" if online else b"offline", 1, True))
+        self.link.publish(Outgoing(topic, self._available(pipeline, online), 1, True))
 
     def _first_answer(self, pipeline: Pipeline, device: str) -> None:
         """A device's first answer from a pipeline: its output goes online and Home Assistant
@@ -681,7 +689,7 @@ class Daemon:
         if pipeline.availability.get(device) is not True:
             pipeline.availability[device] = True
             topic = pipeline.output_topic(device) + "/availability"
-            self.link.publish(Outgoing(topic, b"online", 1, True))
+            self.link.publish(Outgoing(topic, self._available(pipeline, True), 1, True))
         self.discovery.device_seen()
 
     # ------------------------------------------------------------------ inference out
@@ -734,6 +742,10 @@ class Daemon:
                 self.corrections.seen(pipeline, item, prediction.fields, spec.version)
                 if item.explain is not None:  # output.explain: the batcher's attribution
                     add_explain(prediction, item.explain)
+                if pipeline.name in self.guarded:  # output.guard: unavailable instead of guesses
+                    self._guard_counts(pipeline.name)["withheld"] += 1
+                    self._settle(item)
+                    continue
                 try:
                     if not pipeline.policy.should_publish(item.device, prediction, wall):
                         self._settle(item)
@@ -775,6 +787,7 @@ class Daemon:
             # others took its devices: it rejoins at its own 'online', which is on its way.
             self._membership_changed(self.membership.observe(self.instance or "", b"offline"))
         self.publish_bridge_info()
+        self._publish_quality()
         self._background(self.discovery.connected(), "discovery")
         if not self.ready.is_set():
             self.ready.set()
@@ -791,7 +804,7 @@ class Daemon:
                 self.link.publish(
                     Outgoing(
                         pipeline.output_topic(device) + "/availability",
-                        b"online" if online else b"offline",
+                        self._available(pipeline, online),
                         1,
                         True,
                     )
@@ -857,6 +870,7 @@ class Daemon:
                     "sha256": m.spec.sha256,
                     "providers": m.providers,
                     "accuracy": holdout_accuracy(m.spec),  # the bridge's per-model diagnostic
+                    **self.quality.info(name),  # examples_per_class, trained_at, metric (edge/quality.py)
                     "batches": self.batchers[name].batches if name in self.batchers else 0,
                     "items": self.batchers[name].items if name in self.batchers else 0,
                     "explained": self.batchers[name].explained if name in self.batchers else 0,
@@ -866,6 +880,8 @@ class Daemon:
             },
             "pipelines": {name: self._pipeline_info(name, p) for name, p in self.pipelines.items()},
             "corrections": self.corrections.info(),
+            "quality_errors": self.quality.errors,
+            "guard": self._guard_info(),
             **self._cluster_fields(),
         }
 
@@ -948,6 +964,92 @@ class Daemon:
         if self.link.connected.is_set():
             self.publish_bridge_info()
 
+    # ------------------------------------------------------------------ quality (edge/quality.py)
+
+    def _model_files(self) -> dict[str, tuple[Path, str]]:
+        return {name: (m.config.path, m.spec.sha256) for name, m in self.models.items()}
+
+    def _publish_quality(self) -> None:
+        """The confusion PNG of each model in ``_quality_pending``, retained on its own topic (an
+        empty retained message clears the image of a model that has none now)."""
+        for name in sorted(self._quality_pending):
+            png = self.quality.png(name)
+            self.link.publish(Outgoing(confusion_topic(self.info_topic, name), png or b"", 1, True))
+        self._quality_pending.clear()
+
+    async def _quality_reload(self) -> None:
+        """After a reload: the records of replaced models read and rendered off the loop; the
+        images that changed published again."""
+        try:
+            changed = await asyncio.to_thread(self.quality.refresh, self._model_files())
+        except Exception as exc:  # a record that breaks the renderer must not stop the daemon
+            self.quality.errors += 1
+            log.warning("quality records not refreshed: %s: %s", type(exc).__name__, exc)
+            return
+        self._quality_pending.update(changed)
+        self._publish_quality()
+
+    # ------------------------------------------------------------------ guard (output.guard)
+
+    def _available(self, pipeline: Pipeline, online: bool) -> bytes:
+        """A device's availability payload: offline while its pipeline is guarded."""
+        return b"online" if online and pipeline.name not in self.guarded else b"offline"
+
+    def _guard_check(self) -> None:
+        """``output.guard``: a pipeline whose rolling agreement with corrections is a problem
+        (edge/corrections.py) goes unavailable on every device and publishes no predictions;
+        it comes back when the agreement recovers, or when a new model replaces the one that
+        failed (whose agreement then starts afresh), or when the guard is switched off."""
+        for name, pipeline in self.pipelines.items():
+            guard = pipeline.cfg.output.guard and self.config.corrections.enabled
+            caught = self.guarded.get(name)
+            if caught is not None and (not guard or caught != pipeline.spec.sha256):
+                if guard:  # another model now: judged on its own corrections
+                    self.corrections.agreement[name] = Agreement(self.config.corrections.agreement_window)
+                self._guard_release(pipeline, "a new model" if guard else "the guard is off")
+                continue
+            if not guard or name not in self.corrections.agreement:
+                continue
+            judged = self.corrections.judge(name)
+            if judged["problem"] and caught is None:
+                self._guard_engage(pipeline, judged)
+            elif not judged["problem"] and caught is not None:
+                self._guard_release(pipeline, f"agreement {judged['value']} over {judged['count']}")
+
+    def _guard_counts(self, name: str) -> dict[str, int]:
+        return self.guard_counts.setdefault(name, {"engaged": 0, "released": 0, "withheld": 0})
+
+    def _guard_engage(self, pipeline: Pipeline, judged: dict[str, Any]) -> None:
+        self.guarded[pipeline.name] = pipeline.spec.sha256
+        self._guard_counts(pipeline.name)["engaged"] += 1
+        log.warning(
+            "guard: pipeline %s unavailable: its agreement with corrections %s over the last %d is "
+            "below the holdout accuracy %s by more than corrections.agreement_margin",
+            pipeline.name,
+            judged["value"],
+            judged["count"],
+            judged["holdout"],
+        )
+        for device in pipeline.last_published:
+            topic = pipeline.output_topic(device) + "/availability"
+            self.link.publish(Outgoing(topic, b"offline", 1, True))
+
+    def _guard_release(self, pipeline: Pipeline, why: str) -> None:
+        del self.guarded[pipeline.name]
+        self._guard_counts(pipeline.name)["released"] += 1
+        log.info("guard: pipeline %s available again (%s)", pipeline.name, why)
+        for device in pipeline.last_published:
+            topic = pipeline.output_topic(device) + "/availability"
+            online = pipeline.availability.get(device, True)
+            self.link.publish(Outgoing(topic, self._available(pipeline, online), 1, True))
+
+    def _guard_info(self) -> dict[str, Any]:
+        return {
+            name: {"active": name in self.guarded, **self._guard_counts(name)}
+            for name, p in self.pipelines.items()
+            if p.cfg.output.guard or name in self.guard_counts
+        }
+
     # ------------------------------------------------------------------ reload
 
     def _prepare_reload(self) -> tuple[Config, dict[str, LoadedModel], dict[str, Pipeline]]:
@@ -978,6 +1080,8 @@ class Daemon:
                 self.notifier.ready(self.status_text())
                 return False
             changed = self._swap(config, models, pipelines)
+            await self._quality_reload()
+            self._guard_check()
             await self.link.update_subscriptions()
             self.discovery.replan()
             self.reloads += 1

@@ -151,6 +151,7 @@ class Discovery:
         self.enabled = ha.enabled
         self.corrections = config.corrections.enabled  # the select/buttons of edge/corrections.py
         self._corrected: list[str] = []  # pipelines whose agreement the bridge shows
+        self.quality: Callable[[], dict[str, tuple[str, ...]]] = dict  # edge/quality.py: model -> entities
         self.status_topic = ha.status_topic
         base = config.mqtt.base_topic
         # Outside a cluster one tracker announces the bridge and every device; in a cluster
@@ -540,7 +541,7 @@ class Discovery:
         if self.shared is None:
             self._plan(self.tracker, devices, models)
             return
-        self._send(self.tracker.plan([], models=models, corrected=self._corrected))
+        self._send(self.tracker.plan([], models=models, corrected=self._corrected, quality=self.quality()))
         if self._is_leader():
             self._plan(self.shared, devices, [])
 
@@ -555,7 +556,8 @@ class Discovery:
         for Home Assistant only."""
         before = set(tracker.announced_state_topics())
         corrected = self._corrected if tracker is self.tracker else []  # the instance's bridge/info
-        self._send(tracker.plan(devices, models=models, corrected=corrected))
+        quality = self.quality() if tracker is self.tracker else None
+        self._send(tracker.plan(devices, models=models, corrected=corrected, quality=quality))
         for topic in sorted(before - set(tracker.announced_state_topics())):
             if topic != tracker.bridge.info_topic:
                 self._publish(Outgoing(topic, b"", 1, True))

@@ -591,6 +591,21 @@ def test_every_prediction_entity_has_a_state_within_5_s_of_its_announcement(
     assert bridge[f"{bridge_name} Appliance model version"] == "1.0.0", bridge
     assert bridge[f"{bridge_name} Appliance holdout accuracy"] == "90.0", bridge
     assert bridge[f"{bridge_name} Started"].endswith("+00:00"), bridge
+    # per zoo classifier, its quality from the report shipped beside it (edge/quality.py): the
+    # confusion matrix images (counted apart from the bridge's sensors, as the selects and buttons
+    # are from the predictions), the training set's size and when it was trained; not for the
+    # open-set and anomaly models, whose reports hold none of these
+    images = {s["entity_id"] for s in bridge_states if s["entity_id"].startswith("image.")}
+    assert len(images) == 3, sorted(images)  # appliance, activity, occupancy
+    for model, trained, examples in (
+        ("Appliance", "2026-12-03T13:52:58+00:00", "100"),
+        ("Activity", "2026-12-03T13:52:48+00:00", "40"),
+        ("Occupancy", "2026-12-03T13:46:35+00:00", "57560"),
+    ):
+        assert bridge[f"{bridge_name} {model} confusion matrix"] not in ("unknown", "unavailable"), bridge
+        assert bridge[f"{bridge_name} {model} trained"] == trained, bridge
+        assert bridge[f"{bridge_name} {model} training examples"] == examples, bridge
+    assert not [n for n in bridge if "Appliance open set" in n and ("trained" in n or "matrix" in n)]
     assert not clock.late(STATE_WITHIN_S), (
         clock.late(STATE_WITHIN_S),
         {e: clock.states[e]["state"] for e in clock.late(STATE_WITHIN_S)},

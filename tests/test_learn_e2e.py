@@ -104,6 +104,18 @@ def test_learn_promotes_a_model_the_running_daemon_reloads_then_rollback(
             "purge",
         ):
             assert needle in card, needle
+        # the quality record beside it (edge/quality.py): what the holdout said, what it learned from
+        quality = json.loads((tmp_path / "occupancy.onnx.quality.json").read_text())
+        assert quality["model_sha256"] == file_sha256(tmp_path / "occupancy.onnx")
+        train = report["split"]["counts"]["train"]
+        assert quality["examples_per_class"] == {c: train.get(c, 0) for c in report["classes"]}
+        assert quality["metric"]["value"] == holdout["candidate"][report["gate"]["metric"]]
+        confusion = quality["confusion"]
+        assert confusion["labels"] == report["classes"]
+        assert sum(map(sum, confusion["counts"])) == holdout["n"] == quality["metric"]["n"]
+        correct = sum(confusion["counts"][i][i] for i in range(len(confusion["labels"])))
+        assert correct / holdout["n"] == pytest.approx(holdout["candidate"]["accuracy"])
+        assert quality["span"] == {"start": report["span"]["start"], "end": report["span"]["end"]}
         table = (tmp_path / "learn" / "rooms" / "table.csv").read_text().splitlines()
         assert table[0].startswith("ts,device,pipeline,label,temperature@0,humidity@0")
 
@@ -124,10 +136,17 @@ def test_learn_promotes_a_model_the_running_daemon_reloads_then_rollback(
             pub.send(f"{p}/home/office/climate", payload)
         got = out.wait(lambda m: any(x.json()["model_version"] == manifest.version for x in m), timeout=20)
         assert got
+        info = runner.call(runner.daemon.bridge_info)["models"]["occupancy"]
+        assert info["examples_per_class"] == quality["examples_per_class"]
+        assert info["trained_at"] == quality["trained_at"]
 
         done = run_cli("models", "rollback", "-c", str(path), "rooms")
         assert done.returncode == 0, done.stderr
         assert file_sha256(tmp_path / "occupancy.onnx") == file_sha256(BUNDLED)
+        # the record went with the learned model; the bundled copy brought none back
+        assert not (tmp_path / "occupancy.onnx.quality.json").exists()
+        kept = json.loads((tmp_path / "occupancy.onnx.previous.quality.json").read_text())
+        assert kept == quality
         deadline = time.monotonic() + 20
         while runner.call(lambda: runner.daemon.pipelines["rooms"].spec.version) != "1.0.0":
             assert time.monotonic() < deadline, "the daemon did not reload the rolled-back model"

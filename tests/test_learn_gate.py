@@ -94,3 +94,39 @@ def test_models_rollback_cli(tmp_path: Path) -> None:
     assert model.read_bytes() == b"old" and "rolled back" in done.stdout
     bad = subprocess.run([*run, "nope"], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "no pipeline 'nope'" in bad.stderr
+
+
+def test_sidecars_go_with_their_model_on_install_and_rollback(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "m.onnx"
+    files = {}
+    for name, text in (("v1", "one"), ("v2", "two"), ("q1", "quality one"), ("q2", "quality two")):
+        files[name] = tmp_path / name
+        files[name].write_text(text)
+    quality = deploy.sidecar(target, deploy.QUALITY_SUFFIX)
+    kept = deploy.sidecar(deploy.previous_path(target), deploy.QUALITY_SUFFIX)
+    assert quality.name == "m.onnx.quality.json" and kept.name == "m.onnx.previous.quality.json"
+    deploy.install(files["v1"], target, sidecars={deploy.QUALITY_SUFFIX: files["q1"]})
+    assert quality.read_text() == "quality one" and not kept.exists()
+    deploy.install(files["v2"], target, sidecars={deploy.QUALITY_SUFFIX: files["q2"]})
+    assert (target.read_text(), quality.read_text()) == ("two", "quality two")
+    assert kept.read_text() == "quality one"  # beside the previous model, as its card is
+    deploy.rollback(target)
+    assert (target.read_text(), quality.read_text(), kept.read_text()) == (
+        "one",
+        "quality one",
+        "quality two",
+    )
+    deploy.rollback(target)
+    assert (target.read_text(), quality.read_text(), kept.read_text()) == (
+        "two",
+        "quality two",
+        "quality one",
+    )
+    # a model deployed without a record: the old record goes with the old model, none is left
+    deploy.install(files["v1"], target)
+    assert not quality.exists() and kept.read_text() == "quality two"
+    deploy.rollback(target)  # the rolled-back model has its record again; the other had none
+    assert quality.read_text() == "quality two" and not kept.exists()
+    assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name or ".rollback-" in p.name]
+    with pytest.raises(deploy.DeployError, match="unknown sidecar"):
+        deploy.install(files["v1"], target, sidecars={".notes.txt": files["q1"]})

@@ -44,7 +44,8 @@ from edge.learn.split import DAY, TooLittleData, check_enough, class_order, time
 from edge.learn.statistics import examples_from_statistics, fill_from_statistics, statistics_entities
 from edge.learn.statistics import summary as statistics_summary
 from edge.learn.table import Table, build_table, label_entities, pipeline_for, table_from_rows
-from edge.runtime import ModelLoadError
+from edge.quality import learn_record, write_sidecar
+from edge.runtime import ModelLoadError, file_sha256
 
 log = logging.getLogger("edge.learn")
 
@@ -500,7 +501,8 @@ def learn(
     truth = [table.labels[i] for i in test]
     x_test = table.x[test]
     metric, margin = learn_cfg.gate.metric, learn_cfg.gate.margin
-    new = scores(truth, onnx_predict(candidate, x_test), classes)
+    predicted = onnx_predict(candidate, x_test)
+    new = scores(truth, predicted, classes)
     train_labels = [table.labels[i] for i in split.indices("train")]
     top, base_pred = majority_baseline(train_labels, len(truth))
     base = scores(truth, base_pred, classes) | {"note": f" (always `{top}`)"}
@@ -556,6 +558,20 @@ def learn(
     card = build / "card.md"
     card_text = (card.read_text() if card.is_file() else "") + learn_card(report)
     card.write_text(card_text)
+    quality = write_sidecar(  # edge/quality.py: what Home Assistant shows of this model
+        build / "quality.json",
+        learn_record(
+            metric=metric,
+            scores=new,
+            truth=truth,
+            predicted=predicted,
+            classes=classes,
+            train_counts=counts.get("train", {}),
+            span=report["span"],
+            model_sha256=file_sha256(candidate),
+            trained_at=time.time(),
+        ),
+    )
     note(
         f"  holdout {metric}: new {new[metric]:.4f}, baseline {base[metric]:.4f}, deployed "
         + (f"{deployed[metric]:.4f}" if deployed is not None else f"- ({deployed_note})")
@@ -563,7 +579,7 @@ def learn(
     status = EXIT_KEPT
     if verdict.promote and deploy_model:
         try:
-            previous = deploy.install(candidate, target, card)
+            previous = deploy.install(candidate, target, card, {deploy.QUALITY_SUFFIX: quality})
         except (deploy.DeployError, OSError) as exc:
             report["gate"]["reason"] = f"{verdict.reason}, but not deployed: {exc}"
             (work / "learn_report.json").write_text(json.dumps(report, indent=2, default=str))
