@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 
 from edge.corrections import agreement_components, correction_components
 from edge.manifest import Task
+from edge.retrain import RetrainEntity, retrain_components
 
 ORIGIN_NAME: Final = "edge-infer"
 DEFAULT_DISCOVERY_PREFIX: Final = "homeassistant"
@@ -642,7 +643,11 @@ def device_config(
 
 
 def bridge_config(
-    bridge: BridgeInfo, models: Sequence[str] = (), corrected: Sequence[str] = ()
+    bridge: BridgeInfo,
+    models: Sequence[str] = (),
+    corrected: Sequence[str] = (),
+    *,
+    retrain: Sequence[RetrainEntity] = (),
 ) -> dict[str, Any]:
     """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
     with a version and a holdout accuracy sensor per model in ``models``."""
@@ -704,6 +709,8 @@ def bridge_config(
         )  # fmt: skip
     for pipeline in corrected:  # pipelines taking corrections: their rolling agreement
         cmps.update(agreement_components(uid, eid, bridge.info_topic, pipeline))
+    for entity in retrain:  # learnable pipelines: Retrain now, training state, last trained
+        cmps.update(retrain_components(uid, eid, bridge.status_topic, entity))
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -903,10 +910,13 @@ class DiscoveryTracker:
         include_bridge: bool = True,
         models: Sequence[str] = (),
         corrected: Sequence[str] = (),
+        retrain: Sequence[RetrainEntity] = (),
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:
-            desired[device_topic(self.bridge)] = bridge_config(self.bridge, models, corrected)
+            desired[device_topic(self.bridge)] = bridge_config(
+                self.bridge, models, corrected, retrain=retrain
+            )
         for device, outputs in devices:
             if not outputs:
                 continue

@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from datetime import time as dtime
@@ -55,6 +55,7 @@ from edge.mqtt import Outgoing
 if TYPE_CHECKING:
     from edge.config import Config, LearnSchedule
     from edge.logsetup import RateLimitedLogger
+    from edge.pipeline import Pipeline
 
 log = logging.getLogger("edge.retrain")
 
@@ -646,6 +647,15 @@ class RetrainEntity:
     pipeline: str
     base_topic: str  # mqtt.base_topic: where the command and state topics are
     button: bool = True
+
+
+def retrain_entities(pipelines: Iterable[Pipeline], button: bool) -> list[RetrainEntity]:
+    """The learnable pipelines' bridge entities (``button``: the command topics are subscribed)."""
+    return [
+        RetrainEntity(p.name, p.base, button)
+        for p in sorted(pipelines, key=lambda p: p.name)
+        if p.cfg.learn is not None and p.cfg.homeassistant.enabled
+    ]
 
 
 def retrain_components(

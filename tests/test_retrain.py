@@ -404,3 +404,21 @@ def test_a_scheduled_retrain_runs_at_its_time_and_a_restart_does_not_run_it_agai
     assert again.running is None and not again.queue
     next_due = again.states["small"].next_run
     assert next_due is not None and next_due > clock() + 3600
+
+
+def test_the_bridge_announces_the_button_and_both_sensors_of_a_learnable_pipeline() -> None:
+    from edge.homeassistant import BridgeInfo, bridge_config
+    from edge.retrain import RetrainEntity
+
+    bridge = BridgeInfo(version="1", base_topic="ei", instance_id="home")
+    cmps = bridge_config(bridge, ["m"], retrain=[RetrainEntity("washer", "ei")])["cmps"]
+    button, state, last = cmps["retrain_washer"], cmps["retrain_washer_state"], cmps["retrain_washer_last"]
+    assert button["platform"] == "button" and button["command_topic"] == "ei/washer/retrain/press"
+    assert button["payload_press"] == "PRESS" and button["name"] == "Retrain now washer"
+    assert state["state_topic"] == state["json_attributes_topic"] == "ei/washer/retrain/state"
+    assert state["name"] == "Washer training" and state["value_template"] == "{{ value_json.status }}"
+    assert last["device_class"] == "timestamp" and last["name"] == "Washer last trained"
+    assert len({c["unique_id"] for c in cmps.values()}) == len(cmps)
+    without = bridge_config(bridge, ["m"], retrain=[RetrainEntity("washer", "ei", button=False)])["cmps"]
+    assert "retrain_washer" not in without and "retrain_washer_state" in without
+    assert not any(k.startswith("retrain_") for k in bridge_config(bridge, ["m"])["cmps"])
