@@ -318,7 +318,7 @@ class Retrainer:
             reason, detail = "already_queued", f"{pipeline} is queued already"
         if reason is not None:
             self.refused[reason] += 1
-            if pipeline in self.states or reason != "not_learnable":
+            if reason != "not_learnable":  # shown in that pipeline's state
                 state = self._state(pipeline)
                 state.refused += 1
                 self._send(pipeline)
@@ -457,7 +457,7 @@ class Retrainer:
                 limit=LINE_LIMIT,
             )
         except OSError as exc:
-            self._finish(name, "failed", f"cannot start learn: {exc}", started, time.monotonic() - clock0)
+            self._finish(name, "failed", f"cannot start learn: {exc}", time.monotonic() - clock0)
             await self._save()
             return
         self.pid = proc.pid
@@ -522,10 +522,10 @@ class Retrainer:
             outcome = "failed"
             last = tail[-1] if tail else "no output"
             reason = f"learn exited with status {code} without a verdict: {last}"
-        self._finish(name, outcome, reason, started, seconds)
+        self._finish(name, outcome, reason, seconds)
         await self._save()
 
-    def _finish(self, name: str, outcome: str, reason: str, started: float, seconds: float) -> None:
+    def _finish(self, name: str, outcome: str, reason: str, seconds: float) -> None:
         state = self._state(name)
         state.phase, state.progress = outcome, None
         state.reason = None if outcome == "promoted" and not reason else _bounded(reason, MAX_REASON_CHARS)
