@@ -642,6 +642,26 @@ class LearnTrain(_Model):
     quantize: bool = Field(True, description="Also quantize to int8 (deployed when it is recommended).")
 
 
+class LearnSchedule(_Model):
+    """Retrain on a schedule from the daemon (docs/learning.md, "Retraining from Home Assistant")."""
+
+    every_days: int = Field(7, ge=1, le=365, description="Days from the last retrain to the next one.")
+    at: str = Field("03:30", description="Local time of day it starts, HH:MM (24-hour clock).")
+
+    @field_validator("at")
+    @classmethod
+    def _time_of_day(cls, value: str) -> str:
+        found = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value.strip())
+        if found is None:
+            raise ValueError(f"give a local time of day as HH:MM, e.g. 03:30 (got {value[:40]!r})")
+        return f"{int(found.group(1)):02d}:{found.group(2)}"
+
+    @property
+    def hour_minute(self) -> tuple[int, int]:
+        hour, minute = self.at.split(":")
+        return int(hour), int(minute)
+
+
 class LearnConfig(_Model):
     """``edge-infer learn``: train this pipeline's model on the home's own history (docs/learning.md)."""
 
@@ -663,6 +683,15 @@ class LearnConfig(_Model):
         False,
         description="Keep rows inside spans the daemon flagged as inputs unlike training "
         "(flagged_spans.json beside state.file); by default they are left out (docs/drift.md).",
+    )
+    schedule: LearnSchedule | None = Field(
+        None, description="Retrain from the daemon every_days at a local time (default: only on request)."
+    )
+    max_memory_mb: int = Field(
+        2048,
+        ge=256,
+        description="Address-space cap of the learn process the daemon starts (Retrain now, schedule); "
+        "its training process keeps train.memory_mb.",
     )
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("pipelines.<name>.learn.exclude[]", c.ExcludeSpan),
     ("pipelines.<name>.learn.gate", c.LearnGate),
     ("pipelines.<name>.learn.train", c.LearnTrain),
+    ("pipelines.<name>.learn.schedule", c.LearnSchedule),
     ("limits", c.LimitsConfig),
     ("dead_letter", c.DeadLetterConfig),
     ("homeassistant", c.HomeAssistantConfig),

@@ -208,6 +208,7 @@ class Corrections:
         self.directory = corrections_dir(config)
         self._store: LabelStore | None = None
         self.validator = CommandValidator(self.base, {})
+        self.on_retrain: Callable[[str], None] | None = None  # edge/retrain.py's Retrainer.on_command
         self.rebuild()
 
     # -- wiring --------------------------------------------------------------
@@ -261,8 +262,12 @@ class Corrections:
     def _accept(self, command: Command) -> None:
         pipelines = self._pipelines()
         pipeline = pipelines.get(command.pipeline)
-        if command.action == "retrain" or pipeline is None or command.device is None:
-            return  # retraining is not handled here (edge/retrain, issue 21's retraining part)
+        if command.action == "retrain":
+            if self.on_retrain is not None:  # handed over to the daemon's Retrainer (edge/retrain.py)
+                self.on_retrain(command.pipeline)
+            return
+        if pipeline is None or command.device is None:
+            return
         label = command.label if command.action == "correct" else button_label(pipeline, command.action)
         seen = self.rings[command.pipeline].latest(command.device)
         if label is None or seen is None:

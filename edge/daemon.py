@@ -48,6 +48,7 @@ from edge.outputs import PostProcessor, add_explain
 from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
 from edge.pipeline import PendingAck, Pipeline, WorkItem
 from edge.quality import QualityBook, confusion_topic
+from edge.retrain import Retrainer
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
 from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
@@ -253,6 +254,11 @@ class Daemon:
         self.intake = self.link.intake
         self.watch = InputWatch(self.link.publish, self.ratelog, config.state.file)  # edge/watch.py
         self.metrics.registry.register(self.watch.collector())
+        self.retrainer = Retrainer(  # edge/retrain.py: learn in a child process, one at a time
+            lambda: self.config, config_path, self.link.publish, self.ratelog, is_leader=self.is_leader
+        )
+        self.corrections.on_retrain = self.retrainer.on_command
+        self.metrics.registry.register(self.retrainer.collector())
         self.link.on_room = self._room_made
         self.discovery = Discovery(
             config,
@@ -882,6 +888,7 @@ class Daemon:
             "corrections": self.corrections.info(),
             "quality_errors": self.quality.errors,
             "guard": self._guard_info(),
+            "retrain": self.retrainer.info(),
             **self._cluster_fields(),
         }
 
@@ -1270,6 +1277,7 @@ class Daemon:
             self._spawn(self._watch_models(), "watch-models"),
             self._spawn(Watchdog(self.notifier, self.liveness).run(), "watchdog"),
         ]
+        periodic.append(self._spawn(self.retrainer.run(), "retrain"))  # edge/retrain.py
         if self.config.state.file is not None:
             restored = restore_state(self.config.state.file, self.pipelines)
             for name, pipeline in self.pipelines.items():  # announced at once, not at their next answer

@@ -50,6 +50,7 @@ from edge.homeassistant import (
 )
 from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
+from edge.retrain import RetrainEntity, retrain_entities
 from edge.runtime import ModelSpec
 from edge.safejson import loads_bounded
 from edge.watch import watched_stats
@@ -152,6 +153,7 @@ class Discovery:
         self.corrections = config.corrections.enabled  # the select/buttons of edge/corrections.py
         self._corrected: list[str] = []  # pipelines whose agreement the bridge shows
         self.quality: Callable[[], dict[str, tuple[str, ...]]] = dict  # edge/quality.py: model -> entities
+        self._retrain: list[RetrainEntity] = []  # learnable pipelines: the bridge's retrain entities
         self.status_topic = ha.status_topic
         base = config.mqtt.base_topic
         # Outside a cluster one tracker announces the bridge and every device; in a cluster
@@ -538,10 +540,15 @@ class Discovery:
             devices.append((source_device(entries[0][0], device, identity), [e for _, e in entries]))
         models = sorted({p.cfg.model for p in self._pipelines()})
         self._corrected = sorted(p.name for p in self._pipelines()) if self.corrections else []
+        self._retrain = retrain_entities(self._pipelines(), self.corrections)  # edge/retrain.py
         if self.shared is None:
             self._plan(self.tracker, devices, models)
             return
-        self._send(self.tracker.plan([], models=models, corrected=self._corrected, quality=self.quality()))
+        self._send(
+            self.tracker.plan(
+                [], models=models, corrected=self._corrected, quality=self.quality(), retrain=self._retrain
+            )
+        )
         if self._is_leader():
             self._plan(self.shared, devices, [])
 
@@ -557,7 +564,10 @@ class Discovery:
         before = set(tracker.announced_state_topics())
         corrected = self._corrected if tracker is self.tracker else []  # the instance's bridge/info
         quality = self.quality() if tracker is self.tracker else None
-        self._send(tracker.plan(devices, models=models, corrected=corrected, quality=quality))
+        retrain = self._retrain if tracker is self.tracker else []
+        self._send(
+            tracker.plan(devices, models=models, corrected=corrected, quality=quality, retrain=retrain)
+        )
         for topic in sorted(before - set(tracker.announced_state_topics())):
             if topic != tracker.bridge.info_topic:
                 self._publish(Outgoing(topic, b"", 1, True))

@@ -36,6 +36,7 @@ from typing import Any, Final, Literal
 from edge.corrections import agreement_components, correction_components
 from edge.manifest import Task
 from edge.quality import quality_components
+from edge.retrain import RetrainEntity, retrain_components
 
 ORIGIN_NAME: Final = "edge-infer"
 DEFAULT_DISCOVERY_PREFIX: Final = "homeassistant"
@@ -648,6 +649,7 @@ def bridge_config(
     corrected: Sequence[str] = (),
     *,
     quality: Mapping[str, Sequence[str]] | None = None,
+    retrain: Sequence[RetrainEntity] = (),
 ) -> dict[str, Any]:
     """The bridge device's discovery payload (as a dict): diagnostics read from ``bridge/info``,
     with a version and a holdout accuracy sensor per model in ``models``."""
@@ -712,6 +714,8 @@ def bridge_config(
     for model, kinds in sorted((quality or {}).items()):  # edge/quality.py: model -> its entities
         key = f"model_{topic_id(model)}"
         cmps.update(quality_components(uid, eid, bridge.info_topic, model, kinds, key=key))
+    for entity in retrain:  # learnable pipelines: Retrain now, training state, last trained
+        cmps.update(retrain_components(uid, eid, bridge.status_topic, entity))
     return {"dev": dev, "o": bridge.origin(), **_availability(bridge, None), "cmps": cmps}
 
 
@@ -912,10 +916,11 @@ class DiscoveryTracker:
         models: Sequence[str] = (),
         corrected: Sequence[str] = (),
         quality: Mapping[str, Sequence[str]] | None = None,
+        retrain: Sequence[RetrainEntity] = (),
     ) -> list[DiscoveryMessage]:
         desired: dict[str, dict[str, Any]] = {}
         if include_bridge:
-            bridge = bridge_config(self.bridge, models, corrected, quality=quality)
+            bridge = bridge_config(self.bridge, models, corrected, quality=quality, retrain=retrain)
             desired[device_topic(self.bridge)] = bridge
         for device, outputs in devices:
             if not outputs:

@@ -200,7 +200,7 @@ def use_jit_kernels_if_allowed(stream: TextIO = sys.stderr) -> bool:
     need none; the small models here train a little slower). True when the JIT stays on."""
     if executable_memory_allowed():
         return True
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp setter in torch
     print(
         "training: executable memory is denied (MemoryDenyWriteExecute): torch's oneDNN kernels "
         "are off, its plain kernels train instead",

@@ -111,8 +111,9 @@ class Publisher:
 class DaemonThread:
     """The daemon in-process, on its own event loop in a thread."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # the daemon's config file (what a retrain hands learn)
         self.loop = asyncio.new_event_loop()
         self.daemon: Daemon | None = None
         self.error: BaseException | None = None
@@ -123,7 +124,7 @@ class DaemonThread:
         asyncio.set_event_loop(self.loop)
 
         async def main() -> None:
-            self.daemon = Daemon(self.config)
+            self.daemon = Daemon(self.config, config_path=self.config_path)
             ready_waiter = asyncio.create_task(self.daemon.ready.wait())
             ready_waiter.add_done_callback(lambda _t: self._ready.set())
             await self.daemon.run()

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,16 +277,29 @@ def _rss_bytes(pid: int) -> int:
 
 
 def run_training(
-    cmd: Sequence[str], *, threads: int, nice: int, memory_mb: int, stream: TextIO | None = None
+    cmd: Sequence[str],
+    *,
+    threads: int,
+    nice: int,
+    memory_mb: int,
+    stream: TextIO | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> ChildResult:
-    """Run ``cmd`` niced with bounded threads; stop it when its RSS passes ``memory_mb``."""
+    """Run ``cmd`` niced with bounded threads; stop it when its RSS passes ``memory_mb``.
+
+    With ``on_line`` the child's output goes through a pipe: each line is copied to ``stream``
+    (as without it) and handed to ``on_line`` (learn's ``--events`` reads the epochs from it)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[var] = str(threads)
     env["EDGE_INFER_LEARN_CHILD"] = "1"
 
     started = time.monotonic()
-    proc = subprocess.Popen(list(cmd), env=env, stdout=stream or sys.stderr, stderr=stream or sys.stderr)
+    target = stream or sys.stderr
+    if on_line is None:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=target, stderr=target)
+    else:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     with contextlib.suppress(OSError):  # lower its priority at once (it is still importing)
         os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
     with contextlib.suppress(OSError, ValueError):
@@ -309,8 +322,21 @@ def run_training(
                     proc.send_signal(signal.SIGKILL)
                 return
 
+    def relay() -> None:
+        out = proc.stdout
+        assert out is not None
+        assert on_line is not None
+        for raw in iter(lambda: out.readline(65536), b""):  # a longer line comes in pieces
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            print(line, file=target, flush=True)
+            with contextlib.suppress(Exception):  # a broken reader must not stop training
+                on_line(line)
+
     watcher = threading.Thread(target=watch, name="learn-rss", daemon=True)
     watcher.start()
+    relayer = threading.Thread(target=relay, name="learn-relay", daemon=True) if on_line else None
+    if relayer is not None:
+        relayer.start()
     try:
         code = proc.wait()
     except BaseException:
@@ -320,6 +346,8 @@ def run_training(
     finally:
         stop.set()
         watcher.join()
+        if relayer is not None:
+            relayer.join(5)
     peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)  # Linux: KiB
     return ChildResult(code, peak / 1024 / 1024, time.monotonic() - started, killed)
 
@@ -406,11 +434,19 @@ def learn(
     out: TextIO | None = None,
     source: HistorySource | None = None,
     keep_flagged: bool | None = None,
+    events: Callable[[dict[str, Any]], None] | None = None,
 ) -> LearnResult:
+    """One learn run. ``events`` (``--events``) gets one dict per stage: ``collecting``,
+    ``table``, ``training`` (at its start and at each epoch line of the training process),
+    ``evaluating``; :func:`verdict_event` makes the last one from the result."""
     say = out or sys.stderr
 
     def note(text: str) -> None:
         print(text, file=say, flush=True)
+
+    def emit(stage: str, **fields: Any) -> None:
+        if events is not None:
+            events({"event": stage, "pipeline": name, "ts": round(time.time(), 3), **fields})
 
     try:
         config = load_config(config_path)
@@ -421,6 +457,11 @@ def learn(
         if learn_cfg is None:
             raise ConfigError(f"pipelines.{name}.learn", "add a learn section (docs/learning.md)")
         started = time.monotonic()
+        emit(
+            "collecting",
+            source=describe_source(learn_cfg.source) if source is None else "given",
+            days=learn_cfg.days,
+        )
         table, sources = make_table(name, config, now, source, keep_flagged=keep_flagged)
     except (ConfigError, ModelLoadError, ValueError, OSError, SourceError) as exc:
         return LearnResult(EXIT_CONFIG, f"{exc}")
@@ -450,6 +491,7 @@ def learn(
     split = time_split(table, learn_cfg.test_fraction, learn_cfg.val_fraction, purge)
     counts = split.counts(table)
     note("  class counts: " + ", ".join(f"{b}: {c}" for b, c in counts.items()))
+    emit("table", examples=len(table), seconds=round(table_s, 3), source=sources, counts=counts)
     try:
         check_enough(table, split, classes, learn_cfg.min_examples_per_class)
     except TooLittleData as exc:
@@ -472,8 +514,21 @@ def learn(
         f"  training in a separate process (nice {learn_cfg.train.nice}, "
         f"{learn_cfg.train.threads} thread(s), at most {learn_cfg.train.memory_mb} MB): {' '.join(cmd[1:])}"
     )
+    epochs = learn_cfg.train.epochs
+    emit("training", epoch=0, epochs=epochs, progress=0)
+
+    def epoch_line(line: str) -> None:
+        found = EPOCH_LINE.match(line)
+        if found is not None:
+            step, total = int(found.group(1)), max(1, int(found.group(2)))
+            emit("training", epoch=step, epochs=total, progress=min(100, round(100 * step / total)))
+
     child = run_training(
-        cmd, threads=learn_cfg.train.threads, nice=learn_cfg.train.nice, memory_mb=learn_cfg.train.memory_mb
+        cmd,
+        threads=learn_cfg.train.threads,
+        nice=learn_cfg.train.nice,
+        memory_mb=learn_cfg.train.memory_mb,
+        on_line=epoch_line if events is not None else None,
     )
     note(
         f"  training process: exit {child.returncode}, {child.seconds:.1f} s, "
@@ -491,6 +546,7 @@ def learn(
         return LearnResult(
             EXIT_TRAIN_FAILED, f"training failed (exit {child.returncode}); see its output above"
         )
+    emit("evaluating", seconds=round(child.seconds, 3), peak_rss_mb=round(child.peak_rss_mb, 1))
     build_report = json.loads(report_path.read_text())
     recommended = build_report.get("recommended", "fp32")
     candidate = build / Path(build_report["files"][recommended]["path"]).name
@@ -599,6 +655,75 @@ def learn(
     return LearnResult(status, message, report)
 
 
+EPOCH_LINE = re.compile(r"^\s*epoch\s+(\d+)/(\d+)\b")  # exporters/train.py's Progress lines
+OUTCOMES = {
+    EXIT_PROMOTED: "promoted",
+    EXIT_KEPT: "kept",
+    EXIT_CONFIG: "failed",
+    EXIT_NO_TORCH: "failed",
+    EXIT_TOO_LITTLE: "kept",
+    EXIT_TRAIN_FAILED: "failed",
+}
+
+
+def verdict_event(name: str, result: LearnResult) -> dict[str, Any]:
+    """The last ``--events`` line: the exit status, ``promoted`` / ``kept`` (the gate said no,
+    or too little data: the deployed model stays) / ``failed``, the reason and the gate's
+    numbers (None where learn did not get that far)."""
+    report = result.report
+    gate = report.get("gate") or {}
+    holdout = report.get("holdout") or {}
+    metric = gate.get("metric")
+
+    def score(key: str) -> float | None:
+        entry = holdout.get(key)
+        value = entry.get(metric) if isinstance(entry, dict) and metric else None
+        return round(float(value), 4) if isinstance(value, int | float) else None
+
+    numbers = {
+        "metric": metric,
+        "margin": gate.get("margin"),
+        "new": score("candidate"),
+        "baseline": score("baseline"),
+        "deployed": score("deployed"),
+        "promote": gate.get("promote"),
+    }
+    return {
+        "event": "verdict",
+        "pipeline": name,
+        "ts": round(time.time(), 3),
+        "status": result.status,
+        "outcome": OUTCOMES.get(result.status, "failed"),
+        "reason": gate.get("reason") or result.message,
+        "message": result.message,
+        "gate": numbers if gate else None,
+        "examples": report.get("examples"),
+        "counts": report.get("counts") or (report.get("split") or {}).get("counts"),
+        "training_s": (report.get("training") or {}).get("seconds"),
+        "deployed_to": report.get("deployed_to"),
+    }
+
+
+class EventWriter:
+    """``--events PATH`` (``-``: standard output): one JSON object a line, flushed, from any
+    thread (the training process's relay thread writes the epochs)."""
+
+    def __init__(self, target: str) -> None:
+        self._lock = threading.Lock()
+        self._own = target != "-"
+        self._file: TextIO = open(target, "a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, default=str, separators=(",", ":"))
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._own:
+            self._file.close()
+
+
 def _labels_text(learn_cfg: LearnConfig) -> str:
     labels = learn_cfg.labels
     if labels is None:
@@ -626,6 +751,28 @@ def be_nice(increment: int = LEARN_NICE) -> None:
         os.nice(increment)
 
 
+def bound_memory(megabytes: int) -> None:
+    """Cap this process's address space (``--max-memory-mb``, what the daemon's Retrainer passes):
+    an allocation past it fails here (MemoryError, learn exits 5) instead of swapping the daemon
+    out. Only the soft limit is lowered, so the training process it starts can still be given its
+    own ceiling (``run_training``: ``learn.train.memory_mb``)."""
+    ceiling = megabytes * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        ceiling = min(ceiling, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (the daemon stopping a retrain) unwinds learn like Ctrl-C: run_training kills its
+    training process before learn exits, so no training outlives it."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cli_learn(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="edge-infer learn",
@@ -641,6 +788,21 @@ def cli_learn(argv: Sequence[str]) -> int:
         action="store_true",
         default=None,
         help="keep rows inside spans the daemon flagged as inputs unlike training (learn.keep_flagged)",
+    )
+    parser.add_argument(
+        "--events",
+        metavar="PATH",
+        help="write one JSON line per stage (collecting, table, training with epochs, evaluating, "
+        "verdict) to PATH ('-': standard output); the human output is unchanged",
+    )
+    parser.add_argument(
+        "--nice", type=int, default=LEARN_NICE, help=f"niceness added to learn's own (default {LEARN_NICE})"
+    )
+    parser.add_argument(
+        "--max-memory-mb",
+        type=int,
+        metavar="MB",
+        help="cap learn's own address space (the training process keeps learn.train.memory_mb)",
     )
     parser.add_argument(
         "--suggest",
@@ -659,10 +821,32 @@ def cli_learn(argv: Sequence[str]) -> int:
             print(f"edge-infer learn --suggest: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         return 0
-    be_nice()
-    result = learn(
-        args.config, args.pipeline, deploy_model=not args.no_deploy, keep_flagged=args.keep_flagged
-    )
+    be_nice(max(0, args.nice))
+    _stop_on_sigterm()
+    if args.max_memory_mb is not None:
+        if args.max_memory_mb < 256:
+            print("edge-infer learn: --max-memory-mb must be at least 256", file=sys.stderr)
+            return EXIT_CONFIG
+        bound_memory(args.max_memory_mb)
+    writer = EventWriter(args.events) if args.events else None
+    try:
+        try:
+            result = learn(
+                args.config,
+                args.pipeline,
+                deploy_model=not args.no_deploy,
+                keep_flagged=args.keep_flagged,
+                events=writer,
+            )
+        except MemoryError:
+            result = LearnResult(
+                EXIT_TRAIN_FAILED, f"learn itself passed --max-memory-mb={args.max_memory_mb} MB"
+            )
+        if writer is not None:
+            writer(verdict_event(args.pipeline, result))
+    finally:
+        if writer is not None:
+            writer.close()
     if args.json and result.report:
         print(json.dumps(result.report, indent=2, default=str))
     print(f"edge-infer learn: {result.message}", file=sys.stderr if result.status else sys.stdout)
