@@ -67,14 +67,20 @@ HA_VENV_NEW ?= .cache/ha-venv-2026
 HA_VERSION_NEW ?= 2026.2.3
 # Every test that needs a real Home Assistant: discovery, the open-set enum, and (on 2025.4.4) the
 # history sources and learn end to end (the NILM path trains twice: about 9 of its minutes).
-HA_TESTS = tests/test_ha_real.py tests/test_ha_open_set.py tests/test_ha_corrections.py
+HA_TESTS = tests/test_ha_real.py tests/test_ha_open_set.py tests/test_ha_corrections.py \
+	tests/test_ha_linking.py tests/test_ha_faults.py tests/test_ha_quality.py tests/test_ha_retrain.py
 HA_LEARN_TESTS = tests/test_ha_history.py tests/test_learn_ha_e2e.py tests/test_learn_ha_motion.py
+# A cached venv is rebuilt when the setup script changed (it decides what the venv holds, e.g. the
+# tasmota integration's requirements): a stamp named after the script's hash.
+HA_SETUP_ID := $(shell sha256sum tests/ha/setup_ha_venv.sh | cut -c1-16)
 test-ha: $(VENV)/.installed-all mosquitto
-	test -x $(HA_VENV)/bin/hass || tests/ha/setup_ha_venv.sh $(HA_VENV)
+	test -f $(HA_VENV)/.setup-$(HA_SETUP_ID) || { rm -rf $(HA_VENV) && \
+	  tests/ha/setup_ha_venv.sh $(HA_VENV) && touch $(HA_VENV)/.setup-$(HA_SETUP_ID); }
 	EDGE_INFER_HA_VENV=$(HA_VENV) $(BIN)/python -m pytest -q $(HA_TESTS) $(HA_LEARN_TESTS)
 	if [ -n "$(HA_VENV_NEW)" ]; then \
-	  { test -x $(HA_VENV_NEW)/bin/hass || HA_VERSION=$(HA_VERSION_NEW) HA_LOWER_PYTHON_GATE=1 \
-	    tests/ha/setup_ha_venv.sh $(HA_VENV_NEW); } && \
+	  { test -f $(HA_VENV_NEW)/.setup-$(HA_SETUP_ID) || { rm -rf $(HA_VENV_NEW) && \
+	    HA_VERSION=$(HA_VERSION_NEW) HA_LOWER_PYTHON_GATE=1 tests/ha/setup_ha_venv.sh $(HA_VENV_NEW) && \
+	    touch $(HA_VENV_NEW)/.setup-$(HA_SETUP_ID); }; } && \
 	  EDGE_INFER_HA_VENV=$(HA_VENV_NEW) $(BIN)/python -m pytest -q $(HA_TESTS); \
 	fi
 
