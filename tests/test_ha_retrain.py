@@ -3,10 +3,13 @@ tests/test_ha_real.py, whose fixtures it uses): the daemon announces "Retrain no
 training" and "<pipeline> last trained" on its bridge device; ``button.press`` on the announced
 button runs ``edge-infer learn`` in a child process; Home Assistant's training sensor goes to
 ``promoted`` (its attributes carry the gate's numbers), the timestamp sensor gets the finish
-time, and Home Assistant's log has no MQTT warning."""
+time, the promoted model's version, holdout accuracy, training examples and confusion-matrix image
+update on the bridge device (the image as Home Assistant's proxy serves it), and Home Assistant's
+log has no MQTT warning."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,10 @@ import yaml
 
 from edge.homeassistant import BridgeInfo
 from edge.manifest import read_manifest
+from edge.quality import confusion_topic
 from tests.broker import Mosquitto
-from tests.harness import DaemonThread, make_config
+from tests.harness import Collector, DaemonThread, make_config
+from tests.test_ha_quality import proxied
 from tests.test_ha_real import (
     HomeAssistant,
     _clear_discovery,
@@ -98,6 +103,42 @@ def test_retrain_now_pressed_in_home_assistant_trains_and_promotes(
             assert manifest is not None and "+learn." in manifest.version
             info = runner.call(daemon.bridge_info)
             assert info["retrain"]["pipelines"]["rooms"]["phase"] == "promoted"
+
+            # the promoted model's quality in Home Assistant: the running daemon hot-reloaded it
+            # with the quality record learn wrote beside it, and the bridge now shows its version,
+            # holdout accuracy, training examples and the holdout confusion matrix as an image
+            record = json.loads((tmp_path / "occupancy.onnx.quality.json").read_text())
+            runner.call(daemon.publish_bridge_info)  # the sensors' states, without the tick's wait
+
+            def quality() -> dict[str, dict[str, Any]] | None:
+                listed = home_assistant.ws({"type": "config/entity_registry/list"})[0]
+                prefix = f"{bridge_id}_model_occupancy_"
+                mine = {e["unique_id"][len(prefix) :]: e["entity_id"] for e in listed
+                        if e["unique_id"].startswith(prefix)}  # fmt: skip
+                if not {"version", "accuracy", "examples", "trained", "confusion"} <= set(mine):
+                    return None
+                states = {k: state_of(v) for k, v in mine.items()}
+                if states["version"] is None or states["version"]["state"] != manifest.version:
+                    return None
+                return {k: v for k, v in states.items() if v is not None} | {
+                    "ids": {"image": mine["confusion"]}
+                }
+
+            shown = home_assistant._wait(quality, "the promoted model's quality entities", timeout=90)
+            assert shown["version"]["state"] == manifest.version, shown["version"]
+            assert float(shown["examples"]["state"]) == record.get(
+                "examples", sum(record["examples_per_class"].values())
+            ), shown
+            assert datetime.fromisoformat(shown["trained"]["state"]).timestamp() > 0, shown["trained"]
+            accuracy = shown["accuracy"]["state"]
+            assert accuracy not in ("unknown", "None") and 0 < float(accuracy) <= 100, shown["accuracy"]
+            image = shown["ids"]["image"]
+            assert isinstance(image, str) and image.startswith("image.")
+            served = home_assistant._wait(lambda: proxied(home_assistant, image), "the confusion image", 60)
+            retained = Collector(mosquitto.url, confusion_topic(f"{p}/ei/bridge/info", "occupancy"))
+            png = retained.wait(lambda ms: bool(ms) and bool(ms[-1].payload), timeout=20)[-1].payload
+            retained.close()
+            assert served == (png, "image/png") and png.startswith(b"\x89PNG\r\n\x1a\n"), len(served[0])
         problems = _mqtt_problems(home_assistant)
         assert not problems, "\n".join(problems)
     finally:
