@@ -343,6 +343,42 @@ def test_written_config_from_a_user_config_file(writer: ModuleType, tmp_path: Pa
     parse_config(data)
 
 
+def test_learn_paths_of_a_user_config_file_resolve_against_its_folder(
+    writer: ModuleType, tmp_path: Path
+) -> None:
+    """The daemon runs with the generated config in /data and its Retrain hands that file to
+    `edge-infer learn`: the learn section's relative paths are made absolute against the user's
+    file's folder, absolute ones and the rest are left as they are."""
+    learn = {
+        "source": {"record": "rows.csv"},
+        "work_dir": "learn/p",
+        "train": {"epochs": 4},
+    }
+    ha_learn = {
+        "source": {"ha": {"url": "http://supervisor/core", "token_file": "token"}},
+        "inputs": {"plug": {"power": "sensor.plug_power"}},
+        "labels": {"teacher": {"entity": "sensor.plug_power", "above": 5}},
+        "work_dir": "/share/learn",
+    }
+    user = {
+        "models": {"m": {"path": "m.onnx"}},
+        "pipelines": {
+            "p": {"model": "m", "source": {"topics": ["x/{device}"]}, "learn": learn},
+            "q": {"model": "m", "source": {"topics": ["y/{device}"]}, "learn": ha_learn},
+        },
+    }
+    (tmp_path / "edge-infer.yaml").write_text(yaml.safe_dump(user))
+    data = writer.build_config({**OPTIONS, "config_file": "edge-infer.yaml"}, MQTT_ENV, tmp_path)
+    got = data["pipelines"]["p"]["learn"]
+    assert got["source"]["record"] == str(tmp_path / "rows.csv")
+    assert got["work_dir"] == str(tmp_path / "learn" / "p")
+    assert got["train"] == {"epochs": 4}
+    other = data["pipelines"]["q"]["learn"]
+    assert other["source"]["ha"]["token_file"] == str(tmp_path / "token")
+    assert other["work_dir"] == "/share/learn"
+    assert other["source"]["ha"]["url"] == "http://supervisor/core"
+
+
 def test_written_config_errors(writer: ModuleType) -> None:
     with pytest.raises(writer.AddonConfigError, match="no pipelines"):
         writer.build_config({**OPTIONS, "pipelines": []}, MQTT_ENV, Path("/config"))

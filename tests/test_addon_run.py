@@ -155,7 +155,7 @@ class Addon:
         self.data = tmp / "data"
         self.config_dir = tmp / "config"
         self.data.mkdir()
-        self.config_dir.mkdir()
+        self.config_dir.mkdir(exist_ok=True)  # a test may put the user's files there first
         (self.data / "options.json").write_text(json.dumps(options))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGE_INFER_MQTT_URL")}
         env.update(
@@ -351,6 +351,69 @@ def test_the_run_script_serves_predictions(case: str, image: Path, tmp_path: Pat
         out = addon.stop()
         collector.close()
     assert "Starting edge-infer" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.broker
+def test_retrain_now_trains_inside_the_addon(image: Path, tmp_path: Path, fresh_broker: Any) -> None:
+    """The add-on with a user's config file (config_file) whose pipeline has a learn: section: the
+    Retrain command (what Home Assistant's "Retrain now" button sends) runs `edge-infer learn` in
+    the add-on's own venv (the trainer extra the Dockerfile installs, no checkout on the path), and
+    the new model is promoted where the running add-on loads it."""
+    from edge.manifest import read_manifest
+    from tests.test_retrain import _setup
+
+    broker = fresh_broker.start()
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    _, data = _setup(config_dir, "addon", broker.url)
+    for name in ("small", "plain"):
+        del data["pipelines"][name]
+    data["models"]["occupancy"]["path"] = "occupancy.onnx"  # relative to the user's file's folder
+    (config_dir / "edge-infer.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    before = read_manifest(config_dir / "occupancy.onnx")
+    options = {**_options(None), "config_file": "edge-infer.yaml"}
+    collector = Collector(broker.url, "edge-infer/rooms/retrain/state", "edge-infer/status")
+    addon = Addon(image, tmp_path, broker.port, options)
+    try:
+        collector.wait(
+            lambda ms: any(m.topic == "edge-infer/status" and m.payload == b"online" for m in ms), 90
+        )
+        generated = json.loads((addon.data / "edge-infer.yaml").read_text())
+        assert generated["pipelines"]["rooms"]["learn"]["source"]["record"] == str(config_dir / "rows.csv")
+        collector.wait(lambda ms: any(m.topic.endswith("/retrain/state") and m.payload for m in ms), 30)
+        pub = Publisher(broker.url)
+        try:
+            pub.send("edge-infer/rooms/retrain/press", "PRESS", qos=1)
+        finally:
+            pub.close()
+
+        def finished(ms: list[Any]) -> bool:
+            return any(
+                m.topic.endswith("/retrain/state")
+                and m.payload
+                and m.json().get("phase") in ("promoted", "kept", "failed")
+                for m in ms
+            )
+
+        got = collector.wait(finished, timeout=400)
+        final = next(
+            m.json()
+            for m in reversed(got)
+            if m.topic.endswith("/retrain/state")
+            and m.payload
+            and m.json().get("phase") in ("promoted", "kept", "failed")
+        )
+        phases = [m.json().get("phase") for m in got if m.topic.endswith("/retrain/state") and m.payload]
+        assert final["phase"] == "promoted", final
+        assert "training" in phases, phases
+        after = read_manifest(config_dir / "occupancy.onnx")
+        assert after is not None and before is not None and "+learn." in after.version, after
+        assert (config_dir / "occupancy.onnx.previous").is_file()
+        assert addon.proc.poll() is None
+    finally:
+        out = addon.stop()
+        collector.close()
     assert "Traceback" not in out, out[-3000:]
 
 

@@ -91,6 +91,22 @@ def _resolve(path: str, config_dir: Path) -> str:
     return str(candidate if candidate.is_absolute() else config_dir / candidate)
 
 
+def _resolve_learn(learn: dict[str, Any], base: Path) -> None:
+    """The relative paths of a pipeline's ``learn:`` section, against the user's config file's
+    folder: the daemon runs with the generated config in /data, and its Retrain hands that file
+    to ``edge-infer learn``, which would otherwise look for them in /data."""
+    source = learn.get("source")
+    if isinstance(source, dict):
+        for key in ("record", "recorder_db"):
+            if isinstance(source.get(key), str):
+                source[key] = _resolve(source[key], base)
+        ha = source.get("ha")
+        if isinstance(ha, dict) and isinstance(ha.get("token_file"), str):
+            ha["token_file"] = _resolve(ha["token_file"], base)
+    if isinstance(learn.get("work_dir"), str):
+        learn["work_dir"] = _resolve(learn["work_dir"], base)
+
+
 def _load_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -256,6 +272,9 @@ def build(options: Mapping[str, Any], env: Mapping[str, str], config_dir: Path) 
         for model in (config.get("models") or {}).values():
             if isinstance(model, dict) and "path" in model and not str(model["path"]).startswith("zoo:"):
                 model["path"] = _resolve(str(model["path"]), path.parent)
+        for pipeline in (config.get("pipelines") or {}).values():
+            if isinstance(pipeline, dict) and isinstance(pipeline.get("learn"), dict):
+                _resolve_learn(pipeline["learn"], path.parent)
         gen.config = config
         gen.origin[""] = "config_file"
         for top in config:
