@@ -287,7 +287,11 @@ class Discovery:
     def subscriptions(self) -> list[tuple[str, int]]:
         if not self.enabled:
             return []
-        subs = [(self.status_topic, 1), (self.bridge.discovery_subscription, 1)]
+        # The configs at QoS 0: the read-back after a (re)connect must see what the broker retains
+        # now. At QoS 1 a persistent session also hands over what was queued or left unacknowledged
+        # for the previous run, e.g. the echo of a config it published just before stopping, which
+        # the read-back would take for a config still retained after someone cleared it.
+        subs = [(self.status_topic, 1), (self.bridge.discovery_subscription, 0)]
         subs += [(pattern.filter, 1) for _, pattern in self._availability_patterns()]
         subs += [(source, 1) for source in sorted(self._identity_sources())]
         return subs
