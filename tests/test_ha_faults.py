@@ -25,7 +25,14 @@ import yaml
 from edge.homeassistant import BridgeInfo
 from tests.broker import Mosquitto
 from tests.harness import DaemonThread, make_config
-from tests.test_ha_real import HOME, HomeAssistant, _clear_discovery, _stop_process, home_assistant
+from tests.test_ha_real import (
+    HOME,
+    HomeAssistant,
+    _clear_discovery,
+    _mqtt_problems,
+    _stop_process,
+    home_assistant,
+)
 
 __all__ = ["home_assistant"]  # the fixture, imported for pytest
 
@@ -162,10 +169,5 @@ def test_home_assistant_shows_unknown_with_attributions_and_the_faults_as_proble
         ]
         assert scores and all(float(s["state"]) >= 0 for s in scores), (word, sorted(states))
 
-    rejected = [
-        line
-        for line in home_assistant.log().splitlines()
-        if (" WARNING " in line or " ERROR " in line)
-        and any(source in line for source in ("components.mqtt", "components.sensor", "helpers.template"))
-    ]
+    rejected = _mqtt_problems(home_assistant)
     assert not rejected, "\n".join(rejected)
