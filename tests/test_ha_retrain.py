@@ -120,6 +120,11 @@ def test_retrain_now_pressed_in_home_assistant_trains_and_promotes(
                 states = {k: state_of(v) for k, v in mine.items()}
                 if states["version"] is None or states["version"]["state"] != manifest.version:
                     return None
+                # each sensor's state is its own message: wait until every one has one, not
+                # just the version (CI once read `examples` while it was still unavailable)
+                for key in ("accuracy", "examples", "trained"):
+                    if states[key] is None or states[key]["state"] in ("unknown", "None", ""):
+                        return None
                 return {k: v for k, v in states.items() if v is not None} | {
                     "ids": {"image": mine["confusion"]}
                 }
