@@ -7,6 +7,6 @@ profile's options into an :class:`edge.decode.Decoder`. The simulator modules
 
 from __future__ import annotations
 
-from devices.profiles import DeviceInfo, build_decoder, list_profiles, profile_info, reading_unit
+from edge.families import DeviceInfo, build_decoder, list_profiles, profile_info, reading_unit
 
 __all__ = ["DeviceInfo", "build_decoder", "list_profiles", "profile_info", "reading_unit"]

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from devices.profiles import build_decoder as build_profile_decoder
 from edge.alarm import DeviceAlarms
 from edge.config import Config, PipelineConfig, SnapshotFeatures, WindowFeatures
 from edge.decode import (
@@ -32,6 +31,7 @@ from edge.decode import (
     sanitise_segment,
 )
 from edge.explain import ExplainError, ExplainPlan, plan
+from edge.families import build_decoder as build_profile_decoder
 from edge.features import FeatureStore, SlidingWindow, SnapshotJoin
 from edge.outputs import PostProcessor, PublishPolicy
 from edge.runtime import ModelLoadError, ModelSpec

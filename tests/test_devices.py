@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import devices
-from devices.profiles import load_profiles
 from edge.decode import Availability, Decoded, DecodeError, parse_timestamp
+from edge.families import load_profiles
 
 FIXTURES = Path(devices.__file__).resolve().parent / "fixtures"
 FIXTURE_FILES = sorted(FIXTURES.glob("*/*.json"))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 PASSWORD_ENV = "EDGE_INFER_MQTT_PASSWORD"
-# The option that names each family's topic root (devices/profiles/<family>.yaml).
+# The option that names each family's topic root (edge/family_profiles/<family>.yaml).
 PREFIX_OPTION = {
     "zigbee2mqtt": "base_topic",
     "tasmota": "tele_prefix",

@@ -1,6 +1,6 @@
 """Declarative device-family profiles and the decoders built from them.
 
-A profile (``devices/profiles/<name>.yaml``) says which topics a family uses
+A profile (``edge/family_profiles/<name>.yaml``) says which topics a family uses
 (with ``{device}`` and option placeholders), how payloads are read (JSON, plain
 values, availability), the readings it knows with their field paths and units,
 the timestamp field and the options a pipeline may set. Families whose payloads
@@ -8,7 +8,7 @@ need memory get a small decoder class here: Shelly (NotifyStatus deltas overlaid
 on the last full status) and Home Assistant statestream (state and attributes
 arrive on separate topics and are joined).
 
-The daemon calls :func:`build_decoder`; everything is precompiled there so that
+The daemon (edge.pipeline) calls :func:`build_decoder`; everything is precompiled there so that
 ``decode`` does only the matching and the field lookups.
 """
 
@@ -41,7 +41,7 @@ from edge.decode import (
 )
 from edge.homeassistant import mac_connection
 
-PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parent / "family_profiles"
 COMMON_OPTIONS = ("devices",)
 _OPTION_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _OBJECT_ID = re.compile(r"^(?:[a-z_]+/)?[a-z0-9_]+$")
@@ -116,7 +116,7 @@ def _load(path: Path) -> Profile:
 
 @cache
 def load_profiles() -> dict[str, Profile]:
-    """Every profile under ``devices/profiles``, by name."""
+    """Every profile under ``edge/family_profiles``, by name."""
     profiles = {}
     for path in sorted(PROFILE_DIR.glob("*.yaml")):
         profile = _load(path)
