@@ -16,16 +16,19 @@ import socket
 import stat
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -324,22 +327,55 @@ class ModelConfig(_Model):
         return value.lower() if value else value
 
 
-class SourceConfig(_Model):
-    """Where a pipeline's readings come from."""
+def _topic_literal(text: str, what: str, *, allow_slash: bool = True) -> str:
+    """A topic prefix (or, without ``allow_slash``, one segment) with no wildcard, brace or
+    empty level: the families put it into their subscriptions as it is."""
+    if not text or any(ch in text for ch in "+#\0{}") or (not allow_slash and "/" in text):
+        raise ValueError(
+            f"{what}: {text!r} must be a non-empty topic "
+            f"{'prefix' if allow_slash else 'segment'} without wildcards or braces"
+        )
+    if text.startswith("/") or text.endswith("/") or "//" in text:
+        raise ValueError(f"{what}: {text!r} has an empty topic level")
+    return text
 
-    profile: str = Field("json", description="Device family: json, zigbee2mqtt, tasmota, shelly, ...")
-    topics: list[str] = Field(default_factory=list, description="Topic patterns; {device} names a segment.")
-    device_field: str | None = Field(None, description="Payload field with the device id (json profile).")
-    timestamp_field: str | None = Field(None, description="Payload field with the sample time.")
-    format: Literal["json", "plain"] = Field("json", description="Payload format (json profile).")
-    availability_topic: str | None = Field(None, description="Topic pattern of the device's availability.")
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="Profile options (see docs/devices.md)."
-    )
+
+class _SourceBase(_Model):
+    """What every family's source has: the family, the subscription's QoS and shared group."""
+
+    profile: str = Field(description="Device family (see docs/devices.md).")
     qos: QoS = Field(1, description="Subscription QoS.")
     shared_group: str | None = Field(
         None, description="Subscribe through $share/<group>/ so several daemons split the messages."
     )
+
+
+JSON_SOURCE_KEYS = ("topics", "device_field", "timestamp_field", "format", "availability_topic")
+
+
+class JsonSource(_SourceBase):
+    """``profile: json`` (the default): JSON or plain-number payloads on topics you name."""
+
+    profile: Literal["json"] = Field("json", description="Device family (see docs/devices.md).")
+    topics: list[str] = Field(default_factory=list, description="Topic patterns; {device} names a segment.")
+    device_field: str | None = Field(None, description="Payload field with the device id.")
+    timestamp_field: str | None = Field(None, description="Payload field with the sample time.")
+    format: Literal["json", "plain"] = Field("json", description="Payload format.")
+    availability_topic: str | None = Field(None, description="Topic pattern of the device's availability.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_options(cls, data: Any) -> Any:
+        # The json profile is configured by the source's own keys; an option would be ignored.
+        options = data.get("options") if isinstance(data, dict) else None
+        if options is not None:
+            key = next(iter(options), "") if isinstance(options, dict) and options else ""
+            raise _KeyedError(
+                f"options.{key}" if key and _PLAIN_KEY.fullmatch(str(key)) else "options",
+                f"unknown option {str(key)[:80]!r} for the json profile, which takes none; give its "
+                "settings as source keys: " + ", ".join(JSON_SOURCE_KEYS),
+            )
+        return data
 
     @field_validator("topics")
     @classmethod
@@ -348,20 +384,272 @@ class SourceConfig(_Model):
             TopicPattern(topic)
         return value
 
-    @model_validator(mode="after")
-    def _json_options(self) -> SourceConfig:
-        # The json profile is configured by the source's own keys; an option would be ignored.
-        if self.profile == "json" and self.options:
-            key = next(iter(self.options))
-            raise _KeyedError(
-                f"options.{key}" if _PLAIN_KEY.fullmatch(str(key)) else "options",
-                f"unknown option {str(key)[:80]!r} for the json profile, which takes none; give its "
-                "settings as source keys: " + ", ".join(JSON_SOURCE_KEYS),
-            )
-        return self
+    def family_options(self) -> dict[str, Any]:
+        """The options :func:`edge.families.build_decoder` takes for this source."""
+        return {key: getattr(self, key) for key in JSON_SOURCE_KEYS}
 
 
-JSON_SOURCE_KEYS = ("topics", "device_field", "timestamp_field", "format", "availability_topic")
+class FamilyOptions(_Model):
+    """Options every device family (other than json) takes."""
+
+    family: ClassVar[str] = ""
+    devices: list[str] | None = Field(None, description="Only these device ids (a non-empty list).")
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+            raise ValueError(f"option 'devices' of profile {cls.family!r} must be a non-empty list of ids")
+        for dev in value:
+            if not isinstance(dev, str) or not dev:
+                raise ValueError(f"option 'devices' of profile {cls.family!r}: {dev!r} is not a device id")
+            _topic_literal(dev, f"option 'devices' of profile {cls.family!r}", allow_slash=False)
+        return list(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if key not in cls.model_fields:
+                raise _KeyedError(
+                    str(key) if _PLAIN_KEY.fullmatch(str(key)) else "",
+                    unknown_option_message(cls.family, str(key)),
+                )
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _prefix(cls, value: Any, info: ValidationInfo) -> Any:
+        """A topic prefix option: a string (a number is taken as its text), no wildcards."""
+        field = cls.model_fields.get(info.field_name or "")
+        extra = field.json_schema_extra if field is not None else None
+        if value is None or not isinstance(extra, dict) or not extra.get("prefix"):
+            return value
+        what = f"option {info.field_name!r} of profile {cls.family!r}"
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError(f"{what} must be a string, not {value!r}")
+        return _topic_literal(str(value), what)
+
+
+def _prefix_option(default: str | None, description: str, *, device: bool = False) -> Any:
+    """A topic prefix option; with ``device``, when unset its topic segment is the device id."""
+    return Field(default, description=description, json_schema_extra={"prefix": True, "device": device})
+
+
+class Zigbee2MqttOptions(FamilyOptions):
+    family: ClassVar[str] = "zigbee2mqtt"
+    base_topic: str = _prefix_option("zigbee2mqtt", "Zigbee2MQTT's mqtt.base_topic.")
+
+
+class TasmotaOptions(FamilyOptions):
+    family: ClassVar[str] = "tasmota"
+    tele_prefix: str = _prefix_option("tele", "The %prefix% for telemetry (Tasmota's Prefix3).")
+
+
+class EsphomeOptions(FamilyOptions):
+    family: ClassVar[str] = "esphome"
+    prefix: str | None = _prefix_option(
+        None, "The node's topic_prefix; unset: any node, device = prefix.", device=True
+    )
+
+
+class ShellyOptions(FamilyOptions):
+    family: ClassVar[str] = "shelly"
+    prefix: str | None = _prefix_option(
+        None, "The MQTT topic prefix; unset: any device, device = prefix.", device=True
+    )
+    component: str = Field(
+        "switch:0", description="Component the aliases refer to (switch:N, pm1:N, cover:N, em1:N)."
+    )
+
+    @field_validator("component", mode="before")
+    @classmethod
+    def _component(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]+(?::\d+)?", value):
+            raise ValueError(f"option 'component' of profile 'shelly': {value!r} is not like 'switch:0'")
+        return value
+
+
+class StatestreamOptions(FamilyOptions):
+    family: ClassVar[str] = "statestream"
+    base_topic: str = _prefix_option("homeassistant", "mqtt_statestream's base_topic.")
+    domains: list[str] | None = Field(
+        None, description="Per-entity readings: only these domains (a list), e.g. [sensor]."
+    )
+    device: str | None = Field(
+        None, description="Device id for readings of specific entities (default: the first entity)."
+    )
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _domains(cls, value: Any) -> Any:
+        if value is not None and (
+            isinstance(value, str)
+            or not isinstance(value, list | tuple)
+            or not all(isinstance(d, str) and d for d in value)
+        ):
+            raise ValueError("option 'domains' of profile 'statestream' must be a list of domains")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"option 'device' of profile 'statestream' must be a device id, not {value!r}")
+        return value
+
+
+class JsonOptions(FamilyOptions):
+    """The json family's settings as :func:`edge.families.build_decoder` takes them (a config
+    gives them as source keys, see :class:`JsonSource`)."""
+
+    family: ClassVar[str] = "json"
+    topics: list[str] | None = Field(None, description="A topic pattern or a list of them (required).")
+    device_field: str | None = Field(None, description="Payload field with the device id.")
+    timestamp_field: str | None = Field(None, description="Payload field with the sample time.")
+    format: Literal["json", "plain"] = Field("json", description="Payload format.")
+    availability_topic: str | None = Field(None, description="Topic pattern with online/offline payloads.")
+
+    @field_validator("topics", mode="before")
+    @classmethod
+    def _topics(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if (
+            not value
+            or not isinstance(value, list | tuple)
+            or not all(isinstance(t, str) and t for t in value)
+        ):
+            raise ValueError("profile 'json' needs option 'topics': a topic pattern or a list of them")
+        return list(value)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value is None:
+            return "json"
+        if value not in ("json", "plain"):
+            raise ValueError(f"option 'format' of profile 'json' must be json or plain, not {value!r}")
+        return value
+
+
+FAMILY_OPTIONS: dict[str, type[FamilyOptions]] = {
+    o.family: o
+    for o in (
+        JsonOptions,
+        Zigbee2MqttOptions,
+        TasmotaOptions,
+        EsphomeOptions,
+        ShellyOptions,
+        StatestreamOptions,
+    )
+}
+
+
+def known_options(family: str) -> list[str]:
+    """The options of ``family``, its own first, then ``devices``."""
+    model = FAMILY_OPTIONS.get(family)
+    return [k for k in (model.model_fields if model else ()) if k != "devices"] + ["devices"]
+
+
+def unknown_option_message(family: str, key: str) -> str:
+    """'unknown option ...; known: ...', saying which families the key belongs to, if any."""
+    known = known_options(family)
+    elsewhere = sorted(f for f, m in FAMILY_OPTIONS.items() if f != family and key in m.model_fields)
+    if family == "json":
+        elsewhere = [f for f in elsewhere if f != "json"]
+    hint = f" ({key!r} is an option of {', '.join(elsewhere)})" if elsewhere else ""
+    return f"unknown option {key[:80]!r} for device profile {family!r}{hint}; known: {', '.join(known)}"
+
+
+class _FamilySource(_SourceBase):
+    """A device family's source: its options are typed; the json source keys are refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            family = str(data.get("profile"))
+            for key in JSON_SOURCE_KEYS:
+                if key in data:
+                    known = ", ".join(known_options(family))
+                    raise _KeyedError(
+                        key,
+                        f"{key!r} is a setting of the json profile; the {family} profile finds its "
+                        f"topics itself and takes options: {known}",
+                    )
+        return data
+
+    def family_options(self) -> dict[str, Any]:
+        """The options :func:`edge.families.build_decoder` takes for this source."""
+        options: FamilyOptions = getattr(self, "options")  # noqa: B009 - every subclass has one
+        return options.model_dump()
+
+
+class Zigbee2MqttSource(_FamilySource):
+    """``profile: zigbee2mqtt``: a Zigbee2MQTT bridge's devices."""
+
+    profile: Literal["zigbee2mqtt"] = Field(description="Device family (see docs/devices.md).")
+    options: Zigbee2MqttOptions = Field(default_factory=Zigbee2MqttOptions, description="Family options.")
+
+
+class TasmotaSource(_FamilySource):
+    """``profile: tasmota``: Tasmota's telemetry (tele/<topic>/SENSOR, LWT)."""
+
+    profile: Literal["tasmota"] = Field(description="Device family (see docs/devices.md).")
+    options: TasmotaOptions = Field(default_factory=TasmotaOptions, description="Family options.")
+
+
+class EsphomeSource(_FamilySource):
+    """``profile: esphome``: ESPHome's MQTT client component."""
+
+    profile: Literal["esphome"] = Field(description="Device family (see docs/devices.md).")
+    options: EsphomeOptions = Field(default_factory=EsphomeOptions, description="Family options.")
+
+
+class ShellySource(_FamilySource):
+    """``profile: shelly``: Shelly Gen2+ status and NotifyStatus deltas."""
+
+    profile: Literal["shelly"] = Field(description="Device family (see docs/devices.md).")
+    options: ShellyOptions = Field(default_factory=ShellyOptions, description="Family options.")
+
+
+class StatestreamSource(_FamilySource):
+    """``profile: statestream``: Home Assistant's mqtt_statestream."""
+
+    profile: Literal["statestream"] = Field(description="Device family (see docs/devices.md).")
+    options: StatestreamOptions = Field(default_factory=StatestreamOptions, description="Family options.")
+
+
+FAMILY_SOURCES: dict[str, type[JsonSource] | type[_FamilySource]] = {
+    "json": JsonSource,
+    "zigbee2mqtt": Zigbee2MqttSource,
+    "tasmota": TasmotaSource,
+    "esphome": EsphomeSource,
+    "shelly": ShellySource,
+    "statestream": StatestreamSource,
+}
+
+
+def _source_profile(value: Any) -> str:
+    """The discriminator: ``profile``, json when absent."""
+    profile = value.get("profile", "json") if isinstance(value, dict) else getattr(value, "profile", "json")
+    return profile if isinstance(profile, str) else str(profile)
+
+
+SourceConfig = Annotated[
+    Annotated[JsonSource, Tag("json")]
+    | Annotated[Zigbee2MqttSource, Tag("zigbee2mqtt")]
+    | Annotated[TasmotaSource, Tag("tasmota")]
+    | Annotated[EsphomeSource, Tag("esphome")]
+    | Annotated[ShellySource, Tag("shelly")]
+    | Annotated[StatestreamSource, Tag("statestream")],
+    Discriminator(_source_profile),
+]
 
 
 class SnapshotFeatures(_Model):
@@ -1060,14 +1348,24 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 def _format_validation(exc: ValidationError, source: str) -> ConfigError:
     first = exc.errors()[0]
     loc = [str(p) for p in first["loc"]]
-    # Drop discriminated-union tags pydantic inserts ("window", "snapshot") after "features".
+    # Drop discriminated-union tags pydantic inserts ("window", "snapshot") after "features" and
+    # the family ("zigbee2mqtt") after "source".
     cleaned: list[str] = []
     for index, part in enumerate(loc):
         if index > 0 and loc[index - 1] == "features" and part in ("window", "snapshot"):
             continue
+        if index > 0 and loc[index - 1] == "source" and part in FAMILY_SOURCES:
+            continue
         cleaned.append(part)
     key = dotted_key(cleaned)
     ctx = first.get("ctx") or {}
+    if first["type"] == "union_tag_invalid" and cleaned and cleaned[-1] == "source":
+        return ConfigError(
+            _bounded(f"{key}.profile", 300),
+            f"unknown device profile {_bounded(repr(ctx.get('tag')), 80)}; known: "
+            + ", ".join(sorted(FAMILY_SOURCES)),
+            source,
+        )
     inner = ctx.get("error")
     if isinstance(inner, _KeyedError):
         full = ".".join(k for k in (key, inner.key) if k) if not inner.key.startswith(key) else inner.key

@@ -28,7 +28,18 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("runtime", c.RuntimeConfig),
     ("models.<name>", c.ModelConfig),
     ("pipelines.<name>", c.PipelineConfig),
-    ("pipelines.<name>.source", c.SourceConfig),
+    *[
+        section
+        for profile, source in c.FAMILY_SOURCES.items()
+        for section in (
+            (f"pipelines.<name>.source (profile: {profile})", source),
+            *(
+                [(f"pipelines.<name>.source.options (profile: {profile})", c.FAMILY_OPTIONS[profile])]
+                if profile != "json"
+                else []
+            ),
+        )
+    ],
     ("pipelines.<name>.features (type: snapshot)", c.SnapshotFeatures),
     ("pipelines.<name>.features (type: window)", c.WindowFeatures),
     ("pipelines.<name>.output", c.OutputConfig),

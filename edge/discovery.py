@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from edge import __version__
-from edge.config import Config
+from edge.config import Config, Zigbee2MqttSource
 from edge.corrections import correction_fields
 from edge.decode import TopicPattern, sanitise_segment
 from edge.homeassistant import (
@@ -258,8 +258,8 @@ class Discovery:
             if not pipeline.cfg.homeassistant.enabled:
                 continue
             source = pipeline.cfg.source
-            if source.profile == "zigbee2mqtt":
-                base = str(source.options.get("base_topic", "zigbee2mqtt"))
+            if isinstance(source, Zigbee2MqttSource):
+                base = source.options.base_topic
                 sources.setdefault(f"{base}/bridge/devices", set()).add(pipeline.name)
             elif source.profile == "tasmota":
                 sources.setdefault(TASMOTA_DISCOVERY, set()).add(pipeline.name)

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
+from edge.config import FAMILY_OPTIONS, FamilyOptions
 from edge.decode import (
     Availability,
     Decoded,
@@ -42,7 +45,6 @@ from edge.decode import (
 from edge.homeassistant import mac_connection
 
 PROFILE_DIR = Path(__file__).resolve().parent / "family_profiles"
-COMMON_OPTIONS = ("devices",)
 _OPTION_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _OBJECT_ID = re.compile(r"^(?:[a-z_]+/)?[a-z0-9_]+$")
 _MAX_PAYLOAD = 64 * 1024
@@ -88,19 +90,30 @@ class Profile:
     exclude_devices: frozenset[str] = frozenset()
 
 
+def _is_device_option(field: FieldInfo) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("device") is True
+
+
 def _load(path: Path) -> Profile:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     readings = {
         name: ReadingDef(name, str(spec["path"]), str(spec.get("unit", "")), str(spec.get("description", "")))
         for name, spec in (data.get("readings") or {}).items()
     }
+    name = str(data["name"])
+    if "options" in data:
+        raise ValueError(f"profile file {path.name}: options are typed in edge.config ({name} options)")
+    if name not in FAMILY_OPTIONS:
+        raise ValueError(f"profile file {path.name}: edge.config has no options model for {name!r}")
     options = {
-        name: OptionDef(name, spec.get("default"), str(spec.get("help", "")), bool(spec.get("device", False)))
-        for name, spec in (data.get("options") or {}).items()
+        key: OptionDef(key, field.default, field.description or "", _is_device_option(field))
+        for key, field in FAMILY_OPTIONS[name].model_fields.items()
+        if key != "devices"
     }
     topics = tuple(TopicDef(str(t["pattern"]), t.get("format", "json")) for t in data.get("topics") or ())
     return Profile(
-        name=str(data["name"]),
+        name=name,
         description=" ".join(str(data.get("description", "")).split()),
         decoder=str(data.get("decoder", "rules")),
         topics=topics,
@@ -153,7 +166,7 @@ def profile_info(name: str) -> dict[str, Any]:
             for r in profile.readings.values()
         },
         "options": {o.name: {"default": o.default, "help": o.help} for o in profile.options.values()}
-        | {"devices": {"default": None, "help": "only these device ids (list)"}},
+        | {"devices": {"default": None, "help": "only these device ids (a non-empty list)"}},
         "timestamp": profile.timestamp,
         "manufacturer": profile.manufacturer,
         "raw_paths": profile.raw_paths,
@@ -226,47 +239,25 @@ class _InfoMixin:
 # --------------------------------------------------------------------------- option checks
 
 
-def _check_options(profile: Profile, options: Mapping[str, Any]) -> dict[str, Any]:
-    resolved: dict[str, Any] = {name: spec.default for name, spec in profile.options.items()}
-    for key, value in options.items():
-        if key not in profile.options and key not in COMMON_OPTIONS:
-            known = ", ".join([*profile.options, *COMMON_OPTIONS])
-            raise ValueError(f"unknown option {key!r} for device profile {profile.name!r}; known: {known}")
-        resolved[key] = value
-    for name, value in resolved.items():
-        if name in ("devices", "topics", "domains") or value is None:
-            continue
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ValueError(f"option {name!r} of profile {profile.name!r} must be a string, not {value!r}")
-        text = str(value)
-        if name not in (
-            "device_path",
-            "timestamp_path",
-            "format",
-            "availability_topic",
-            "component",
-            "device",
-        ):
-            _check_topic_literal(text, name, profile.name)
-    devices = resolved.get("devices")
-    if devices is not None:
-        if isinstance(devices, str) or not isinstance(devices, Sequence) or not devices:
-            raise ValueError(f"option 'devices' of profile {profile.name!r} must be a non-empty list of ids")
-        for dev in devices:
-            if not isinstance(dev, str) or not dev:
-                raise ValueError(f"option 'devices' of profile {profile.name!r}: {dev!r} is not a device id")
-            _check_topic_literal(dev, "devices", profile.name, allow_slash=False)
-    return resolved
-
-
-def _check_topic_literal(text: str, option: str, profile: str, *, allow_slash: bool = True) -> None:
-    if not text or any(ch in text for ch in "+#\0{}") or (not allow_slash and "/" in text):
-        raise ValueError(
-            f"option {option!r} of profile {profile!r}: {text!r} must be a non-empty topic "
-            f"{'prefix' if allow_slash else 'segment'} without wildcards or braces"
-        )
-    if text.startswith("/") or text.endswith("/") or "//" in text:
-        raise ValueError(f"option {option!r} of profile {profile!r}: {text!r} has an empty topic level")
+def check_options(profile: str, options: Mapping[str, Any] | FamilyOptions) -> dict[str, Any]:
+    """Every option of ``profile`` resolved (defaults filled in), validated by its typed model in
+    :mod:`edge.config`; a problem is a ``ValueError`` naming the option and the profile."""
+    model = FAMILY_OPTIONS[profile]
+    if isinstance(options, FamilyOptions):
+        if not isinstance(options, model):
+            raise ValueError(f"{type(options).__name__} are not the options of profile {profile!r}")
+        return options.model_dump()
+    try:
+        return model.model_validate(dict(options)).model_dump()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        inner = (first.get("ctx") or {}).get("error")
+        message = str(inner) if isinstance(inner, ValueError) else first["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if first["loc"] and not str(message).startswith(("option ", "profile ", "unknown option ")):
+            message = f"option {first['loc'][0]!r} of profile {profile!r}: {message}"
+        raise ValueError(message) from None
 
 
 def _resolve_readings(profile: Profile, readings: Mapping[str, str]) -> dict[str, str]:
@@ -432,6 +423,10 @@ def _build_rules(
 # --------------------------------------------------------------------------- generic json
 
 
+class JsonTopicsError(ValueError):
+    """The json family's topics do not fit its other settings (a config names ``source.topics``)."""
+
+
 class JsonDecoder(_InfoMixin):
     """The generic ``json`` profile: readings at field paths on topics the user names."""
 
@@ -439,26 +434,22 @@ class JsonDecoder(_InfoMixin):
         self._profile = profile
         self._models = {}
         topics = options.get("topics")
-        if isinstance(topics, str):
-            topics = [topics]
-        if not topics or not all(isinstance(t, str) and t for t in topics):
+        if not topics:
             raise ValueError("profile 'json' needs option 'topics': a topic pattern or a list of them")
-        fmt = options.get("format") or "json"
-        if fmt not in ("json", "plain"):
-            raise ValueError(f"option 'format' of profile 'json' must be json or plain, not {fmt!r}")
+        fmt = cast(Literal["json", "plain"], options.get("format") or "json")
         devices = options.get("devices")
         self._devices = frozenset(devices) if devices else None
         try:
             rules = json_rules(
                 topics,
                 readings,
-                device_path=options.get("device_path"),
-                timestamp_path=options.get("timestamp_path"),
-                payload_format=cast(Literal["json", "plain"], fmt),
+                device_path=options.get("device_field"),
+                timestamp_path=options.get("timestamp_field"),
+                payload_format=fmt,
                 availability_topic=options.get("availability_topic"),
             )
         except ValueError as exc:
-            raise ValueError(f"profile 'json': {exc}") from None
+            raise JsonTopicsError(str(exc)) from None
         self._inner = RuleDecoder(rules)
         self._filters = self._inner.filters
 
@@ -467,8 +458,7 @@ class JsonDecoder(_InfoMixin):
         return self._filters
 
     def decode(self, topic: str, payload: bytes) -> list[Event]:
-        if len(payload) > _MAX_PAYLOAD:
-            raise DecodeError("oversized", f"payload on {topic!r} is {len(payload)} bytes")
+        # no size bound of its own: the payloads are the user's (limits.max_payload_bytes)
         events = self._inner.decode(topic, payload)
         if self._devices is not None:
             return [e for e in events if e.device in self._devices]
@@ -499,9 +489,7 @@ class ShellyDecoder(_InfoMixin):
     def __init__(self, profile: Profile, readings: Mapping[str, str], options: Mapping[str, Any]) -> None:
         self._profile = profile
         self._models = {}
-        component = str(options.get("component") or "switch:0")
-        if not re.fullmatch(r"[a-z0-9_]+(?::\d+)?", component):
-            raise ValueError(f"option 'component' of profile 'shelly': {component!r} is not like 'switch:0'")
+        component = str(options.get("component") or "switch:0")  # checked by ShellyOptions
         self._specs: list[tuple[str, str, str, Callable[[Any], Any]]] = []
         components: set[str] = set()
         for name, ref in readings.items():  # resolved: alias paths are relative to `component`
@@ -701,9 +689,7 @@ class StatestreamDecoder(_InfoMixin):
         # key (domain, entity, attribute) -> reading names; per-entity: (None, None, attribute)
         self._keys: dict[tuple[str | None, str | None, str], list[str]] = {}
         self._names = list(readings)
-        domains = options.get("domains")
-        if domains is not None and (isinstance(domains, str) or not all(isinstance(d, str) for d in domains)):
-            raise ValueError("option 'domains' of profile 'statestream' must be a list of domains")
+        domains = options.get("domains")  # checked by StatestreamOptions
         self._domains = frozenset(domains) if domains else None
         devices = options.get("devices")
         self._devices = frozenset(devices) if devices else None
@@ -797,13 +783,17 @@ class StatestreamDecoder(_InfoMixin):
 # --------------------------------------------------------------------------- the entry point
 
 
-def build_decoder(profile: str, *, readings: Mapping[str, str], options: Mapping[str, Any]) -> Decoder:
-    """A decoder for ``profile`` producing the pipeline's ``readings`` (name -> reading or field path).
+def build_decoder(
+    profile: str, *, readings: Mapping[str, str], options: Mapping[str, Any] | FamilyOptions
+) -> Decoder:
+    """A decoder for ``profile`` producing the pipeline's ``readings`` (name -> reading or field path),
+    with ``options`` as the family's typed options (edge.config) or a mapping validated by them.
+    The one entry point: the daemon (edge.pipeline) calls it with a config's typed source.
 
     Raises ``ValueError`` naming the unknown profile, reading or option.
     """
     prof = get_profile(profile)
-    opts = _check_options(prof, options or {})
+    opts = check_options(prof.name, options or {})
     if prof.decoder == "json":
         if not readings:
             raise ValueError("profile 'json' needs at least one reading (name -> field path)")

@@ -18,20 +18,18 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.alarm import DeviceAlarms
-from edge.config import Config, PipelineConfig, SnapshotFeatures, WindowFeatures
+from edge.config import Config, JsonSource, PipelineConfig, SnapshotFeatures, WindowFeatures
 from edge.decode import (
     Availability,
     Decoded,
     DecodeError,
     Decoder,
-    RuleDecoder,
     check_timestamp,
     forbidden_in_topic,
-    json_rules,
     sanitise_segment,
 )
 from edge.explain import ExplainError, ExplainPlan, plan
-from edge.families import build_decoder as build_profile_decoder
+from edge.families import JsonTopicsError, build_decoder
 from edge.features import FeatureStore, SlidingWindow, SnapshotJoin
 from edge.outputs import PostProcessor, PublishPolicy
 from edge.runtime import ModelLoadError, ModelSpec
@@ -77,33 +75,18 @@ class WorkItem:
 
 
 def pipeline_decoder(pipeline: str, cfg: PipelineConfig, readings: dict[str, str]) -> Decoder:
-    """The source's decoder; profile problems become errors naming the pipeline's keys."""
+    """The source's decoder (:func:`edge.families.build_decoder` with the typed source's
+    options); profile problems become errors naming the pipeline's keys."""
     src = cfg.source
     key = f"pipelines.{pipeline}.source"
-    if src.profile == "json":
-        if not src.topics:
-            raise ValueError(f"{key}.topics: the json profile needs at least one topic pattern")
-        try:
-            return RuleDecoder(
-                json_rules(
-                    src.topics,
-                    readings,
-                    device_path=src.device_field,
-                    timestamp_path=src.timestamp_field,
-                    payload_format=src.format,
-                    availability_topic=src.availability_topic,
-                )
-            )
-        except ValueError as exc:
-            raise ValueError(f"{key}.topics: {exc}") from None
-    options = dict(src.options)
-    if src.topics:
-        options.setdefault("topics", list(src.topics))
+    if isinstance(src, JsonSource) and not src.topics:
+        raise ValueError(f"{key}.topics: the json profile needs at least one topic pattern")
     try:
-        decoder: Decoder = build_profile_decoder(src.profile, readings=readings, options=options)
+        return build_decoder(src.profile, readings=readings, options=src.family_options())
+    except JsonTopicsError as exc:
+        raise ValueError(f"{key}.topics: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"{key}.profile: {exc}") from None
-    return decoder
 
 
 class Pipeline:

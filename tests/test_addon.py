@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import edge
-from edge.config import parse_config
+from edge.config import Zigbee2MqttOptions, Zigbee2MqttSource, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon"
@@ -263,7 +263,7 @@ OPTIONS = {
 
 
 def test_written_config_is_a_valid_edge_infer_config(
-    writer: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    writer: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     options = tmp_path / "options.json"
     options.write_text(json.dumps(OPTIONS))
@@ -286,9 +286,17 @@ def test_written_config_is_a_valid_edge_infer_config(
     config = parse_config(data, str(out))
     assert config.mqtt.resolved_password() == "s3cret"
     pipeline = config.pipelines["appliance"]
-    assert pipeline.source.profile == "zigbee2mqtt"
-    assert pipeline.source.options == {"base_topic": "z2m"}
-    assert pipeline.source.availability_topic == "z2m/{device}/availability"
+    assert isinstance(pipeline.source, Zigbee2MqttSource)
+    assert pipeline.source.options == Zigbee2MqttOptions(base_topic="z2m")
+    # availability_topic is a json-profile setting: Zigbee2MQTT's own availability topic is used,
+    # and the option is left out with a warning naming it (edge-infer would refuse the key)
+    assert data["pipelines"]["appliance"]["source"] == {
+        "profile": "zigbee2mqtt",
+        "options": {"base_topic": "z2m"},
+    }
+    err = capsys.readouterr().err
+    assert "warning: option pipelines[0].availability_topic: ignored" in err, err
+    assert "zigbee2mqtt profile" in err, err
     assert pipeline.inputs == {"power": "power"}
     assert pipeline.devices == ["kitchen_plug", "washer"]
     assert pipeline.features.type == "window"

@@ -25,9 +25,9 @@ CONFIGS: list[tuple[str, dict[str, str], dict[str, Any]]] = [
     (
         "json",
         {"x": "a.x", "y": "b[0]"},
-        {"topics": "w/{device}/imu", "timestamp_path": "ts", "availability_topic": "w/{device}/status"},
+        {"topics": "w/{device}/imu", "timestamp_field": "ts", "availability_topic": "w/{device}/status"},
     ),
-    ("json", {"x": "x"}, {"topics": ["j/{device}/one", "j/{device}/two"], "device_path": "id"}),
+    ("json", {"x": "x"}, {"topics": ["j/{device}/one", "j/{device}/two"], "device_field": "id"}),
     ("json", {"x": "x"}, {"topics": "p/{device}/{reading}", "format": "plain"}),
 ]
 DECODERS = [devices.build_decoder(p, readings=r, options=o) for p, r, o in CONFIGS]

@@ -56,9 +56,9 @@ def test_complete_example_passes_check(name: str, text: str, tmp_path: Path) -> 
 
 
 def test_docs_name_the_source_keys_the_code_has() -> None:
-    from edge.config import SourceConfig
+    from edge.config import JsonSource
 
-    keys = set(SourceConfig.model_fields)
+    keys = set(JsonSource.model_fields)
     for doc in DOCS:
         text = doc.read_text()
         for stale in ("device_path", "timestamp_path"):

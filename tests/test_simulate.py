@@ -75,7 +75,7 @@ def _pipelines() -> dict[str, Any]:
             readings=IMU,
             options={
                 "topics": "wearables/{device}/imu",
-                "timestamp_path": "ts",
+                "timestamp_field": "ts",
                 "availability_topic": "wearables/{device}/status",
             },
         ),

@@ -35,6 +35,9 @@ PREFIX_OPTION = {
     "esphome": "prefix",
     "statestream": "base_topic",
 }
+# Pipeline options that are settings of the json profile only (edge.config.JsonSource); with any
+# other profile they are dropped with a warning.
+JSON_ONLY_OPTIONS = ("topics", "device_field", "timestamp_field", "availability_topic")
 # pipeline option -> (section, key) of the generated pipeline
 OUTPUT_OPTIONS = {
     "publish": "publish",
@@ -161,6 +164,7 @@ class Generated:
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}
         self.origin: dict[str, str] = {}
+        self.warnings: list[str] = []  # options left out of the config, each naming the option
 
     def option_for(self, key: str) -> str:
         """The add-on option behind a dotted key of the generated config (longest prefix)."""
@@ -211,9 +215,17 @@ def _pipeline(gen: Generated, index: int, pipe: Mapping[str, Any], models: dict[
             raise AddonConfigError(f"{where}.prefix", "the json profile takes topics, not a prefix")
         source["options"] = {PREFIX_OPTION[profile]: str(pipe["prefix"])}
         gen.origin[f"{key}.source.options"] = f"{where}.prefix"
-    for option in ("topics", "device_field", "timestamp_field", "availability_topic"):
+    for option in JSON_ONLY_OPTIONS:
         value = pipe.get(option)
         if value in (None, ""):
+            continue
+        if profile != "json":
+            # edge-infer refuses json source keys on a family source (the family finds its own
+            # topics); the add-on's form offers them for every profile, so they are left out here
+            gen.warnings.append(
+                f"option {where}.{option}: ignored, it is a setting of the json profile and "
+                f"{name!r} uses the {profile} profile (clear it to silence this warning)"
+            )
             continue
         source[option] = _split(str(value)) if option == "topics" else str(value)
         gen.origin[f"{key}.source.{option}"] = f"{where}.{option}"
@@ -349,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = json.loads(args.options.read_text())
         gen = build(options, os.environ, args.config_dir)
+        for warning in gen.warnings:
+            print(f"edge-infer add-on: warning: {warning}", file=sys.stderr)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(gen.config, indent=2, sort_keys=True) + "\n")
         if not args.no_validate:
