@@ -54,8 +54,9 @@ class DataSpec(_Strict):
     test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
 
 
-class ModelSpec(_Strict):
-    """Which template and its size."""
+class TemplateSpec(_Strict):
+    """Which network template and its size (the recipe's `model:`; not edge.runtime.ModelSpec, what
+    the daemon knows of a served model)."""
 
     family: Family
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
@@ -147,7 +148,7 @@ class Recipe(_Strict):
     labels: list[str] = Field(default_factory=list, description="Overrides the data set's class names.")
     output_unit: str | None = None
     data: DataSpec
-    model: ModelSpec
+    model: TemplateSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)

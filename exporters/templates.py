@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporters.recipe import ModelSpec
+from exporters.recipe import TemplateSpec
 
 
 class InputNorm(nn.Module):
@@ -200,7 +200,7 @@ def norm_stats(x: np.ndarray, layout: str, kind: str, family: str = "") -> tuple
 
 
 def build_model(
-    spec: ModelSpec,
+    spec: TemplateSpec,
     layout: str,
     sample_shape: tuple[int, ...],
     n_out: int,
