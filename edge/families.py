@@ -252,7 +252,8 @@ def check_options(profile: str, options: Mapping[str, Any] | FamilyOptions) -> d
     except ValidationError as exc:
         first = exc.errors()[0]
         inner = (first.get("ctx") or {}).get("error")
-        message = str(inner) if isinstance(inner, ValueError) else first["msg"]
+        # a config validator's error carries its key apart ("message"): the message alone here
+        message = getattr(inner, "message", str(inner)) if isinstance(inner, ValueError) else first["msg"]
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         if first["loc"] and not str(message).startswith(("option ", "profile ", "unknown option ")):

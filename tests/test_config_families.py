@@ -241,6 +241,35 @@ def test_check_names_the_option_of_a_family(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"{path}: pipelines.p.source.options.tele_prefix: unknown option")
 
 
+@pytest.mark.parametrize(
+    ("profile", "options", "message"),
+    [
+        (
+            "tasmota",
+            {"base_topic": "x"},
+            "unknown option 'base_topic' for device profile 'tasmota' ('base_topic' is an option of "
+            "statestream, zigbee2mqtt); known: tele_prefix, devices",
+        ),
+        (
+            "zigbee2mqtt",
+            {"base_topic": "a/#"},
+            "option 'base_topic' of profile 'zigbee2mqtt': 'a/#' must be a non-empty topic prefix "
+            "without wildcards or braces",
+        ),
+        (
+            "json",
+            {"topics": "a/{device}", "format": "xml"},
+            "option 'format' of profile 'json' must be json or plain",
+        ),
+    ],
+)
+def test_the_api_raises_the_same_messages(profile: str, options: dict[str, Any], message: str) -> None:
+    """devices.build_decoder / edge.families.build_decoder: a ValueError with the message alone."""
+    with pytest.raises(ValueError, match=r"^(unknown )?option ") as err:
+        build_decoder(profile, readings={"x": "power"}, options=options)
+    assert str(err.value).startswith(message), str(err.value)
+
+
 # --------------------------------------------------------------------------- the model's task
 
 
