@@ -32,7 +32,7 @@ from edge.config import Config
 from edge.corrections import correction_fields
 from edge.decode import TopicPattern, sanitise_segment
 from edge.homeassistant import (
-    Availability,
+    AvailabilityTopic,
     BridgeInfo,
     DiscoveryMessage,
     DiscoveryTracker,
@@ -124,7 +124,7 @@ def source_device(pipeline: Pipeline, device: str, identity: Identity | None = N
     if callable(info):
         details = info(device)
         name, model, manufacturer = details.name, details.model, details.manufacturer
-    availability = Availability(topic=pipeline.output_topic(device) + "/availability")
+    availability = AvailabilityTopic(topic=pipeline.output_topic(device) + "/availability")
     return SourceDevice(
         id=device,
         name=name,

@@ -137,8 +137,9 @@ class DiscoveryMessage:
 
 
 @dataclass(frozen=True)
-class Availability:
-    """An availability topic Home Assistant watches (the source device's, e.g. Zigbee2MQTT's)."""
+class AvailabilityTopic:
+    """An availability topic Home Assistant watches (the source device's, e.g. Zigbee2MQTT's);
+    not :class:`edge.decode.Availability`, which is a device's online/offline event."""
 
     topic: str
     payload_available: str = PAYLOAD_ONLINE
@@ -233,7 +234,7 @@ class SourceDevice:
     model: str | None = None
     manufacturer: str | None = None
     suggested_area: str | None = None
-    availability: Availability | None = None
+    availability: AvailabilityTopic | None = None
     identity: Identity | None = None
 
     @property
@@ -600,7 +601,7 @@ def _binary_template(output: OutputEntity) -> str:
 
 
 def _availability(bridge: BridgeInfo, device: SourceDevice | None) -> dict[str, Any]:
-    entries = [Availability(bridge.status_topic).config()]
+    entries = [AvailabilityTopic(bridge.status_topic).config()]
     if device is not None and device.availability is not None:
         entries.append(device.availability.config())
     return {"availability": entries, "availability_mode": "all"}

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from edge.homeassistant import (
-    Availability,
+    AvailabilityTopic,
     BridgeInfo,
     DiscoveryMessage,
     DiscoveryTracker,
@@ -271,7 +271,7 @@ def test_home_assistant_accepts_the_discovery(
         name="Kitchen plug",
         model="BW-SHP13",
         manufacturer="BlitzWolf",
-        availability=Availability(plug_availability, value_template="{{ value_json.state }}"),
+        availability=AvailabilityTopic(plug_availability, value_template="{{ value_json.state }}"),
     )
     appliance = OutputEntity(
         "appliance",

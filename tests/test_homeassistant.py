@@ -14,7 +14,7 @@ from edge.homeassistant import (
     BRIDGE_INFO_KEYS,
     SENSOR_DEVICE_CLASS_STATE_CLASSES,
     SENSOR_DEVICE_CLASS_UNITS,
-    Availability,
+    AvailabilityTopic,
     BridgeInfo,
     DiscoveryError,
     DiscoveryMessage,
@@ -46,7 +46,7 @@ PLUG = SourceDevice(
     model="BW-SHP13",
     manufacturer="BlitzWolf",
     suggested_area="Kitchen",
-    availability=Availability(
+    availability=AvailabilityTopic(
         "zigbee2mqtt/kitchen_plug/availability", value_template="{{ value_json.state }}"
     ),
 )
