@@ -38,6 +38,7 @@ from edge.homeassistant import (
     DiscoveryTracker,
     Identity,
     OutputEntity,
+    RetrainEntity,
     SourceDevice,
     check_output,
     esphome_identity,
@@ -50,7 +51,7 @@ from edge.homeassistant import (
 )
 from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
-from edge.retrain import RetrainEntity, retrain_entities
+from edge.retrain import retrain_entities
 from edge.runtime import ModelSpec
 from edge.safejson import loads_bounded
 from edge.watch import watched_stats

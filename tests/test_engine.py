@@ -7,6 +7,9 @@ model's own session (``run_sync``) and handed back through :meth:`Engine.finish`
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -271,3 +274,10 @@ def test_a_guarded_pipeline_withholds_answers_but_acknowledges(world: World) -> 
     assert world.published(f"{P}/ei/room/kitchen") == [] and world.acks() == [(1, 1, 1)]
     assert world.engine.guard_counts["room"]["withheld"] == 1
     assert world.engine.available(room, True) == b"offline"
+
+
+def test_the_engine_loads_no_mqtt_client_nor_the_link() -> None:
+    code = "import sys, edge.engine; print([m for m in ('edge.mqtt', 'aiomqtt', 'paho') if m in sys.modules])"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "[]"
