@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from edge import __version__, memory
 from edge.batcher import Batcher
+from edge.cluster import Cluster, own_topics
 from edge.config import (
     MAX_CONFIG_BYTES,
     Config,
@@ -43,12 +44,11 @@ from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer, Reading
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
-from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
+from edge.partition import OwnedDecoder
 from edge.pipeline import Pipeline, WorkItem
 from edge.quality import QualityBook, confusion_topic
 from edge.retrain import Retrainer
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
-from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 from edge.statefile import restore as restore_state
 from edge.statefile import snapshot as snapshot_state
@@ -207,27 +207,8 @@ class Daemon:
         pipelines = build_pipelines(config, self.models)
         base = config.mqtt.base_topic
         self.base = base
-        cluster = config.cluster
-        self.instance: str | None = cluster.resolved_instance() if cluster.enabled else None
-        self.membership: Membership | None = None
-        self.partitioner: Partitioner | None = None
-        self.instances_prefix = f"{base}/instances"
-        if self.instance is not None:
-            static = tuple(cluster.members) if cluster.members is not None else None
-            self.membership = Membership(self.instance, static)
-            self.partitioner = Partitioner(self.instance, self.membership.members())
-            self.status_topic = f"{self.instances_prefix}/{self.instance}/status"
-            self.info_topic = f"{self.instances_prefix}/{self.instance}/bridge/info"
-        else:
-            self.status_topic = f"{base}/status"
-            self.info_topic = f"{base}/bridge/info"
-        self._leaving = False  # stopping: shared subscriptions are dropped
-        self._left = False  # stopping, own offline seen: partition subscriptions are dropped too
-        self._left_seen = asyncio.Event()
-        self._member_info: dict[str, dict[str, Any]] = {}
-        self._own_info: dict[str, Any] = {}
-        self._was_leader = False
-        self._bind_partitions(pipelines)
+        self.instance: str | None = config.cluster.resolved_instance() if config.cluster.enabled else None
+        self.status_topic, self.info_topic = own_topics(config)
         self.started = time.time()
         self.ratelog = RateLimitedLogger(log, config.log_interval_s)
         self.metrics = DaemonMetrics(self.metrics_reading)
@@ -263,6 +244,18 @@ class Daemon:
             metrics=self.metrics,
             instance=self.instance,
         )
+        # edge/cluster.py: membership, partitions, the leader's topics (None outside a cluster)
+        self.cluster: Cluster | None = None
+        if config.cluster.enabled:
+            self.cluster = Cluster(
+                config,
+                publish=self._publish,
+                connected=self.link.connected.is_set,
+                update_subscriptions=self.link.update_subscriptions,
+                forget=self.engine.forget,
+                pipelines=self._current_pipelines,
+            )
+            self.cluster.bind(pipelines)
         self.corrections = Corrections(config, lambda: self.pipelines, self.ratelog, self._background)
         self.engine.corrections = self.corrections
         self.metrics.registry.register(CorrectionsCollector(self.corrections))
@@ -280,6 +273,8 @@ class Daemon:
             spawn=self._background,
         )
         self.discovery.on_ha_online = self._republish_states
+        if self.cluster is not None:
+            self.cluster.on_leader = self.discovery.replan
         self.discovery.warn_unsupported()
         self.engine.retains = self.discovery.retains
         self.engine.device_seen = self.discovery.device_seen
@@ -333,124 +328,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ scale-out
 
-    def _bind_partitions(self, pipelines: dict[str, Pipeline]) -> None:
-        """Partition pipelines keep only the devices this instance owns (see edge.partition)."""
-        if self.membership is None or self.partitioner is None:
-            return
-        membership, partitioner = self.membership, self.partitioner
-        for name, pipeline in pipelines.items():
-            if self.config.scale_out(name) == "partition" and not isinstance(pipeline.decoder, OwnedDecoder):
-                pipeline.decoder = OwnedDecoder(pipeline.decoder, partitioner.owns, lambda: membership.active)
-
-    def _partitioned(self) -> list[Pipeline]:
-        return [p for p in self.pipelines.values() if isinstance(p.decoder, OwnedDecoder)]
-
     def is_leader(self) -> bool:
         """Outside a cluster always; in one, the live instance with the smallest id."""
-        if self.membership is None:
-            return True
-        return self.membership.leader() == self.instance
-
-    def _on_instance_message(self, topic: str, payload: bytes) -> None:
-        assert self.membership is not None
-        instance = instance_from_topic(topic, self.instances_prefix, "status")
-        if instance is not None:
-            if instance == self.instance and self._leaving and payload.strip() != b"online":
-                self._left_seen.set()
-            self._membership_changed(self.membership.observe(instance, payload))
-            return
-        instance = instance_from_topic(topic, self.instances_prefix, "bridge/info")
-        if instance is not None:
-            try:
-                info = loads_bounded(payload) if payload else None
-            except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
-                info = None
-            if isinstance(info, dict):
-                self._member_info[instance] = info
-            else:
-                self._member_info.pop(instance, None)
-
-    def _membership_changed(self, change: MembershipChange) -> None:
-        assert self.membership is not None
-        assert self.partitioner is not None
-        if change.joined:
-            log.info("cluster: instance %s joined; owning its share from now on", self.instance)
-        if change.left:
-            log.info("cluster: instance %s left; owning no devices from now on", self.instance)
-        if change.members_changed:
-            self.partitioner.set_members(change.new)
-            moved = self._restart_moved()
-            log.info(
-                "cluster: members %s -> %s; %d devices moved away (their windows restart at the new owner)",
-                ",".join(change.old) or "-",
-                ",".join(change.new) or "-",
-                moved,
-            )
-        leader = self.is_leader()
-        if leader and (change.members_changed or not self._was_leader) and self.link.connected.is_set():
-            self.publish_cluster_info()
-            self.discovery.replan()
-        self._was_leader = leader
-
-    def _restart_moved(self) -> int:
-        """Forget every device this instance no longer owns: windows, joins, publish state."""
-        assert self.partitioner is not None
-        return self.engine.forget(self._partitioned(), self.partitioner.owns)
-
-    def cluster_info(self) -> dict[str, Any]:
-        """``<base>/bridge/info`` of the whole cluster, published by the leader: the members'
-        own bridge/info figures added up (version and uptime are the leader's)."""
-        assert self.membership is not None
-        members = sorted(self.membership.online | ({self.instance} if self.instance else set()))
-        infos = {m: self._member_info.get(m, {}) for m in members}
-        if self.instance is not None:
-            infos[self.instance] = self._own_info
-        latencies = [i["latency_ms"] for i in infos.values() if isinstance(i.get("latency_ms"), int | float)]
-
-        def total(key: str) -> float:
-            return sum(float(i.get(key) or 0) for i in infos.values())
-
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started, 1),
-            "messages_per_s": round(total("messages_per_s"), 3),
-            "drops": int(total("drops")),
-            "latency_ms": round(max(latencies), 3) if latencies else None,
-            "leader": self.instance,
-            "members": members,
-            "partition_members": list(self.membership.members()),
-        }
-
-    def publish_cluster_info(self) -> None:
-        """The leader keeps ``<base>/status`` (availability of the shared entities) and
-        ``<base>/bridge/info`` (the cluster's figures)."""
-        self.link.publish(Outgoing(f"{self.base}/status", b"online", 1, True))
-        info = json.dumps(self.cluster_info()).encode()
-        self.link.publish(Outgoing(f"{self.base}/bridge/info", info, 1, True))
-
-    async def _leave(self) -> None:
-        """A clean stop in a cluster, before intake closes; nothing is lost or answered twice.
-
-        1. Unsubscribe the shared subscriptions: the broker gives new messages to the others.
-        2. Publish this instance's ``offline`` and keep answering until it comes back: every
-           message the broker routed to this instance before it has then arrived, and every other
-           member moves this instance's devices to itself at that same message.
-        3. With a discovered member set, unsubscribe the partition filters too (a static member
-           keeps them, so its persistent session queues its devices' messages until it is back).
-        """
-        if self.membership is None or not self.link.connected.is_set():
-            return
-        self._leaving = True
-        was_leader = self.is_leader()
-        await self.link.update_subscriptions()
-        self.link.publish(Outgoing(self.status_topic, b"offline", 1, True))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._left_seen.wait(), self.config.shutdown_timeout_s / 2)
-        if self.membership.dynamic:
-            self._left = True
-            await self.link.update_subscriptions()
-        if was_leader and not (self.membership.online - {self.instance}):
-            self.link.publish(Outgoing(f"{self.base}/status", b"offline", 1, True))
+        return self.cluster is None or self.cluster.is_leader()
 
     def _start_batcher(self, name: str, model: LoadedModel) -> None:
         batcher = Batcher(
@@ -479,18 +359,17 @@ class Daemon:
             group = pipeline.cfg.source.shared_group
             if mode == "shared":
                 group = group or self.config.cluster.shared_group
-                if self._leaving:
+                if self.cluster is not None and self.cluster.leaving:
                     continue
             elif mode == "partition":
                 group = None  # every instance sees every message and keeps its own devices
-                if self._left:
+                if self.cluster is not None and self.cluster.left:
                     continue
             for f in pipeline.filters:
                 topic = f"$share/{group}/{f}" if group else f
                 subs[topic] = max(subs.get(topic, 0), pipeline.cfg.source.qos)
-        if self.membership is not None:
-            subs[f"{self.instances_prefix}/+/status"] = 1
-            subs[f"{self.instances_prefix}/+/bridge/info"] = 1
+        if self.cluster is not None:
+            subs.update(self.cluster.subscriptions())
         for topic, qos in [*self.discovery.subscriptions(), *self.corrections.subscriptions()]:
             subs[topic] = max(subs.get(topic, 0), qos)
         return sorted(subs.items())
@@ -515,8 +394,8 @@ class Daemon:
 
     def _control(self, topic: str, payload: bytes) -> bool:
         """A topic no pipeline reads: the cluster's (edge/partition.py) or discovery's."""
-        if self.membership is not None and topic.startswith(self.instances_prefix):
-            self._on_instance_message(topic, payload)
+        if self.cluster is not None and self.cluster.handles(topic):
+            self.cluster.on_message(topic, payload)
             return True
         if self.discovery.handles(topic):
             self.discovery.on_message(topic, payload)
@@ -600,10 +479,8 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_connected(self) -> None:
-        if self.membership is not None and self.membership.dynamic and self.membership.active:
-            # The broker published this instance's will (or its offline) while it was away and the
-            # others took its devices: it rejoins at its own 'online', which is on its way.
-            self._membership_changed(self.membership.observe(self.instance or "", b"offline"))
+        if self.cluster is not None:
+            self.cluster.reconnected()
         self.publish_bridge_info()
         self._publish_quality()
         self._background(self.discovery.connected(), "discovery")
@@ -688,40 +565,25 @@ class Daemon:
             "quality_errors": self.quality.errors,
             "guard": self.engine.guard_info(),
             "retrain": self.retrainer.info(),
-            **self._cluster_fields(),
+            **(self.cluster.fields() if self.cluster is not None else {}),
         }
 
     def _pipeline_info(self, name: str, p: Pipeline) -> dict[str, Any]:
         info: dict[str, Any] = {"model": p.cfg.model, "devices": len(p.store.states), **p.stats.as_dict()}
         if (inputs := self.watch.info(name)) is not None:
             info["inputs"] = inputs
-        if self.membership is not None:
+        if self.cluster is not None:
             info["scale_out"] = self.config.scale_out(name)
         if isinstance(p.decoder, OwnedDecoder):
             info["not_owned"] = p.decoder.skipped
             info["not_member"] = p.decoder.inactive
         return info
 
-    def _cluster_fields(self) -> dict[str, Any]:
-        if self.membership is None:
-            return {}
-        return {
-            "instance": self.instance,
-            "cluster": {
-                "members": list(self.membership.members()),
-                "online": sorted(self.membership.online),
-                "leader": self.membership.leader(),
-                "active": self.membership.active,
-                "static": self.membership.static is not None,
-            },
-        }
-
     def publish_bridge_info(self) -> None:
         info = self.bridge_info()
-        self._own_info = info
         self.link.publish(Outgoing(self.info_topic, json.dumps(info).encode(), 1, True))
-        if self.membership is not None and self.is_leader() and self.link.connected.is_set():
-            self.publish_cluster_info()
+        if self.cluster is not None:
+            self.cluster.own_info_published(info)  # the leader publishes the cluster's too
 
     async def save_state(self) -> None:
         """Write the state file (if configured): the snapshot on the loop, the write off it."""
@@ -858,7 +720,8 @@ class Daemon:
         ]
         self.config = config
         self.models = models
-        self._bind_partitions(pipelines)
+        if self.cluster is not None:
+            self.cluster.bind(pipelines)
         self.engine.swap(config, pipelines)
         self.corrections.rebuild()
         for name, model in models.items():
@@ -1025,7 +888,8 @@ class Daemon:
         try:
             await self._stop.wait()
             self.notifier.stopping("stopping: handing over and flushing in-flight batches")
-            await self._leave()
+            if self.cluster is not None:
+                await self.cluster.leave()  # shared subscriptions handed over first
             self.engine.intake_open = False
             timeout = self.config.shutdown_timeout_s
             with contextlib.suppress(TimeoutError):
