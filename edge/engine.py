@@ -153,7 +153,8 @@ class Engine:
         self, topic: str, payload: bytes, ack: AckToken | None, received: float, wall: float
     ) -> int:
         """One incoming message (``received``: ``time.perf_counter()``, ``wall``: ``time.time()``
-        at arrival); returns how many inputs it handed to ``submit``. Never raises.
+        at arrival); returns how many inputs it made (each handed to ``submit``, taken or not).
+        Never raises.
 
         A QoS 1/2 input (``ack`` set) is acknowledged once it is answered: after its answers are
         published (or withheld by the publish policy), or at once when it makes none or is
@@ -208,16 +209,14 @@ class Engine:
             pending = PendingAck(ack, len(ready))
             for item in ready:
                 item.ack = pending
-        submitted = 0
         for item in ready:
             if self.submit(item):
-                submitted += 1
                 continue
             pipeline = item.pipeline
             error = DecodeError("queue_full", f"model {pipeline.cfg.model!r} queue is full")
             self.reject(pipeline, topic, payload, error, now=received, wall=wall)
             self.settle(item)
-        return submitted
+        return len(ready)
 
     def availability(self, pipeline: Pipeline, device: str, online: bool) -> None:
         """A source device said it is offline or online (or sent data after saying offline)."""
