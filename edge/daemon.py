@@ -1,4 +1,12 @@
-"""The daemon: wires MQTT, pipelines, batchers and outputs; ``run`` and ``check`` commands."""
+"""The daemon: the composition root of one edge-infer instance; ``run`` and ``check`` commands.
+
+:class:`Daemon` builds the parts and wires them: the MQTT link (edge/mqtt.py) and its intake
+bounds (edge/intake.py), the engine that owns the message path (edge/engine.py: routing, decode,
+answers, publish policy, acks; no I/O), one batcher per model (edge/batcher.py), discovery
+(edge/discovery.py), the cluster (edge/cluster.py), corrections, retraining, input watch and
+quality, reporting (bridge info, ``/metrics``, systemd status) and the state file. Every task it
+runs lives in the one :class:`asyncio.TaskGroup` of :meth:`Daemon.run`; it also reloads.
+"""
 
 from __future__ import annotations
 
@@ -190,7 +198,7 @@ def build_pipelines(
 
 
 class Daemon:
-    """One running edge-infer instance."""
+    """One running edge-infer instance: the parts wired together under one TaskGroup."""
 
     def __init__(
         self,
