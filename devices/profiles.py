@@ -39,7 +39,7 @@ from edge.decode import (
     parse_timestamp,
     to_float,
 )
-from edge.homeassistant import mac_connection
+from edge.discovery_payloads import mac_connection
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 COMMON_OPTIONS = ("devices",)

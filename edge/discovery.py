@@ -1,6 +1,6 @@
 """Home Assistant discovery at run time: what to announce, when, and reading back what was announced.
 
-The payloads themselves are built by the pure :mod:`edge.homeassistant`; this
+The payloads themselves are built by the pure :mod:`edge.discovery_payloads`; this
 module decides *when*: after connecting (once the retained configs of an
 earlier run have been read back, so pipelines or devices that are gone are
 cleared), when a device is first seen, after a reload, and after Home
@@ -31,7 +31,7 @@ from edge import __version__
 from edge.config import Config
 from edge.corrections import correction_fields
 from edge.decode import TopicPattern, sanitise_segment
-from edge.homeassistant import (
+from edge.discovery_payloads import (
     AvailabilityTopic,
     BridgeInfo,
     DiscoveryMessage,

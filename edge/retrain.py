@@ -49,7 +49,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from edge.corrections import corrections_dir
-from edge.homeassistant import RetrainEntity
+from edge.discovery_payloads import RetrainEntity
 from edge.mqtt import Outgoing
 
 if TYPE_CHECKING:
