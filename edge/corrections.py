@@ -435,7 +435,7 @@ def correction_components(
 
 
 def correction_fields(pipeline: Pipeline, device: str) -> dict[str, Any]:
-    """The :class:`edge.homeassistant.OutputEntity` fields that announce the correction entities."""
+    """The :class:`edge.discovery_payloads.OutputEntity` fields that announce the correction entities."""
     return {
         "command_topic": f"{pipeline.base}/{pipeline.name}/{sanitise_segment(device)}",
         "correct_options": select_options(pipeline),

@@ -1,4 +1,12 @@
-"""The daemon: wires MQTT, pipelines, batchers and outputs; ``run`` and ``check`` commands."""
+"""The daemon: the composition root of one edge-infer instance; ``run`` and ``check`` commands.
+
+:class:`Daemon` builds the parts and wires them: the MQTT link (edge/mqtt.py) and its intake
+bounds (edge/intake.py), the engine that owns the message path (edge/engine.py: routing, decode,
+answers, publish policy, acks; no I/O), one batcher per model (edge/batcher.py), discovery
+(edge/discovery.py), the cluster (edge/cluster.py), corrections, retraining, input watch and
+quality, reporting (bridge info, ``/metrics``, systemd status) and the state file. Every task it
+runs lives in the one :class:`asyncio.TaskGroup` of :meth:`Daemon.run`; it also reloads.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +26,6 @@ import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ import numpy.typing as npt
 
 from edge import __version__, memory
 from edge.batcher import Batcher
+from edge.cluster import Cluster, own_topics
 from edge.config import (
     MAX_CONFIG_BYTES,
     Config,
@@ -36,21 +44,19 @@ from edge.config import (
     mask_url,
     read_limited,
 )
-from edge.corrections import Agreement, Corrections, CorrectionsCollector
-from edge.decode import DecodeError, TopicPattern
+from edge.corrections import Corrections, CorrectionsCollector
 from edge.discovery import Discovery, holdout_accuracy
+from edge.engine import Engine, iso
 from edge.features import WindowBudget
 from edge.intake import Intake
 from edge.logsetup import RateLimitedLogger, setup_logging
 from edge.metrics import DaemonMetrics, MetricsServer, Reading
 from edge.mqtt import AckToken, MqttLink, Outgoing, tls_context
-from edge.outputs import PostProcessor, add_explain
-from edge.partition import Membership, MembershipChange, OwnedDecoder, Partitioner, instance_from_topic
-from edge.pipeline import PendingAck, Pipeline, WorkItem
+from edge.partition import OwnedDecoder
+from edge.pipeline import Pipeline, WorkItem
 from edge.quality import QualityBook, confusion_topic
 from edge.retrain import Retrainer
 from edge.runtime import LoadedModel, ModelLoadError, file_sha256
-from edge.safejson import loads_bounded
 from edge.sdnotify import Liveness, Notifier, Watchdog, status_line
 from edge.statefile import restore as restore_state
 from edge.statefile import snapshot as snapshot_state
@@ -192,7 +198,7 @@ def build_pipelines(
 
 
 class Daemon:
-    """One running edge-infer instance."""
+    """One running edge-infer instance: the parts wired together under one TaskGroup."""
 
     def __init__(
         self,
@@ -206,35 +212,14 @@ class Daemon:
         self.config_path = config_path
         self.mqtt_url = mqtt_url
         self.models = models if models is not None else load_models(config)
-        self.pipelines = build_pipelines(config, self.models)
+        pipelines = build_pipelines(config, self.models)
         base = config.mqtt.base_topic
         self.base = base
-        cluster = config.cluster
-        self.instance: str | None = cluster.resolved_instance() if cluster.enabled else None
-        self.membership: Membership | None = None
-        self.partitioner: Partitioner | None = None
-        self.instances_prefix = f"{base}/instances"
-        if self.instance is not None:
-            static = tuple(cluster.members) if cluster.members is not None else None
-            self.membership = Membership(self.instance, static)
-            self.partitioner = Partitioner(self.instance, self.membership.members())
-            self.status_topic = f"{self.instances_prefix}/{self.instance}/status"
-            self.info_topic = f"{self.instances_prefix}/{self.instance}/bridge/info"
-        else:
-            self.status_topic = f"{base}/status"
-            self.info_topic = f"{base}/bridge/info"
-        self._leaving = False  # stopping: shared subscriptions are dropped
-        self._left = False  # stopping, own offline seen: partition subscriptions are dropped too
-        self._left_seen = asyncio.Event()
-        self._member_info: dict[str, dict[str, Any]] = {}
-        self._own_info: dict[str, Any] = {}
-        self._was_leader = False
-        self._bind_partitions(self.pipelines)
+        self.instance: str | None = config.cluster.resolved_instance() if config.cluster.enabled else None
+        self.status_topic, self.info_topic = own_topics(config)
         self.started = time.time()
         self.ratelog = RateLimitedLogger(log, config.log_interval_s)
         self.metrics = DaemonMetrics(self.metrics_reading)
-        self.corrections = Corrections(config, lambda: self.pipelines, self.ratelog, self._background)
-        self.metrics.registry.register(CorrectionsCollector(self.corrections))
         self.notifier = Notifier()
         self.liveness = Liveness()
         self.liveness.add_check(self._models_alive)
@@ -254,6 +239,34 @@ class Daemon:
         self.intake = self.link.intake
         self.watch = InputWatch(self.link.publish, self.ratelog, config.state.file)  # edge/watch.py
         self.metrics.registry.register(self.watch.collector())
+        # The message path (edge/engine.py): routing, decode, features, answers, publish policy.
+        self.engine = Engine(
+            config,
+            pipelines,
+            publish=self._publish,
+            ack=self.link.ack,
+            submit=self._submit,
+            control=self._control,
+            observe=self.watch.observe,
+            ratelog=self.ratelog,
+            metrics=self.metrics,
+            instance=self.instance,
+        )
+        # edge/cluster.py: membership, partitions, the leader's topics (None outside a cluster)
+        self.cluster: Cluster | None = None
+        if config.cluster.enabled:
+            self.cluster = Cluster(
+                config,
+                publish=self._publish,
+                connected=self.link.connected.is_set,
+                update_subscriptions=self.link.update_subscriptions,
+                forget=self.engine.forget,
+                pipelines=self._current_pipelines,
+            )
+            self.cluster.bind(pipelines)
+        self.corrections = Corrections(config, lambda: self.pipelines, self.ratelog, self._background)
+        self.engine.corrections = self.corrections
+        self.metrics.registry.register(CorrectionsCollector(self.corrections))
         self.retrainer = Retrainer(  # edge/retrain.py: learn in a child process, one at a time
             lambda: self.config, config_path, self.link.publish, self.ratelog, is_leader=self.is_leader
         )
@@ -268,18 +281,17 @@ class Daemon:
             spawn=self._background,
         )
         self.discovery.on_ha_online = self._republish_states
+        if self.cluster is not None:
+            self.cluster.on_leader = self.discovery.replan
         self.discovery.warn_unsupported()
+        self.engine.retains = self.discovery.retains
+        self.engine.device_seen = self.discovery.device_seen
         self.quality = QualityBook()  # edge/quality.py: each model's record and confusion PNG
         self.quality.refresh(self._model_files())
         self.discovery.quality = self.quality.entities
         self._quality_pending = set(self.models)  # published at the first connect, then on change
-        self.guarded: dict[str, str] = {}  # output.guard: pipeline -> sha256 of the model it caught
-        self.guard_counts: dict[str, dict[str, int]] = {}  # pipeline -> engaged / released / withheld
         self.batchers: dict[str, Batcher] = {}
         self._batcher_tasks: dict[str, asyncio.Task[None]] = {}
-        self._routes: list[tuple[TopicPattern, Pipeline]] = []
-        self._route_cache: dict[str, list[Pipeline]] = {}
-        self._rebuild_routes()
         self._intake_watchdog: asyncio.TimerHandle | None = None
         self.state_write_errors = 0
         self.memory_trims = 0
@@ -289,166 +301,44 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._group: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
-        self.intake_open = True
-        self.messages_in = 0
-        self.unrouted = 0
-        self.failed_batches = 0
         self.reloads = 0
         self._rate_mark = (time.monotonic(), 0)
-        self.latency_ms: float | None = None  # moving average of message-to-prediction latency
-        self._dead_letter_tokens = config.dead_letter.max_per_s
-        self._dead_letter_at = time.monotonic()
         for name, model in self.models.items():
             self.metrics.set_model_info(name, model.spec.version, model.spec.sha256)
 
+    @property
+    def pipelines(self) -> dict[str, Pipeline]:
+        """The running pipelines (the engine's; replaced as a whole by a reload)."""
+        return self.engine.pipelines
+
+    @property
+    def messages_in(self) -> int:
+        return self.engine.messages_in
+
+    @property
+    def unrouted(self) -> int:
+        return self.engine.unrouted
+
+    @property
+    def guarded(self) -> dict[str, str]:
+        """output.guard: pipeline -> sha256 of the model it caught (edge/engine.py)."""
+        return self.engine.guarded
+
+    @property
+    def guard_counts(self) -> dict[str, dict[str, int]]:
+        return self.engine.guard_counts
+
     def _current_pipelines(self) -> Iterable[Pipeline]:
-        return self.pipelines.values()
+        return self.engine.pipelines.values()
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.link.publish(Outgoing(topic, payload, qos, retain))
 
     # ------------------------------------------------------------------ scale-out
 
-    def _bind_partitions(self, pipelines: dict[str, Pipeline]) -> None:
-        """Partition pipelines keep only the devices this instance owns (see edge.partition)."""
-        if self.membership is None or self.partitioner is None:
-            return
-        membership, partitioner = self.membership, self.partitioner
-        for name, pipeline in pipelines.items():
-            if self.config.scale_out(name) == "partition" and not isinstance(pipeline.decoder, OwnedDecoder):
-                pipeline.decoder = OwnedDecoder(pipeline.decoder, partitioner.owns, lambda: membership.active)
-
-    def _partitioned(self) -> list[Pipeline]:
-        return [p for p in self.pipelines.values() if isinstance(p.decoder, OwnedDecoder)]
-
     def is_leader(self) -> bool:
         """Outside a cluster always; in one, the live instance with the smallest id."""
-        if self.membership is None:
-            return True
-        return self.membership.leader() == self.instance
-
-    def _on_instance_message(self, topic: str, payload: bytes) -> None:
-        assert self.membership is not None
-        instance = instance_from_topic(topic, self.instances_prefix, "status")
-        if instance is not None:
-            if instance == self.instance and self._leaving and payload.strip() != b"online":
-                self._left_seen.set()
-            self._membership_changed(self.membership.observe(instance, payload))
-            return
-        instance = instance_from_topic(topic, self.instances_prefix, "bridge/info")
-        if instance is not None:
-            try:
-                info = loads_bounded(payload) if payload else None
-            except ValueError:  # BoundedJsonError too: too large, too deep, too many digits
-                info = None
-            if isinstance(info, dict):
-                self._member_info[instance] = info
-            else:
-                self._member_info.pop(instance, None)
-
-    def _membership_changed(self, change: MembershipChange) -> None:
-        assert self.membership is not None
-        assert self.partitioner is not None
-        if change.joined:
-            log.info("cluster: instance %s joined; owning its share from now on", self.instance)
-        if change.left:
-            log.info("cluster: instance %s left; owning no devices from now on", self.instance)
-        if change.members_changed:
-            self.partitioner.set_members(change.new)
-            moved = self._restart_moved()
-            log.info(
-                "cluster: members %s -> %s; %d devices moved away (their windows restart at the new owner)",
-                ",".join(change.old) or "-",
-                ",".join(change.new) or "-",
-                moved,
-            )
-        leader = self.is_leader()
-        if leader and (change.members_changed or not self._was_leader) and self.link.connected.is_set():
-            self.publish_cluster_info()
-            self.discovery.replan()
-        self._was_leader = leader
-
-    def _restart_moved(self) -> int:
-        """Forget every device this instance no longer owns: windows, joins, publish state."""
-        assert self.partitioner is not None
-        owns = self.partitioner.owns
-        moved = 0
-        for pipeline in self._partitioned():
-            for device in [d for d in pipeline.store.states if not owns(d)]:
-                del pipeline.store.states[device]
-                pipeline.policy.states.pop(device, None)
-                pipeline.last_published.pop(device, None)
-                pipeline.availability.pop(device, None)
-                moved += 1
-        return moved
-
-    def cluster_info(self) -> dict[str, Any]:
-        """``<base>/bridge/info`` of the whole cluster, published by the leader: the members'
-        own bridge/info figures added up (version and uptime are the leader's)."""
-        assert self.membership is not None
-        members = sorted(self.membership.online | ({self.instance} if self.instance else set()))
-        infos = {m: self._member_info.get(m, {}) for m in members}
-        if self.instance is not None:
-            infos[self.instance] = self._own_info
-        latencies = [i["latency_ms"] for i in infos.values() if isinstance(i.get("latency_ms"), int | float)]
-
-        def total(key: str) -> float:
-            return sum(float(i.get(key) or 0) for i in infos.values())
-
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started, 1),
-            "messages_per_s": round(total("messages_per_s"), 3),
-            "drops": int(total("drops")),
-            "latency_ms": round(max(latencies), 3) if latencies else None,
-            "leader": self.instance,
-            "members": members,
-            "partition_members": list(self.membership.members()),
-        }
-
-    def publish_cluster_info(self) -> None:
-        """The leader keeps ``<base>/status`` (availability of the shared entities) and
-        ``<base>/bridge/info`` (the cluster's figures)."""
-        self.link.publish(Outgoing(f"{self.base}/status", b"online", 1, True))
-        info = json.dumps(self.cluster_info()).encode()
-        self.link.publish(Outgoing(f"{self.base}/bridge/info", info, 1, True))
-
-    async def _leave(self) -> None:
-        """A clean stop in a cluster, before intake closes; nothing is lost or answered twice.
-
-        1. Unsubscribe the shared subscriptions: the broker gives new messages to the others.
-        2. Publish this instance's ``offline`` and keep answering until it comes back: every
-           message the broker routed to this instance before it has then arrived, and every other
-           member moves this instance's devices to itself at that same message.
-        3. With a discovered member set, unsubscribe the partition filters too (a static member
-           keeps them, so its persistent session queues its devices' messages until it is back).
-        """
-        if self.membership is None or not self.link.connected.is_set():
-            return
-        self._leaving = True
-        was_leader = self.is_leader()
-        await self.link.update_subscriptions()
-        self.link.publish(Outgoing(self.status_topic, b"offline", 1, True))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._left_seen.wait(), self.config.shutdown_timeout_s / 2)
-        if self.membership.dynamic:
-            self._left = True
-            await self.link.update_subscriptions()
-        if was_leader and not (self.membership.online - {self.instance}):
-            self.link.publish(Outgoing(f"{self.base}/status", b"offline", 1, True))
-
-    def _rebuild_routes(self) -> None:
-        self._routes = [(TopicPattern(f), p) for p in self.pipelines.values() for f in p.filters]
-        self._route_cache = {}
-        # Topics that are never sensor data, whatever a source's wildcard says: this daemon's own
-        # status and bridge topics, the cluster's, Home Assistant's status and its discovery
-        # prefix (an ESPHome source's '+/status' also matches 'edge-infer/status' and
-        # 'homeassistant/status').
-        base = self.config.mqtt.base_topic
-        ha = self.config.homeassistant
-        self._not_sources = (f"{base}/status", ha.status_topic)
-        self._not_source_prefixes = (
-            f"{base}/bridge/",
-            f"{base}/instances/",
-            f"{ha.discovery_prefix}/",
-        )
+        return self.cluster is None or self.cluster.is_leader()
 
     def _start_batcher(self, name: str, model: LoadedModel) -> None:
         batcher = Batcher(
@@ -477,112 +367,48 @@ class Daemon:
             group = pipeline.cfg.source.shared_group
             if mode == "shared":
                 group = group or self.config.cluster.shared_group
-                if self._leaving:
+                if self.cluster is not None and self.cluster.leaving:
                     continue
             elif mode == "partition":
                 group = None  # every instance sees every message and keeps its own devices
-                if self._left:
+                if self.cluster is not None and self.cluster.left:
                     continue
             for f in pipeline.filters:
                 topic = f"$share/{group}/{f}" if group else f
                 subs[topic] = max(subs.get(topic, 0), pipeline.cfg.source.qos)
-        if self.membership is not None:
-            subs[f"{self.instances_prefix}/+/status"] = 1
-            subs[f"{self.instances_prefix}/+/bridge/info"] = 1
+        if self.cluster is not None:
+            subs.update(self.cluster.subscriptions())
         for topic, qos in [*self.discovery.subscriptions(), *self.corrections.subscriptions()]:
             subs[topic] = max(subs.get(topic, 0), qos)
         return sorted(subs.items())
 
-    def _route(self, topic: str) -> list[Pipeline]:
-        routed = self._route_cache.get(topic)
-        if routed is None:
-            routed = []
-            own = topic in self._not_sources or topic.startswith(self._not_source_prefixes)
-            for pattern, pipeline in () if own else self._routes:
-                if pipeline not in routed and pattern.match(topic) is not None:
-                    routed.append(pipeline)
-            if len(self._route_cache) > 50_000:
-                self._route_cache.clear()
-            self._route_cache[topic] = routed
-        return routed
-
     def on_message(self, topic: str, payload: bytes, ack: AckToken | None = None) -> None:
-        """Called for every incoming message, on the event loop. Never raises.
+        """Called for every incoming message, on the event loop; never raises. The engine
+        routes, decodes and hands inputs to the batchers (edge/engine.py); answers made faster
+        than the broker takes them pause the intake."""
+        if self.engine.on_message(topic, payload, ack, time.perf_counter(), time.time()) and (
+            self.link.outgoing_full()
+        ):
+            self._pause_intake()
 
-        A QoS 1/2 input (``ack`` set) is acknowledged once it is answered: after its predictions
-        are handed to the client, or at once when it produces none or is rejected. Inputs that
-        arrive while the daemon is stopping are left unacknowledged, so the broker redelivers them.
-        """
-        received = time.perf_counter()
-        self.messages_in += 1
-        if not self.intake_open:
-            return
-        if self.corrections.handles(topic):  # the daemon's own command topics (edge/corrections.py)
-            self.corrections.on_message(topic, payload)
-            self._guard_check()  # output.guard: the agreement may have crossed its line
-            self.link.ack(ack)
-            return
-        pipelines = self._route(topic)
-        if not pipelines:
-            if self.membership is not None and topic.startswith(self.instances_prefix):
-                self._on_instance_message(topic, payload)
-            elif self.discovery.handles(topic):
-                self.discovery.on_message(topic, payload)
-            else:
-                self.unrouted += 1
-            self.link.ack(ack)
-            return
-        if len(payload) > self.config.limits.max_payload_bytes:
-            for pipeline in pipelines:
-                pipeline.stats.received += 1
-                self._reject(
-                    pipeline,
-                    topic,
-                    payload,
-                    DecodeError(
-                        "oversized",
-                        f"payload on {topic!r} is {len(payload)} bytes "
-                        f"(limits.max_payload_bytes={self.config.limits.max_payload_bytes})",
-                    ),
-                )
-            self.link.ack(ack)
-            return
-        ready: list[tuple[Pipeline, WorkItem]] = []
-        for pipeline in pipelines:
-            try:
-                items = pipeline.handle(topic, payload, received, self._availability)
-            except DecodeError as exc:
-                self._reject(pipeline, topic, payload, exc)
-                continue
-            except Exception as exc:  # a bug in a decoder must not stop other devices
-                self._reject(
-                    pipeline, topic, payload, DecodeError("decoder_error", f"{type(exc).__name__}: {exc}")
-                )
-                continue
-            ready.extend((pipeline, item) for item in items)
-            if items:
-                self.watch.observe(pipeline, items)
-        if not ready:
-            self.link.ack(ack)
-            return
-        if ack is not None:
-            pending = PendingAck(ack, len(ready))
-            for _, item in ready:
-                item.ack = pending
-        for pipeline, item in ready:
-            batcher = self.batchers[pipeline.cfg.model]
-            if not batcher.put(item):
-                self._reject(
-                    pipeline,
-                    topic,
-                    payload,
-                    DecodeError("queue_full", f"model {pipeline.cfg.model!r} queue is full"),
-                )
-                self._settle(item)
-            elif self.intake.inputs_full(len(batcher.queue)):
-                self._pause_intake()
-        if self.link.outgoing_full():
-            self._pause_intake()  # answers are made faster than the broker takes them
+    def _submit(self, item: WorkItem) -> bool:
+        """The engine's hand-off to batching: ``False`` when the model's queue is full."""
+        batcher = self.batchers[item.pipeline.cfg.model]
+        if not batcher.put(item):
+            return False
+        if self.intake.inputs_full(len(batcher.queue)):
+            self._pause_intake()
+        return True
+
+    def _control(self, topic: str, payload: bytes) -> bool:
+        """A topic no pipeline reads: the cluster's (edge/partition.py) or discovery's."""
+        if self.cluster is not None and self.cluster.handles(topic):
+            self.cluster.on_message(topic, payload)
+            return True
+        if self.discovery.handles(topic):
+            self.discovery.on_message(topic, payload)
+            return True
+        return False
 
     async def _outgoing_room(self) -> None:
         """Before each batch: wait while the outgoing queue is full (MqttLink.outgoing_full) and
@@ -636,68 +462,6 @@ class Daemon:
             loop = asyncio.get_running_loop()
             self._intake_watchdog = loop.call_later(self.config.mqtt.keepalive / 3, self._intake_keepalive)
 
-    def _settle(self, item: WorkItem) -> None:
-        """One answer of an input is done; the last one acknowledges the input."""
-        pending = item.ack
-        if pending is not None:
-            pending.remaining -= 1
-            if pending.remaining == 0:
-                self.link.ack(pending.token)
-
-    def _reject(self, pipeline: Pipeline, topic: str, payload: bytes, exc: DecodeError) -> None:
-        pipeline.reject(exc.reason)
-        self.ratelog.warning(
-            pipeline.name, exc.reason, "dropped (%s): %s", exc.reason, exc.detail, pipeline=pipeline.name
-        )
-        dl = self.config.dead_letter
-        if not dl.enabled:
-            return
-        now = time.monotonic()
-        self._dead_letter_tokens = min(
-            dl.max_per_s, self._dead_letter_tokens + (now - self._dead_letter_at) * dl.max_per_s
-        )
-        self._dead_letter_at = now
-        if self._dead_letter_tokens < 1:
-            return
-        self._dead_letter_tokens -= 1
-        body = {
-            "pipeline": pipeline.name,
-            "topic": topic,
-            "reason": exc.reason,
-            "detail": exc.detail,
-            "payload": payload[:1024].decode("utf-8", errors="replace"),
-            "ts": _iso(time.time()),
-        }
-        dl_topic = dl.topic.replace("{base}", self.base).replace("{pipeline}", pipeline.name)
-        self.link.publish(Outgoing(dl_topic, json.dumps(body).encode(), 0, False))
-
-    def _availability(self, pipeline: Pipeline, device: str, online: bool) -> None:
-        """A source device said it is offline or online (or sent data after saying offline)."""
-        if device not in pipeline.last_published:
-            # Never answered by this pipeline (a device of the same family that another pipeline
-            # serves, or one still filling its window): it has no entity and no output to mark.
-            # 'offline' is remembered, so its data counts as its return; its first answer marks
-            # it online.
-            if online:
-                pipeline.availability.pop(device, None)
-            elif len(pipeline.availability) < 4 * pipeline.cfg.max_devices:
-                pipeline.availability[device] = False
-            return
-        if pipeline.availability.get(device) is online:
-            return
-        pipeline.availability[device] = online
-        topic = pipeline.output_topic(device) + "/availability"
-        self.link.publish(Outgoing(topic, self._available(pipeline, online), 1, True))
-
-    def _first_answer(self, pipeline: Pipeline, device: str) -> None:
-        """A device's first answer from a pipeline: its output goes online and Home Assistant
-        learns of it (once per device and pipeline, whatever its availability said before)."""
-        if pipeline.availability.get(device) is not True:
-            pipeline.availability[device] = True
-            topic = pipeline.output_topic(device) + "/availability"
-            self.link.publish(Outgoing(topic, self._available(pipeline, True), 1, True))
-        self.discovery.device_seen()
-
     # ------------------------------------------------------------------ inference out
 
     def _sink(
@@ -708,90 +472,23 @@ class Daemon:
         seconds: float,
         error: Exception | None,
     ) -> None:
-        name = model.name
-        if outputs is None:
-            self.failed_batches += 1
-            self.metrics.predictions_failed.labels(model=name).inc()
-            for item in batch:
-                item.pipeline.reject("inference_failed")
-                self._settle(item)
-            self.ratelog.warning(
-                "model", name, "inference failed for a batch of %d: %s", len(batch), error, model=name
-            )
-            return
-        self.metrics.inference_seconds.labels(model=name).observe(seconds)
-        self.metrics.batch_size.labels(model=name).observe(len(batch))
-        done = time.perf_counter()
-        wall = time.time()
-        spec = model.spec
-        latest = (done - batch[-1].received) * 1000.0
-        self.latency_ms = latest if self.latency_ms is None else 0.9 * self.latency_ms + 0.1 * latest
-        by_pipeline: dict[int, list[int]] = {}
-        for index, item in enumerate(batch):
-            by_pipeline.setdefault(id(item.pipeline), []).append(index)
-        for indices in by_pipeline.values():
-            pipeline = batch[indices[0]].pipeline
-            # Items queued before a reload are answered by the model that inferred them.
-            try:
-                post = pipeline.post if pipeline.spec is spec else PostProcessor(spec, pipeline.cfg.output)
-                predictions = post(outputs[indices])
-            except Exception as exc:  # this pipeline's part of the batch fails alone
-                for index in indices:
-                    self._answer_failed(pipeline, batch[index], exc)
-                continue
-            out = pipeline.cfg.output
-            retain = out.retain or self.discovery.retains(pipeline)  # HA reads it on subscribing
-            for index, prediction in zip(indices, predictions, strict=True):
-                item = batch[index]
-                pipeline.stats.predicted += 1
-                pipeline.alarms.apply(item.device, spec.alarm, prediction)  # anomaly: edge/alarm.py
-                self.corrections.seen(pipeline, item, prediction.fields, spec.version)
-                if item.explain is not None:  # output.explain: the batcher's attribution
-                    add_explain(prediction, item.explain)
-                if pipeline.name in self.guarded:  # output.guard: unavailable instead of guesses
-                    self._guard_counts(pipeline.name)["withheld"] += 1
-                    self._settle(item)
-                    continue
-                try:
-                    if not pipeline.policy.should_publish(item.device, prediction, wall):
-                        self._settle(item)
-                        continue
-                    # {**fields, model, model_version, latency_ms, ts[, instance]} as JSON, from
-                    # pieces the post-processor prepared for the whole batch (edge/outputs.py)
-                    encoded = post.answer(prediction, (done - item.received) * 1000.0, item.ts, self.instance)
-                    topic = pipeline.output_topic(item.device)
-                except Exception as exc:  # one item that cannot be answered fails alone
-                    self._answer_failed(pipeline, item, exc)
-                    continue
-                if item.device not in pipeline.last_published:
-                    self._first_answer(pipeline, item.device)
-                pipeline.last_published[item.device] = encoded
-                self.link.publish(Outgoing(topic, encoded, out.qos, retain))
-                pipeline.stats.published += 1
-                self._settle(item)
-
-    def _answer_failed(self, pipeline: Pipeline, item: WorkItem, exc: Exception) -> None:
-        """An item whose answer could not be built: counted (answer_failed), logged rate-limited
-        and acknowledged, so neither it nor a redelivery of it holds up anyone else."""
-        pipeline.reject("answer_failed")
-        self.ratelog.warning(
-            pipeline.name,
-            "answer_failed",
-            "dropped (answer_failed): device %r: %s: %s",
-            item.device[:40],
-            type(exc).__name__,
-            exc,
-            pipeline=pipeline.name,
+        """A batcher's answers: the engine post-processes, publishes and acknowledges them."""
+        self.engine.finish(
+            model.name,
+            model.spec,
+            batch,
+            outputs,
+            error,
+            seconds=seconds,
+            done=time.perf_counter(),
+            wall=time.time(),
         )
-        self._settle(item)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_connected(self) -> None:
-        if self.membership is not None and self.membership.dynamic and self.membership.active:
-            # The broker published this instance's will (or its offline) while it was away and the
-            # others took its devices: it rejoins at its own 'online', which is on its way.
-            self._membership_changed(self.membership.observe(self.instance or "", b"offline"))
+        if self.cluster is not None:
+            self.cluster.reconnected()
         self.publish_bridge_info()
         self._publish_quality()
         self._background(self.discovery.connected(), "discovery")
@@ -803,20 +500,7 @@ class Daemon:
     def _republish_states(self) -> None:
         """After Home Assistant restarts: the last prediction of every device, and bridge info."""
         self.publish_bridge_info()
-        for pipeline in self.pipelines.values():
-            out = pipeline.cfg.output
-            for device, payload in pipeline.last_published.items():
-                online = pipeline.availability.get(device, True)
-                self.link.publish(
-                    Outgoing(
-                        pipeline.output_topic(device) + "/availability",
-                        self._available(pipeline, online),
-                        1,
-                        True,
-                    )
-                )
-                retain = out.retain or self.discovery.retains(pipeline)
-                self.link.publish(Outgoing(pipeline.output_topic(device), payload, out.qos, retain))
+        self.engine.republish()
 
     def status_text(self) -> str:
         elapsed = max(time.time() - self.started, 1e-9)
@@ -854,10 +538,10 @@ class Daemon:
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
-            "started": _iso(self.started),  # the bridge's Started timestamp sensor
+            "started": iso(self.started),  # the bridge's Started timestamp sensor
             "messages_per_s": round(rate, 3),
             "drops": sum(sum(p.stats.dropped.values()) for p in self.pipelines.values()),
-            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+            "latency_ms": None if (latency := self.engine.latency_ms) is None else round(latency, 3),
             "connected": self.link.connected.is_set(),
             "reconnects": self.link.reconnects,
             "reloads": self.reloads,
@@ -868,7 +552,7 @@ class Daemon:
             "intake_pauses": self.link.intake_pauses,
             "state_write_errors": self.state_write_errors,
             "memory_trims": self.memory_trims,
-            "failed_batches": self.failed_batches,
+            "failed_batches": self.engine.failed_batches,
             "models": {
                 name: {
                     "version": m.spec.version,
@@ -887,42 +571,27 @@ class Daemon:
             "pipelines": {name: self._pipeline_info(name, p) for name, p in self.pipelines.items()},
             "corrections": self.corrections.info(),
             "quality_errors": self.quality.errors,
-            "guard": self._guard_info(),
+            "guard": self.engine.guard_info(),
             "retrain": self.retrainer.info(),
-            **self._cluster_fields(),
+            **(self.cluster.fields() if self.cluster is not None else {}),
         }
 
     def _pipeline_info(self, name: str, p: Pipeline) -> dict[str, Any]:
         info: dict[str, Any] = {"model": p.cfg.model, "devices": len(p.store.states), **p.stats.as_dict()}
         if (inputs := self.watch.info(name)) is not None:
             info["inputs"] = inputs
-        if self.membership is not None:
+        if self.cluster is not None:
             info["scale_out"] = self.config.scale_out(name)
         if isinstance(p.decoder, OwnedDecoder):
             info["not_owned"] = p.decoder.skipped
             info["not_member"] = p.decoder.inactive
         return info
 
-    def _cluster_fields(self) -> dict[str, Any]:
-        if self.membership is None:
-            return {}
-        return {
-            "instance": self.instance,
-            "cluster": {
-                "members": list(self.membership.members()),
-                "online": sorted(self.membership.online),
-                "leader": self.membership.leader(),
-                "active": self.membership.active,
-                "static": self.membership.static is not None,
-            },
-        }
-
     def publish_bridge_info(self) -> None:
         info = self.bridge_info()
-        self._own_info = info
         self.link.publish(Outgoing(self.info_topic, json.dumps(info).encode(), 1, True))
-        if self.membership is not None and self.is_leader() and self.link.connected.is_set():
-            self.publish_cluster_info()
+        if self.cluster is not None:
+            self.cluster.own_info_published(info)  # the leader publishes the cluster's too
 
     async def save_state(self) -> None:
         """Write the state file (if configured): the snapshot on the loop, the write off it."""
@@ -996,67 +665,6 @@ class Daemon:
         self._quality_pending.update(changed)
         self._publish_quality()
 
-    # ------------------------------------------------------------------ guard (output.guard)
-
-    def _available(self, pipeline: Pipeline, online: bool) -> bytes:
-        """A device's availability payload: offline while its pipeline is guarded."""
-        return b"online" if online and pipeline.name not in self.guarded else b"offline"
-
-    def _guard_check(self) -> None:
-        """``output.guard``: a pipeline whose rolling agreement with corrections is a problem
-        (edge/corrections.py) goes unavailable on every device and publishes no predictions;
-        it comes back when the agreement recovers, or when a new model replaces the one that
-        failed (whose agreement then starts afresh), or when the guard is switched off."""
-        for name, pipeline in self.pipelines.items():
-            guard = pipeline.cfg.output.guard and self.config.corrections.enabled
-            caught = self.guarded.get(name)
-            if caught is not None and (not guard or caught != pipeline.spec.sha256):
-                if guard:  # another model now: judged on its own corrections
-                    self.corrections.agreement[name] = Agreement(self.config.corrections.agreement_window)
-                self._guard_release(pipeline, "a new model" if guard else "the guard is off")
-                continue
-            if not guard or name not in self.corrections.agreement:
-                continue
-            judged = self.corrections.judge(name)
-            if judged["problem"] and caught is None:
-                self._guard_engage(pipeline, judged)
-            elif not judged["problem"] and caught is not None:
-                self._guard_release(pipeline, f"agreement {judged['value']} over {judged['count']}")
-
-    def _guard_counts(self, name: str) -> dict[str, int]:
-        return self.guard_counts.setdefault(name, {"engaged": 0, "released": 0, "withheld": 0})
-
-    def _guard_engage(self, pipeline: Pipeline, judged: dict[str, Any]) -> None:
-        self.guarded[pipeline.name] = pipeline.spec.sha256
-        self._guard_counts(pipeline.name)["engaged"] += 1
-        log.warning(
-            "guard: pipeline %s unavailable: its agreement with corrections %s over the last %d is "
-            "below the holdout accuracy %s by more than corrections.agreement_margin",
-            pipeline.name,
-            judged["value"],
-            judged["count"],
-            judged["holdout"],
-        )
-        for device in pipeline.last_published:
-            topic = pipeline.output_topic(device) + "/availability"
-            self.link.publish(Outgoing(topic, b"offline", 1, True))
-
-    def _guard_release(self, pipeline: Pipeline, why: str) -> None:
-        del self.guarded[pipeline.name]
-        self._guard_counts(pipeline.name)["released"] += 1
-        log.info("guard: pipeline %s available again (%s)", pipeline.name, why)
-        for device in pipeline.last_published:
-            topic = pipeline.output_topic(device) + "/availability"
-            online = pipeline.availability.get(device, True)
-            self.link.publish(Outgoing(topic, self._available(pipeline, online), 1, True))
-
-    def _guard_info(self) -> dict[str, Any]:
-        return {
-            name: {"active": name in self.guarded, **self._guard_counts(name)}
-            for name, p in self.pipelines.items()
-            if p.cfg.output.guard or name in self.guard_counts
-        }
-
     # ------------------------------------------------------------------ reload
 
     def _prepare_reload(self) -> tuple[Config, dict[str, LoadedModel], dict[str, Pipeline]]:
@@ -1088,7 +696,7 @@ class Daemon:
                 return False
             changed = self._swap(config, models, pipelines)
             await self._quality_reload()
-            self._guard_check()
+            self.engine.guard_check()
             await self.link.update_subscriptions()
             self.discovery.replan()
             self.reloads += 1
@@ -1120,9 +728,9 @@ class Daemon:
         ]
         self.config = config
         self.models = models
-        self.pipelines = pipelines
-        self._bind_partitions(pipelines)
-        self._rebuild_routes()
+        if self.cluster is not None:
+            self.cluster.bind(pipelines)
+        self.engine.swap(config, pipelines)
         self.corrections.rebuild()
         for name, model in models.items():
             if old_models.get(name) is not model:
@@ -1288,8 +896,9 @@ class Daemon:
         try:
             await self._stop.wait()
             self.notifier.stopping("stopping: handing over and flushing in-flight batches")
-            await self._leave()
-            self.intake_open = False
+            if self.cluster is not None:
+                await self.cluster.leave()  # shared subscriptions handed over first
+            self.engine.intake_open = False
             timeout = self.config.shutdown_timeout_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
@@ -1303,10 +912,6 @@ class Daemon:
         finally:
             for task in [*periodic, *self._tasks, *self._batcher_tasks.values(), link_task]:
                 task.cancel()
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------- CLI

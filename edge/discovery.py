@@ -1,6 +1,6 @@
 """Home Assistant discovery at run time: what to announce, when, and reading back what was announced.
 
-The payloads themselves are built by the pure :mod:`edge.homeassistant`; this
+The payloads themselves are built by the pure :mod:`edge.discovery_payloads`; this
 module decides *when*: after connecting (once the retained configs of an
 earlier run have been read back, so pipelines or devices that are gone are
 cleared), when a device is first seen, after a reload, and after Home
@@ -31,13 +31,14 @@ from edge import __version__
 from edge.config import Config, Zigbee2MqttSource
 from edge.corrections import correction_fields
 from edge.decode import TopicPattern, sanitise_segment
-from edge.homeassistant import (
-    Availability,
+from edge.discovery_payloads import (
+    AvailabilityTopic,
     BridgeInfo,
     DiscoveryMessage,
     DiscoveryTracker,
     Identity,
     OutputEntity,
+    RetrainEntity,
     SourceDevice,
     check_output,
     esphome_identity,
@@ -50,7 +51,7 @@ from edge.homeassistant import (
 )
 from edge.mqtt import Outgoing
 from edge.pipeline import Pipeline
-from edge.retrain import RetrainEntity, retrain_entities
+from edge.retrain import retrain_entities
 from edge.runtime import ModelSpec
 from edge.safejson import loads_bounded
 from edge.watch import watched_stats
@@ -124,7 +125,7 @@ def source_device(pipeline: Pipeline, device: str, identity: Identity | None = N
     if callable(info):
         details = info(device)
         name, model, manufacturer = details.name, details.model, details.manufacturer
-    availability = Availability(topic=pipeline.output_topic(device) + "/availability")
+    availability = AvailabilityTopic(topic=pipeline.output_topic(device) + "/availability")
     return SourceDevice(
         id=device,
         name=name,

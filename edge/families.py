@@ -42,7 +42,7 @@ from edge.decode import (
     parse_timestamp,
     to_float,
 )
-from edge.homeassistant import mac_connection
+from edge.discovery_payloads import mac_connection
 
 PROFILE_DIR = Path(__file__).resolve().parent / "family_profiles"
 _OPTION_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

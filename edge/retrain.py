@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.commands import button_discovery
 from edge.corrections import corrections_dir
+from edge.discovery_payloads import RetrainEntity
 from edge.mqtt import Outgoing
 
 if TYPE_CHECKING:
@@ -639,16 +639,6 @@ class RetrainCollector(Collector):
 # ---------------------------------------------------------------------------- Home Assistant
 
 
-@dataclass(frozen=True)
-class RetrainEntity:
-    """A learnable pipeline's entities on the bridge device: the button (only with the command
-    topics subscribed, ``corrections.enabled``) and the two sensors."""
-
-    pipeline: str
-    base_topic: str  # mqtt.base_topic: where the command and state topics are
-    button: bool = True
-
-
 def retrain_entities(pipelines: Iterable[Pipeline], button: bool) -> list[RetrainEntity]:
     """The learnable pipelines' bridge entities (``button``: the command topics are subscribed)."""
     return [
@@ -656,47 +646,3 @@ def retrain_entities(pipelines: Iterable[Pipeline], button: bool) -> list[Retrai
         for p in sorted(pipelines, key=lambda p: p.name)
         if p.cfg.learn is not None and p.cfg.homeassistant.enabled
     ]
-
-
-def retrain_components(
-    uid: str, eid: str, status_topic: str, entity: RetrainEntity
-) -> dict[str, dict[str, Any]]:
-    """The bridge's components of one learnable pipeline: "Retrain now <pipeline>" (a button,
-    :func:`edge.commands.button_discovery`), "<Pipeline> training" (the state text; the JSON as
-    attributes) and "<Pipeline> last trained" (a timestamp)."""
-    pipeline = entity.pipeline
-    key = "retrain_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in pipeline)
-    title = pipeline.replace("_", " ").capitalize()
-    state_topic = f"{entity.base_topic}/{pipeline}/retrain/state"
-    common = {"state_topic": state_topic, "entity_category": "diagnostic"}
-    out: dict[str, dict[str, Any]] = {}
-    if entity.button:
-        button = button_discovery(
-            base_topic=entity.base_topic,
-            pipeline=pipeline,
-            action="retrain",
-            availability_topic=status_topic,
-            unique_prefix=uid,
-        )
-        out[key] = button | {"default_entity_id": f"button.{eid}_{key}", "icon": "mdi:school-outline"}
-    out[f"{key}_state"] = {
-        "platform": "sensor",
-        "name": f"{title} training",
-        "unique_id": f"{uid}_{key}_state",
-        "default_entity_id": f"sensor.{eid}_{key}_state",
-        "value_template": "{{ value_json.status }}",
-        "json_attributes_topic": state_topic,
-        "icon": "mdi:school",
-        **common,
-    }
-    out[f"{key}_last"] = {
-        "platform": "sensor",
-        "name": f"{title} last trained",
-        "unique_id": f"{uid}_{key}_last",
-        "default_entity_id": f"sensor.{eid}_{key}_last",
-        "device_class": "timestamp",
-        "value_template": "{{ value_json.last_trained or 'None' }}",
-        "icon": "mdi:calendar-clock",
-        **common,
-    }
-    return out

@@ -14,7 +14,7 @@ recently seen first out, counted as ``evicted``). A diagnostic raised or cleared
   ``edge_infer_input_diagnostics_active`` on ``/metrics``),
 * published, retained, to ``<output topic>/inputs`` as ``{"problem": "ON"|"OFF",
   "diagnostics": [...]}`` (the Home Assistant ``problem`` binary sensor "Inputs unlike
-  training", :func:`edge.homeassistant.output_components`),
+  training", :func:`edge.discovery_payloads.output_components`),
 * and kept as a flagged span (pipeline, device, feature, diagnostic, start, end) in
   ``flagged_spans.json`` beside ``state.file``, which ``edge-infer learn`` leaves out of the
   next training unless ``learn.keep_flagged`` (or ``--keep-flagged``) is set.

@@ -81,6 +81,13 @@ def test_micro_answers_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "answers old:" in out and "answers new:" in out
 
 
+def test_loop_cpu_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.loop_cpu import main
+
+    assert main(["--messages", "200", "--reps", "1"]) == 0
+    assert "loop CPU per message: median" in capsys.readouterr().out
+
+
 @pytest.mark.broker
 def test_ab_runs_qos1_inputs_into_several_pipelines_on_one_topic() -> None:
     """``python -m bench.ab --qos 1 --pipeline shared-2``: QoS 1 inputs, two pipelines on one input

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.config import ExplainConfig, ModelConfig, RuntimeConfig, parse_config
+from edge.discovery_payloads import BridgeInfo, OutputEntity, SourceDevice, output_components
 from edge.explain import ExplainError, explain_batch, plan
-from edge.homeassistant import BridgeInfo, OutputEntity, SourceDevice, output_components
 from edge.manifest import MANIFEST_KEY, InputSpec, Manifest, OutputSpec
 from edge.runtime import LoadedModel
 from tests.broker import Mosquitto

@@ -74,18 +74,18 @@ async def _guard_unit(tmp_path: Path) -> None:  # the MQTT client is made on a r
     agreement = daemon.corrections.agreement["plug"]
     for _ in range(2):
         agreement.add(False)
-    daemon._guard_check()
+    daemon.engine.guard_check()
     assert "plug" not in daemon.guarded  # 2 corrections: too few to judge
     agreement.add(False)
-    daemon._guard_check()
+    daemon.engine.guard_check()
     assert daemon.guarded == {"plug": plug.spec.sha256}
     assert _availability(daemon, topic) == [b"offline"]
-    daemon._availability(plug, "p1", False)
-    daemon._availability(plug, "p1", True)  # the source device is back: still guarded
+    daemon.engine.availability(plug, "p1", False)
+    daemon.engine.availability(plug, "p1", True)  # the source device is back: still guarded
     assert _availability(daemon, topic) == [b"offline", b"offline", b"offline"]
     for _ in range(4):
         agreement.add(True)
-    daemon._guard_check()
+    daemon.engine.guard_check()
     assert "plug" not in daemon.guarded and _availability(daemon, topic)[-1] == b"online"
     info = daemon.bridge_info()["guard"]
     assert info == {"plug": {"active": False, "engaged": 1, "released": 1, "withheld": 0}}
@@ -93,16 +93,16 @@ async def _guard_unit(tmp_path: Path) -> None:  # the MQTT client is made on a r
     # a new model in place of the one it caught: released, its agreement starts afresh
     for _ in range(4):
         agreement.add(False)
-    daemon._guard_check()
+    daemon.engine.guard_check()
     assert "plug" in daemon.guarded
     daemon.guarded["plug"] = "0" * 64  # as if the model it caught was another file
-    daemon._guard_check()
+    daemon.engine.guard_check()
     assert not daemon.guarded and _availability(daemon, topic)[-1] == b"online"
     assert daemon.corrections.agreement["plug"].count == 0
     # a pipeline without the guard never engages, whatever its agreement
     daemon.corrections.agreement["room"].recent.extend([False] * 4)
     assert daemon.corrections.judge("room")["problem"] is True
-    daemon._guard_check()
+    daemon.engine.guard_check()
     assert not daemon.guarded
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.homeassistant import BridgeInfo
+from edge.discovery_payloads import BridgeInfo
 from tests.broker import Mosquitto
 from tests.harness import DaemonThread, Publisher, make_config
 from tests.test_ha_real import (

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge.homeassistant import BridgeInfo
+from edge.discovery_payloads import BridgeInfo
 from tests.broker import Mosquitto
 from tests.harness import DaemonThread, make_config
 from tests.test_ha_real import (

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from edge.homeassistant import BridgeInfo
+from edge.discovery_payloads import BridgeInfo
 from tests.broker import Mosquitto
 from tests.harness import DaemonThread, Publisher, make_config
 from tests.onnx_models import snapshot_classifier

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edge.homeassistant import BridgeInfo, DiscoveryTracker, OutputEntity, SourceDevice
+from edge.discovery_payloads import BridgeInfo, DiscoveryTracker, OutputEntity, SourceDevice
 from tests.broker import Mosquitto
 from tests.test_ha_real import HomeAssistant, _publish, _publish_all, _publisher, home_assistant
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edge.homeassistant import BridgeInfo
+from edge.discovery_payloads import BridgeInfo
 from edge.learn import deploy
 from edge.png import render_confusion
 from edge.quality import QualityRecord, learn_record, sidecar_path, write_sidecar

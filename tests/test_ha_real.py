@@ -4,7 +4,7 @@ Home Assistant lives in its own virtual environment (it pins its own dependencie
 newer Python than edge-infer): create it with ``tests/ha/setup_ha_venv.sh`` and point
 ``EDGE_INFER_HA_VENV`` at it. Without that the test is skipped with the reason. The test boots
 Home Assistant on a free loopback port, onboards a user and adds the MQTT integration through the
-REST API, publishes discovery built by ``edge/homeassistant.py`` plus predictions, and reads back
+REST API, publishes discovery built by ``edge/discovery_payloads.py`` plus predictions, and reads back
 through the REST API that every announced entity exists with the right device class, unit, state
 and availability; then that a removed pipeline's entities disappear, and that Home Assistant's log
 has no WARNING/ERROR line from its MQTT integration (rejected discovery payloads are logged there).
@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from edge.homeassistant import (
-    Availability,
+from edge.discovery_payloads import (
+    AvailabilityTopic,
     BridgeInfo,
     DiscoveryMessage,
     DiscoveryTracker,
@@ -271,7 +271,7 @@ def test_home_assistant_accepts_the_discovery(
         name="Kitchen plug",
         model="BW-SHP13",
         manufacturer="BlitzWolf",
-        availability=Availability(plug_availability, value_template="{{ value_json.state }}"),
+        availability=AvailabilityTopic(plug_availability, value_template="{{ value_json.state }}"),
     )
     appliance = OutputEntity(
         "appliance",

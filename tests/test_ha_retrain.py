@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge.homeassistant import BridgeInfo
+from edge.discovery_payloads import BridgeInfo
 from edge.manifest import read_manifest
 from edge.quality import confusion_topic
 from tests.broker import Mosquitto

@@ -1,4 +1,4 @@
-"""Unit tests of the Home Assistant discovery payloads (edge/homeassistant.py): no broker needed."""
+"""Unit tests of the Home Assistant discovery payloads (edge/discovery_payloads.py): no broker needed."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from edge.homeassistant import (
+from edge.discovery_payloads import (
     BINARY_SENSOR_DEVICE_CLASSES,
     BRIDGE_INFO_KEYS,
     SENSOR_DEVICE_CLASS_STATE_CLASSES,
     SENSOR_DEVICE_CLASS_UNITS,
-    Availability,
+    AvailabilityTopic,
     BridgeInfo,
     DiscoveryError,
     DiscoveryMessage,
@@ -46,7 +46,7 @@ PLUG = SourceDevice(
     model="BW-SHP13",
     manufacturer="BlitzWolf",
     suggested_area="Kitchen",
-    availability=Availability(
+    availability=AvailabilityTopic(
         "zigbee2mqtt/kitchen_plug/availability", value_template="{{ value_json.state }}"
     ),
 )
@@ -605,7 +605,7 @@ def test_payloads_are_deterministic() -> None:
 def test_readback_junk_is_counted_never_raised() -> None:
     """Issue 19: a deep array, a 5,000-digit integer or an oversized payload retained on the
     discovery prefix is counted, not raised (it used to kill the daemon at start)."""
-    from edge.homeassistant import MAX_READBACK_BYTES, BridgeInfo, DiscoveryTracker
+    from edge.discovery_payloads import MAX_READBACK_BYTES, BridgeInfo, DiscoveryTracker
 
     tracker = DiscoveryTracker(
         BridgeInfo(version="0", base_topic="edge", instance_id="main", discovery_prefix="homeassistant")
@@ -746,7 +746,7 @@ def test_bridge_has_version_and_holdout_accuracy_per_model() -> None:
 
 
 def bridge_config_of(models: list[str]) -> dict[str, Any]:
-    from edge.homeassistant import bridge_config
+    from edge.discovery_payloads import bridge_config
 
     return bridge_config(BRIDGE, models)
 

@@ -1,6 +1,6 @@
 """Open set in the daemon: a classifier exported with an OOD score answers ``unknown`` for inputs
 unlike its training data (edge/runtime.py reads the score and the manifest's threshold,
-edge/outputs.py publishes, edge/homeassistant.py adds the enum state); one without behaves as before.
+edge/outputs.py publishes, edge/discovery_payloads.py adds the enum state); one without behaves as before.
 
 The model is a real export: a small nearest-centroid classifier made with onnx.helper (names as
 the exporter writes them), given its ``ood_score`` output and threshold by ``exporters.ood``.
@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.config import ModelConfig, OutputConfig, RuntimeConfig
-from edge.homeassistant import BridgeInfo, OutputEntity, SourceDevice, output_components
+from edge.discovery_payloads import BridgeInfo, OutputEntity, SourceDevice, output_components
 from edge.manifest import MANIFEST_KEY, InputSpec, Manifest, OutputSpec
 from edge.outputs import UNKNOWN_LABEL, PostProcessor
 from edge.runtime import LoadedModel, ModelLoadError

@@ -223,9 +223,10 @@ def test_cluster_subscriptions_and_topics(tmp_path: Path) -> None:
     assert daemon.info_topic == "home/ei/instances/a/bridge/info"
     assert isinstance(daemon.pipelines["plug"].decoder, OwnedDecoder)
     assert not isinstance(daemon.pipelines["room"].decoder, OwnedDecoder)
-    daemon._leaving = True
+    assert daemon.cluster is not None
+    daemon.cluster.leaving = True
     assert not any(t.startswith("$share/") for t, _ in daemon.subscriptions())
-    daemon._left = True
+    daemon.cluster.left = True
     assert "tele/+" not in dict(daemon.subscriptions())
     for model in daemon.models.values():
         model.close()

@@ -193,7 +193,7 @@ def test_install_writes_learns_record_beside_the_model_and_rollback_swaps_it(tmp
 
 
 def test_the_bridge_config_carries_the_quality_entities_and_their_templates_render() -> None:
-    from edge.homeassistant import BridgeInfo, bridge_config
+    from edge.discovery_payloads import BridgeInfo, bridge_config
     from tests.test_homeassistant import render
 
     bridge = BridgeInfo(version="1.2.3", instance_id="home")

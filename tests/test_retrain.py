@@ -407,8 +407,7 @@ def test_a_scheduled_retrain_runs_at_its_time_and_a_restart_does_not_run_it_agai
 
 
 def test_the_bridge_announces_the_button_and_both_sensors_of_a_learnable_pipeline() -> None:
-    from edge.homeassistant import BridgeInfo, bridge_config
-    from edge.retrain import RetrainEntity
+    from edge.discovery_payloads import BridgeInfo, RetrainEntity, bridge_config
 
     bridge = BridgeInfo(version="1", base_topic="ei", instance_id="home")
     cmps = bridge_config(bridge, ["m"], retrain=[RetrainEntity("washer", "ei")])["cmps"]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import devices
-from edge.homeassistant import BridgeInfo, DiscoveryTracker
+from edge.discovery_payloads import BridgeInfo, DiscoveryTracker
 from tests.broker import Mosquitto
 from tests.harness import Collector, DaemonThread, Publisher, make_config
 from tests.onnx_models import snapshot_classifier

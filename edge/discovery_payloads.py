@@ -33,10 +33,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from edge.commands import button_discovery
 from edge.corrections import agreement_components, correction_components
 from edge.manifest import Task
 from edge.quality import quality_components
-from edge.retrain import RetrainEntity, retrain_components
 
 ORIGIN_NAME: Final = "edge-infer"
 DEFAULT_DISCOVERY_PREFIX: Final = "homeassistant"
@@ -137,8 +137,9 @@ class DiscoveryMessage:
 
 
 @dataclass(frozen=True)
-class Availability:
-    """An availability topic Home Assistant watches (the source device's, e.g. Zigbee2MQTT's)."""
+class AvailabilityTopic:
+    """An availability topic Home Assistant watches (the source device's, e.g. Zigbee2MQTT's);
+    not :class:`edge.decode.Availability`, which is a device's online/offline event."""
 
     topic: str
     payload_available: str = PAYLOAD_ONLINE
@@ -233,7 +234,7 @@ class SourceDevice:
     model: str | None = None
     manufacturer: str | None = None
     suggested_area: str | None = None
-    availability: Availability | None = None
+    availability: AvailabilityTopic | None = None
     identity: Identity | None = None
 
     @property
@@ -600,7 +601,7 @@ def _binary_template(output: OutputEntity) -> str:
 
 
 def _availability(bridge: BridgeInfo, device: SourceDevice | None) -> dict[str, Any]:
-    entries = [Availability(bridge.status_topic).config()]
+    entries = [AvailabilityTopic(bridge.status_topic).config()]
     if device is not None and device.availability is not None:
         entries.append(device.availability.config())
     return {"availability": entries, "availability_mode": "all"}
@@ -1070,3 +1071,60 @@ def _component_removals(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[
         platform = component.get("platform", component.get("p")) if isinstance(component, Mapping) else None
         stubs[key] = {"platform": platform or "sensor"}
     return {**new, "cmps": {**new_cmps, **stubs}}
+
+
+# ---------------------------------------------------------------------------- retrain (edge/retrain.py)
+
+
+@dataclass(frozen=True)
+class RetrainEntity:
+    """A learnable pipeline's entities on the bridge device: the button (only with the command
+    topics subscribed, ``corrections.enabled``) and the two sensors."""
+
+    pipeline: str
+    base_topic: str  # mqtt.base_topic: where the command and state topics are
+    button: bool = True
+
+
+def retrain_components(
+    uid: str, eid: str, status_topic: str, entity: RetrainEntity
+) -> dict[str, dict[str, Any]]:
+    """The bridge's components of one learnable pipeline: "Retrain now <pipeline>" (a button,
+    :func:`edge.commands.button_discovery`), "<Pipeline> training" (the state text; the JSON as
+    attributes) and "<Pipeline> last trained" (a timestamp)."""
+    pipeline = entity.pipeline
+    key = "retrain_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in pipeline)
+    title = pipeline.replace("_", " ").capitalize()
+    state_topic = f"{entity.base_topic}/{pipeline}/retrain/state"
+    common = {"state_topic": state_topic, "entity_category": "diagnostic"}
+    out: dict[str, dict[str, Any]] = {}
+    if entity.button:
+        button = button_discovery(
+            base_topic=entity.base_topic,
+            pipeline=pipeline,
+            action="retrain",
+            availability_topic=status_topic,
+            unique_prefix=uid,
+        )
+        out[key] = button | {"default_entity_id": f"button.{eid}_{key}", "icon": "mdi:school-outline"}
+    out[f"{key}_state"] = {
+        "platform": "sensor",
+        "name": f"{title} training",
+        "unique_id": f"{uid}_{key}_state",
+        "default_entity_id": f"sensor.{eid}_{key}_state",
+        "value_template": "{{ value_json.status }}",
+        "json_attributes_topic": state_topic,
+        "icon": "mdi:school",
+        **common,
+    }
+    out[f"{key}_last"] = {
+        "platform": "sensor",
+        "name": f"{title} last trained",
+        "unique_id": f"{uid}_{key}_last",
+        "default_entity_id": f"sensor.{eid}_{key}_last",
+        "device_class": "timestamp",
+        "value_template": "{{ value_json.last_trained or 'None' }}",
+        "icon": "mdi:calendar-clock",
+        **common,
+    }
+    return out
