@@ -132,13 +132,13 @@ class HeldInputs:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
-        self._count = 0
+        self.count = 0  # read on the hot path as an attribute (no __len__ call per message)
 
     def __len__(self) -> int:
-        return self._count
+        return self.count
 
     def __bool__(self) -> bool:
-        return self._count > 0
+        return self.count > 0
 
     def append(self, item: tuple[str, bytes, AckToken | None]) -> None:
         topic, payload, token = item
@@ -147,10 +147,10 @@ class HeldInputs:
         self._buf += self._HEAD.pack(gen, mid, qos, len(raw), len(payload))
         self._buf += raw
         self._buf += payload
-        self._count += 1
+        self.count += 1
 
     def popleft(self) -> tuple[str, bytes, AckToken | None]:
-        if not self._count:
+        if not self.count:
             raise IndexError("no held inputs")
         buf, pos = self._buf, self._pos
         gen, mid, qos, topic_len, payload_len = self._HEAD.unpack_from(buf, pos)
@@ -159,8 +159,8 @@ class HeldInputs:
         pos += topic_len
         payload = bytes(buf[pos : pos + payload_len])
         pos += payload_len
-        self._count -= 1
-        if not self._count:
+        self.count -= 1
+        if not self.count:
             self.clear()
         else:
             self._pos = pos
@@ -172,7 +172,7 @@ class HeldInputs:
     def clear(self) -> None:
         self._buf = bytearray()
         self._pos = 0
-        self._count = 0
+        self.count = 0
 
 
 PACKET_HEADROOM = 65_536 + 4_096  # a topic of the longest length MQTT allows, plus properties
@@ -477,6 +477,7 @@ class MqttLink:
         version = self.version
         window = self._window
         limit = self._broker_max_packet
+        v5 = version == V5
         out = self._out
         chunk = WRITE_CHUNK
         while queue and not self._write_paused:
@@ -491,22 +492,36 @@ class MqttLink:
                     self.read_through()  # the PUBACKs that make room may wait behind held inputs
                 break
             queue.popleft()
-            topic = item.topic.encode()
-            if "+" in item.topic or "#" in item.topic or len(topic) > 0xFFFF:
-                self._refuse(item, "not a valid topic name")
-                self._ack_after_answers(item.ack)
-                continue
+            name = item.topic
+            topic = name.encode()
+            payload = item.payload
             size = len(out)
-            packet_id = self._next_id() if qos else 0
-            publish_into(out, topic, item.payload, version, qos=qos, retain=item.retain, packet_id=packet_id)
+            if "+" in name or "#" in name or len(topic) > 0xFFFF:
+                self._refuse(item, "not a valid topic name")
+            elif not qos:  # publish_into inlined: most answers are QoS 0
+                length = 2 + len(topic) + len(payload) + v5
+                out.append(0x30 | item.retain)
+                while length > 0x7F:
+                    out.append((length & 0x7F) | 0x80)
+                    length >>= 7
+                out.append(length)
+                out += len(topic).to_bytes(2, "big")
+                out += topic
+                if v5:
+                    out.append(0)  # no properties
+                out += payload
+            else:
+                packet_id = self._next_id()
+                publish_into(out, topic, payload, version, qos=qos, retain=item.retain, packet_id=packet_id)
+                if len(out) - size <= limit:
+                    in_flight[packet_id] = item
+                    self._handed += 1
+                    self._unconfirmed[packet_id] = self._handed
             if len(out) - size > limit:
                 del out[size:]
                 self._refuse(item, f"larger than the broker's Maximum Packet Size ({limit} bytes)")
-            elif qos:
-                in_flight[packet_id] = item
-                self._handed += 1
-                self._unconfirmed[packet_id] = self._handed
-            self._ack_after_answers(item.ack)
+            if item.ack is not None:
+                self._ack_after_answers(item.ack)
             if len(out) >= chunk:
                 self._write_now()
                 out = self._out
@@ -778,10 +793,17 @@ class MqttLink:
         self._generation += 1
         generation = self._generation
         gate = self._gate
+        consumer = self._consumer
+        intake = self.intake
+        held = self._held_in
         v5 = self.version == V5
 
         def deliver(topic: str, payload: bytes, qos: int, packet_id: int) -> None:
-            gate(topic, payload, (generation, packet_id, qos) if qos else None)
+            # the intake gate (_gate) inlined for the common case: not paused, nothing held
+            if intake.paused or held.count:
+                gate(topic, payload, (generation, packet_id, qos) if qos else None)
+            else:
+                consumer(topic, payload, (generation, packet_id, qos) if qos else None)
 
         self._connection = connection
         self._framer = Framer(
@@ -1005,9 +1027,12 @@ class MqttLink:
             if added:
                 await self._request(Subscribe(self._next_id(), tuple(Subscription(t, q) for t, q in added)))
         except (MqttError, TimeoutError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and self._stopping.is_set():
-                raise
-            log.warning("could not update subscriptions now (%s); the next connection will", exc or "lost")
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
+                raise  # this task is cancelled (not only the request, by a lost connection)
+            log.warning(
+                "could not update subscriptions now (%s); the next connection will", exc or "connection lost"
+            )
             return
         self._subscribed = wanted
         self._record_subscribed()
