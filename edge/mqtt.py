@@ -752,17 +752,32 @@ class MqttLink:
     async def _open(self, connection: _Connection) -> asyncio.Transport:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
+        opening = asyncio.ensure_future(
+            loop.create_connection(lambda: connection, cfg.host, cfg.port, ssl=tls_context(cfg))
+        )
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: connection, cfg.host, cfg.port, ssl=tls_context(cfg)),
-                CONNECT_TIMEOUT_S,
+            done, _ = await asyncio.wait(
+                {opening, stop}, timeout=CONNECT_TIMEOUT_S, return_when="FIRST_COMPLETED"
             )
+            if opening not in done:
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await opening
+                raise MqttError(
+                    "stopped while connecting"
+                    if stop in done
+                    else f"no connection within {CONNECT_TIMEOUT_S:.0f} s"
+                )
+            transport, _ = opening.result()
         except ssl.SSLError as exc:
             raise MqttError(f"TLS: {exc}") from exc
-        except TimeoutError as exc:
-            raise MqttError(f"no connection within {CONNECT_TIMEOUT_S:.0f} s") from exc
         except OSError as exc:
             raise MqttError(f"could not connect: {exc}") from exc
+        finally:
+            stop.cancel()
+            if not opening.done():
+                opening.cancel()  # this task was cancelled while connecting
         return transport
 
     def _connect_packet(self) -> Connect:
@@ -928,11 +943,19 @@ class MqttLink:
 
     async def _await_connack(self, connection: _Connection) -> ConnAck:
         assert self._connack is not None
-        waiting: set[asyncio.Future[Any]] = {self._connack, connection.lost}
-        done, _ = await asyncio.wait(waiting, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        waiting: set[asyncio.Future[Any]] = {self._connack, connection.lost, stop}
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
         if self._connack not in done:
             if connection.lost.done():
                 connection.lost.result()
+            if stop in done:
+                raise MqttError("stopped while waiting for the CONNACK")
             raise MqttError(f"no CONNACK within {CONNECT_TIMEOUT_S:.0f} s")
         ack = self._connack.result()
         if ack.reason_code:

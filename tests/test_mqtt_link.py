@@ -272,3 +272,33 @@ def test_a_publish_far_beyond_max_payload_bytes_is_never_buffered(
     assert got == [(f"{p}/in/a", b"before"), (f"{p}/in/b", b"y" * 5000), (f"{p}/in/c", b"after")]
     assert link.oversized == (0 if protocol == "5" else 1)  # MQTT 5: the broker never sent it
     assert link.reconnects == 0 and link.last_error is None
+
+
+def test_stop_while_waiting_for_the_connack_ends_the_link() -> None:
+    """A listener that accepts TCP but never answers MQTT: stop() ends run() without waiting out
+    the CONNACK timeout, and says why."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    cfg = MqttConfig(url=f"mqtt://127.0.0.1:{port}", client_id="mute", persistent_session=False)
+    accepted: list[socket.socket] = []
+
+    async def main() -> MqttLink:
+        link = MqttLink(cfg, subscriptions=lambda: [], on_message=lambda *_: None, status_topic="s")
+        task = asyncio.create_task(link.run())
+        accepted.append((await asyncio.to_thread(server.accept))[0])  # the CONNECT is on its way
+        link.stop()
+        await asyncio.wait_for(task, edge_mqtt.CONNECT_TIMEOUT_S - 1)
+        return link
+
+    try:
+        link = asyncio.run(main())
+    finally:
+        for conn in accepted:
+            conn.close()
+        server.close()
+    assert link.last_error == "stopped while waiting for the CONNACK"
+    assert not link.ever_connected.is_set() and link.reconnects == 0
