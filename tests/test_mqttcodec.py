@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import pytest
@@ -280,7 +281,7 @@ def publishes(draw: st.DrawFn, v5: bool) -> Publish:
 
 
 def _asdict(props: Properties) -> dict[str, Any]:
-    return {name: getattr(props, name) for name in c._PROPERTY_FIELDS}
+    return {f.name: getattr(props, f.name) for f in dataclasses.fields(props)}
 
 
 def packets(v5: bool) -> st.SearchStrategy[Any]:
