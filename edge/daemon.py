@@ -64,7 +64,6 @@ from edge.statefile import write as write_state
 from edge.watch import InputWatch
 
 log = logging.getLogger("edge.daemon")
-OUTGOING_POLL_S = 0.005  # while the outgoing queue is full: how often a batcher looks again
 MEMORY_CHECK_S = 5.0  # how often to look whether a backlog was worked off (memory given back)
 QUIET_QUEUE = 16  # queued items below which a backlog counts as worked off
 
@@ -416,9 +415,7 @@ class Daemon:
         broker takes them and then dropped or piled up in memory; the model queues fill instead
         and pause the intake. While the broker is away the queue fills up to mqtt.publish_queue
         and its policy drops (counted)."""
-        link = self.link
-        while link.outgoing_full() and link.connected.is_set():  # noqa: ASYNC110 (paho has no event)
-            await asyncio.sleep(OUTGOING_POLL_S)
+        await self.link.wait_outgoing_room()  # woken by the link when its queue drains, no polling
 
     def _pause_intake(self) -> None:
         """Back-pressure: a model's queue is at limits.max_queued_inputs, or the outgoing queue

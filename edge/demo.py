@@ -288,28 +288,35 @@ def explain_lines(board: Board) -> list[str]:
 
 
 async def watch(url: str, board: Board, base: str) -> None:
-    import aiomqtt
+    """Follow the daemon's answers and the simulator's truth (the daemon's own MQTT link, no will)."""
+    from edge.config import MqttConfig
+    from edge.mqtt import AckToken, MqttLink
 
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    async with aiomqtt.Client(
-        host,
-        int(port),
-        protocol=aiomqtt.ProtocolVersion.V311,
-        identifier=f"edge-infer-demo-view-{time.time_ns()}",
-    ) as client:
-        await client.subscribe([(f"{base}/+/+", 0), (f"{TRUTH_PREFIX}#", 0)])
-        async for message in client.messages:
-            topic = message.topic.value
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                continue
-            with contextlib.suppress(ValueError):
-                if topic.startswith(TRUTH_PREFIX):
-                    board.truth[topic[len(TRUTH_PREFIX) :]] = json.loads(payload)
-                    continue
-                parts = topic.split("/")
-                if len(parts) == 3 and parts[1] not in ("bridge", "dead_letter", "status"):
-                    board.on_prediction(parts[1], parts[2], json.loads(payload))
+    def on_message(topic: str, payload: bytes, _token: AckToken | None) -> None:
+        with contextlib.suppress(ValueError):
+            if topic.startswith(TRUTH_PREFIX):
+                board.truth[topic[len(TRUTH_PREFIX) :]] = json.loads(payload)
+                return
+            parts = topic.split("/")
+            if len(parts) == 3 and parts[1] not in ("bridge", "dead_letter", "status"):
+                board.on_prediction(parts[1], parts[2], json.loads(payload))
+
+    cfg = MqttConfig(
+        url=url,
+        client_id=f"edge-infer-demo-view-{time.time_ns()}",
+        protocol="3.1.1",
+        persistent_session=False,
+    )
+    link = MqttLink(
+        cfg,
+        subscriptions=lambda: [(f"{base}/+/+", 0), (f"{TRUTH_PREFIX}#", 0)],
+        on_message=on_message,
+        status_topic=None,
+    )
+    try:
+        await link.run()
+    finally:
+        link.stop()
 
 
 STOP_S = 0.8  # Ctrl-C to exit: the simulator, the view and the daemon stop within this, together

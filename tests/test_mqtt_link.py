@@ -1,8 +1,9 @@
-"""MqttLink's own socket reader (it frames MQTT packets itself) and coalescing sender, against a
-real Mosquitto, in MQTT 5 and 3.1.1: every message arrives whole, in order, with the right
-acknowledgement token, whatever the packet mix (QoS 0/1/2, MQTT 5 properties, payloads larger
-than one socket read, empty payloads); and what the link publishes arrives in order with its
-QoS and retain flags."""
+"""MqttLink (edge/mqttcodec.py over an asyncio transport) and its coalescing sender, against a
+real Mosquitto, in MQTT 5 and 3.1.1 (paho is only the independent client on the other side):
+every message arrives whole, in order, with the right acknowledgement token, whatever the packet
+mix (QoS 0/1/2, MQTT 5 properties, payloads larger than one socket read, empty payloads); what
+the link publishes arrives in order with its QoS and retain flags; at most the broker's in-flight
+window is unacknowledged; a PUBLISH far beyond limits.max_payload_bytes is never buffered."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def test_reader_delivers_every_packet_mix_whole_and_in_order(
         try:
             for i, (topic, payload, qos) in enumerate(sent):
                 props = None
-                if i % 11 == 0:  # MQTT 5 properties: paho's own parser takes these
+                if i % 11 == 0:  # MQTT 5 properties: the framer's full decoder takes these
                     props = Properties(PacketTypes.PUBLISH)
                     props.UserProperty = ("k", str(i))
                 pub.publish(topic, payload, qos=qos, properties=props)
@@ -159,7 +160,7 @@ def test_sender_coalesces_qos0_and_keeps_order_and_flags(
         out.close()
     messages = out.messages
     assert len(messages) == count
-    # Per topic and QoS in order (paho holds QoS 1 beyond its in-flight window, so the two
+    # Per topic and QoS in order (QoS 1 beyond the in-flight window waits in the queue, so the two
     # QoS levels interleave differently), and the last one retained.
     for lane in range(3):
         for qos in (0, 1):
@@ -178,34 +179,32 @@ def test_sender_coalesces_qos0_and_keeps_order_and_flags(
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_paho_holds_only_the_in_flight_window_the_rest_waits_in_the_link(
+def test_only_the_in_flight_window_is_sent_the_rest_waits_in_the_link(
     mosquitto: Mosquitto, topic_prefix: str, protocol: str
 ) -> None:
-    """3,000 QoS 1 answers handed over at once: paho (whose messages cost about 2 KB each) holds
-    at most the broker's in-flight window plus ANSWER_WINDOW_SLACK, the rest waits in the link's
-    queue, and every answer arrives, in order, none dropped."""
+    """3,000 QoS 1 answers handed over at once: at most the broker's in-flight window is sent and
+    unacknowledged at any time, the rest waits in the link's queue (while it waits, the link says
+    answers are held back, so the daemon reads on for PUBACKs), and every answer arrives, in
+    order, none dropped."""
     p = topic_prefix
     cfg = MqttConfig(url=mosquitto.url, client_id=f"win-{p}", protocol=protocol, persistent_session=False)
     out = _Collector(mosquitto.url, f"{p}/out/#")
     count = 3000
-    seen: dict[str, int] = {"paho_max": 0, "queue_max": 0, "cap": 0, "inflight": 0, "held_back": 0}
+    seen: dict[str, int] = {"in_flight_max": 0, "queue_max": 0, "window": 0, "held_back": 0}
 
     def make() -> MqttLink:
         return MqttLink(cfg, subscriptions=lambda: [], on_message=lambda *_: None, status_topic=f"{p}/s")
 
     async def body(link: MqttLink) -> None:
-        raw = link._client._client
-        seen["cap"] = raw._max_queued_messages
-        seen["inflight"] = raw._max_inflight_messages
+        seen["window"] = link.in_flight_max
         for i in range(count):
             link.publish(Outgoing(f"{p}/out/x", f"{i}".encode(), 1, retain=False))
         while len(out.messages) < count:
-            seen["paho_max"] = max(seen["paho_max"], len(raw._out_messages))
+            seen["in_flight_max"] = max(seen["in_flight_max"], link.in_flight)
             seen["queue_max"] = max(seen["queue_max"], len(link.queue))
             # what tells the daemon to read on for PUBACKs while its intake is paused
             seen["held_back"] += link.answers_held_back()
-            # sampled at every turn of the loop: on a fast machine paho drains between 2 ms samples
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # sampled at every turn of the loop
             assert len(out.messages) < count or not link.queue
         assert link.dropped == 0
         assert not link.answers_held_back()  # all confirmed: nothing waits for a PUBACK
@@ -214,11 +213,92 @@ def test_paho_holds_only_the_in_flight_window_the_rest_waits_in_the_link(
         asyncio.run(asyncio.wait_for(_run_link(make, body), 60))
     finally:
         out.close()
-    # Mosquitto's default max_inflight_messages is 20: its Receive Maximum (MQTT 5), paho's own
-    # default window of 20 in 3.1.1.
-    assert seen["inflight"] == 20, seen
-    assert seen["cap"] == seen["inflight"] + edge_mqtt.ANSWER_WINDOW_SLACK, seen
-    assert 0 < seen["paho_max"] <= seen["cap"], seen
-    assert seen["queue_max"] >= count - seen["cap"] - 100, seen  # the rest did wait in the link
+    # Mosquitto's default max_inflight_messages is 20: its Receive Maximum (MQTT 5), and the
+    # link's window for 3.1.1 (which has no Receive Maximum).
+    assert seen["window"] == 20 == edge_mqtt.IN_FLIGHT_V311, seen
+    assert 0 < seen["in_flight_max"] <= seen["window"], seen
+    assert seen["queue_max"] >= count - seen["window"] - 100, seen  # the rest did wait in the link
     assert seen["held_back"] > 0, seen
     assert [pl for _, pl, _, _ in out.messages] == [f"{i}".encode() for i in range(count)]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_publish_far_beyond_max_payload_bytes_is_never_buffered(
+    mosquitto: Mosquitto, topic_prefix: str, protocol: str
+) -> None:
+    """limits.max_payload_bytes 4096: in MQTT 5 the CONNECT's Maximum Packet Size (4096 plus
+    PACKET_HEADROOM) makes Mosquitto drop a 2 MB PUBLISH for the link rather than send it; in
+    3.1.1 (no such property) the link's framer skips it as it streams, counts it and
+    acknowledges it. Either way the messages around it arrive, on the same connection."""
+    p = topic_prefix
+    cfg = MqttConfig(url=mosquitto.url, client_id=f"big-{p}", protocol=protocol, persistent_session=False)
+    got: list[tuple[str, bytes]] = []
+    done = threading.Event()
+    links: list[MqttLink] = []
+
+    def on_message(topic: str, payload: bytes, token: AckToken | None) -> None:
+        got.append((topic, payload))
+        links[0].ack(token)
+        if payload == b"after":
+            done.set()
+
+    def make() -> MqttLink:
+        links.append(
+            MqttLink(
+                cfg,
+                subscriptions=lambda: [(f"{p}/in/#", 1)],
+                on_message=on_message,
+                status_topic=f"{p}/s",
+                max_payload_bytes=4096,
+            )
+        )
+        return links[0]
+
+    async def body(link: MqttLink) -> None:
+        assert link.max_packet_bytes == 4096 + edge_mqtt.PACKET_HEADROOM
+        pub = _v5_publisher(mosquitto.url)
+        try:
+            pub.publish(f"{p}/in/a", b"before", qos=1)
+            pub.publish(f"{p}/in/huge", b"x" * 2_000_000, qos=1)
+            pub.publish(f"{p}/in/b", b"y" * 5000, qos=1)  # above the limit, within the headroom
+            pub.publish(f"{p}/in/c", b"after", qos=1)
+            await asyncio.to_thread(done.wait, 30)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+
+    asyncio.run(_run_link(make, body))
+    link = links[0]
+    assert got == [(f"{p}/in/a", b"before"), (f"{p}/in/b", b"y" * 5000), (f"{p}/in/c", b"after")]
+    assert link.oversized == (0 if protocol == "5" else 1)  # MQTT 5: the broker never sent it
+    assert link.reconnects == 0 and link.last_error is None
+
+
+def test_stop_while_waiting_for_the_connack_ends_the_link() -> None:
+    """A listener that accepts TCP but never answers MQTT: stop() ends run() without waiting out
+    the CONNACK timeout, and says why."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    cfg = MqttConfig(url=f"mqtt://127.0.0.1:{port}", client_id="mute", persistent_session=False)
+    accepted: list[socket.socket] = []
+
+    async def main() -> MqttLink:
+        link = MqttLink(cfg, subscriptions=lambda: [], on_message=lambda *_: None, status_topic="s")
+        task = asyncio.create_task(link.run())
+        accepted.append((await asyncio.to_thread(server.accept))[0])  # the CONNECT is on its way
+        link.stop()
+        await asyncio.wait_for(task, edge_mqtt.CONNECT_TIMEOUT_S - 1)
+        return link
+
+    try:
+        link = asyncio.run(main())
+    finally:
+        for conn in accepted:
+            conn.close()
+        server.close()
+    assert link.last_error == "stopped while waiting for the CONNACK"
+    assert not link.ever_connected.is_set() and link.reconnects == 0

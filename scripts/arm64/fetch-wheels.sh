@@ -9,7 +9,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
 
-PACKAGES=(onnxruntime numpy pydantic pyyaml aiomqtt paho-mqtt prometheus-client)
+PACKAGES=(onnxruntime numpy pydantic pyyaml prometheus-client)
 if [ -n "${ARM64_REQUIREMENTS:-}" ]; then
   read -r -a reqs <<<"$ARM64_REQUIREMENTS"
 else

@@ -30,7 +30,7 @@ def _versions() -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": sys.implementation.name,
     }
-    for name in ("numpy", "onnxruntime", "pydantic", "pyyaml", "aiomqtt", "paho-mqtt", "prometheus-client"):
+    for name in ("numpy", "onnxruntime", "pydantic", "pyyaml", "prometheus-client"):
         try:
             info[name] = md.version(name)
         except md.PackageNotFoundError:
