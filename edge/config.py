@@ -290,6 +290,11 @@ class RuntimeConfig(_Model):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache directory.")
     trt_fp16: bool = Field(False, description="Let TensorRT run in fp16.")
+    cpu_mem_arena: bool = Field(
+        False,
+        description="ONNX Runtime's CPU memory arena: keeps the largest batch's activations "
+        "allocated (off: freed after each call; less RSS, same answers, docs/performance.md#memory).",
+    )
 
 
 class ModelConfig(_Model):
