@@ -61,11 +61,12 @@ class Variant:
     name: str
     config: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
     env: dict[str, str] = field(default_factory=dict)
+    tree: Path = ROOT  # the daemon's edge/ (``tree=PATH``: e.g. a ``git archive`` of another commit)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         """``NAME[:KEY=VALUE,...]``: ``runtime.x=1`` sets the config (a YAML value), ``ENV=1`` the
-        environment."""
+        environment, ``tree=PATH`` runs the daemon from another tree."""
         name, _, rest = text.partition(":")
         if not name:
             raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME[:KEY=VALUE,...]")
@@ -74,7 +75,9 @@ class Variant:
             key, sep, value = pair.partition("=")
             if not sep or not key:
                 raise argparse.ArgumentTypeError(f"variant {text!r}: {pair!r} is not KEY=VALUE")
-            if "." in key:
+            if key == "tree":
+                variant.tree = Path(value).resolve()
+            elif "." in key:
                 variant.config[key] = yaml.safe_load(value)
             else:
                 variant.env[key] = value
@@ -237,6 +240,8 @@ def one_run(
     broker = Mosquitto(here / "mosquitto", extra_config="set_tcp_nodelay true").start()
     answers = Answers(broker.port, base, pipelines)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **variant.env}
+    # python -m puts the working folder first: the daemon runs from the variant's tree
+    daemon_env = {**env, "PYTHONPATH": f"{variant.tree}:{ROOT}"}
     daemon_log = here / "daemon.log"
     sim_log = here / "simulate.log"
     sim: subprocess.Popen[bytes] | None = None
@@ -246,8 +251,8 @@ def one_run(
             [*DAEMON, "-c", str(config_path), "--mqtt-url", broker.url, "--log-level", "WARNING"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
+            cwd=variant.tree,
+            env=daemon_env,
         )
     samples: list[tuple[float, float]] = []  # (seconds since the simulator started, RSS MB)
     try:
@@ -410,7 +415,7 @@ def run_rss(
         "speed": speed,
         "devices": devices,
         "faults": list(faults),
-        "variants": {v.name: {"config": v.config, "env": v.env} for v in variants},
+        "variants": {v.name: {"config": v.config, "env": v.env, "tree": str(v.tree)} for v in variants},
     }
     try:
         result["profile"] = import_profile(config, variants[0].env)

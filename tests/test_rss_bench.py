@@ -25,6 +25,7 @@ def test_variant_and_overrides_parse() -> None:
     assert variant.config == {"runtime.cpu_mem_arena": True}
     assert variant.env == {"OPENBLAS_NUM_THREADS": "4"}
     assert rss.Variant.parse("plain") == rss.Variant("plain")
+    assert rss.Variant.parse(f"old:tree={ROOT}").tree == ROOT
     data = rss.apply_overrides({"runtime": {"providers": "auto"}}, {"runtime.x": 1, "new.deep.key": "v"})
     assert data == {"runtime": {"providers": "auto", "x": 1}, "new": {"deep": {"key": "v"}}}
 
