@@ -73,18 +73,18 @@ def test_a_short_run_reports_idle_peak_and_the_import_profile(tmp_path: Path) ->
     assert "## Import cost" in text and "| onnxruntime |" in text
 
 
-def test_the_cpu_arena_is_off_by_default_and_answers_are_the_same_with_it() -> None:
+def test_the_cpu_arena_is_on_by_default_and_answers_are_the_same_without_it() -> None:
     import numpy as np
 
     from edge.config import load_config
     from edge.runtime import LoadedModel
 
     config = load_config(ROOT / "examples" / "home.yaml", "mqtt://127.0.0.1:1")
-    assert config.runtime.cpu_mem_arena is False
-    arena = config.runtime.model_copy(update={"cpu_mem_arena": True})
+    assert config.runtime.cpu_mem_arena is True
+    no_arena = config.runtime.model_copy(update={"cpu_mem_arena": False})
     for name in ("appliance", "activity"):
-        off = LoadedModel(name, config.models[name], config.runtime)
-        on = LoadedModel(name, config.models[name], arena)
+        off = LoadedModel(name, config.models[name], no_arena)
+        on = LoadedModel(name, config.models[name], config.runtime)
         assert off.session.get_session_options().enable_cpu_mem_arena is False
         assert on.session.get_session_options().enable_cpu_mem_arena is True
         batch = np.random.default_rng(1).normal(size=(5, *off.spec.sample_shape)).astype(np.float32)
