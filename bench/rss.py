@@ -375,7 +375,8 @@ def markdown(result: dict[str, Any]) -> str:
     for s in result["profile"]["steps"]:
         pkgs = ", ".join(s["new_packages"][:12]) + (" …" if len(s["new_packages"]) > 12 else "")
         lines.append(f"| {s['step']} | {s['rss_mb']:.1f} | {s['delta_mb']:+.1f} | {pkgs} |")
-    last = result["runs"][-1]
+    first = next(iter(result["summary"]))
+    last = [r for r in result["runs"] if r["variant"] == first][-1]
     lines += ["", f"## Mappings at the end of run {last['run']} ({last['variant']}), RSS per file", ""]
     lines += ["| mapping | RSS MB |", "|---|---:|"]
     lines += [f"| {row['mapping']} | {row['rss_mb']:.1f} |" for row in last["mappings_at_end"]]
