@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.batcher import batch_cap
 from edge.config import ExplainConfig, ModelConfig, RuntimeConfig
 from edge.explain import explain_batch, plan
 from edge.runtime import LoadedModel
@@ -27,13 +28,14 @@ MODELS = {
 def measure(name: str, repeats: int) -> dict[str, float]:
     model = LoadedModel(name, ModelConfig(path=ROOT / MODELS[name]), RuntimeConfig(intra_op_threads=1))
     p = plan(model.spec, ExplainConfig(), f"{name}.explain")
+    cap = batch_cap(model)
     x = np.random.default_rng(0).normal(size=(1, *model.spec.sample_shape)).astype(np.float32)
     plain, explained = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = model.run_sync(x)
         t1 = time.perf_counter()
-        explain_batch(model.run_sync, [(p, x[0], out[0])], 1)
+        explain_batch(model.run_sync, [(p, x[0], out[0])], cap)  # as the batcher calls it
         t2 = time.perf_counter()
         plain.append((t1 - t0) * 1e3)
         explained.append((t2 - t0) * 1e3)

@@ -293,6 +293,12 @@ class RuntimeConfig(_Model):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache directory.")
     trt_fp16: bool = Field(False, description="Let TensorRT run in fp16.")
+    cpu_mem_arena: bool = Field(
+        True,
+        description="ONNX Runtime's CPU memory arena: keeps the largest batch's activations for the "
+        "next call. Off: ~9 MB less peak RSS with examples/home.yaml, same answers, but a CNN's "
+        "full batches several times slower (docs/performance.md, Memory).",
+    )
 
 
 class ModelConfig(_Model):

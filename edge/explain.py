@@ -207,10 +207,13 @@ def explain_batch(
 ) -> list[dict[str, Any]]:
     """The attributions of several answers, each ``(plan, input vector, output row)``: their
     occluded rows stacked and run through ``run`` (the model's ``run_sync``) in calls of at most
-    ``max(chunk, one answer's rows)`` rows. Runs in the model's worker thread."""
+    ``chunk`` rows (the batcher's cap), one answer's rows split over calls where they are more:
+    ONNX Runtime's activations grow with the rows of a call (the appliance CNN: ~0.8 MB a row),
+    and they set the daemon's peak RSS (docs/performance.md, Memory). Runs in the model's
+    worker thread."""
     blocks = [p.occlude(vector) for p, vector, _ in jobs]
     stacked = np.ascontiguousarray(np.concatenate(blocks, axis=0))
-    size = max(chunk, *(len(b) for b in blocks))
+    size = max(1, chunk)
     outputs = np.concatenate([run(stacked[i : i + size]) for i in range(0, len(stacked), size)], axis=0)
     results: list[dict[str, Any]] = []
     at = 0

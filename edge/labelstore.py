@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import sqlite3
 
 FILENAME = "labels.sqlite3"
 NONE_OF_THESE = "none of these"
@@ -85,6 +88,8 @@ class LabelStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        import sqlite3  # here: a daemon without corrections never maps libsqlite3 (~1 MB RSS)
+
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -122,6 +122,11 @@ def _session_options(runtime: RuntimeConfig, model: ModelConfig) -> ort.SessionO
     options.graph_optimization_level = _OPT_LEVELS[runtime.graph_optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # The arena keeps what the largest batch needed (and grows in powers of two). Off, a call's
+    # buffers go back to malloc, and those of 256 KiB or more to the system (edge/memory.py), so
+    # the next call faults them in again: ~9 MB less peak RSS with examples/home.yaml, but the
+    # appliance CNN's batches of 5 ~6x slower per call (docs/performance.md, Memory).
+    options.enable_cpu_mem_arena = runtime.cpu_mem_arena
     # Spinning worker threads burn a Pi's cores while idle; we batch instead.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
