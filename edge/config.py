@@ -648,7 +648,7 @@ class LearnAnomaly(_Model):
     An autoencoder over the device's own windows (exporters/anomaly.py)."""
 
     false_alarms_per_day: float = Field(
-        0.1, gt=0, le=100, description="Target false alarms a day; the threshold is set for it."
+        0.1, gt=0, le=100_000, description="Target false alarms a day; the threshold is set for it."
     )
     confidence: float = Field(
         0.9,

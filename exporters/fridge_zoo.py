@@ -5,17 +5,16 @@ have faults for them to find.
 
 ``python -m exporters.fridge_zoo --out models/fridge_anomaly`` (or ``--device water_flow --out
 models/water_flow_anomaly``; seconds, fixed seeds, the same figures on every run) trains
-:func:`exporters.anomaly.fit` on 60 normal days (the fridge; 21 for the water sensor), sets
-the threshold on 730 other normal days (never trained on) for 0.1 false alarms a day, counted
-as episodes of the alarm rule the
-manifest states (``provenance.alarm``, edge/alarm.py: on after 2 windows in a row over the
-threshold, off after 6 under it, as the daemon publishes it), measures false alarms on 56 more
-normal days and the detection delay of each simulated fault (onset 2 days into a 6-day trace),
-beside a baseline with its threshold set the same way: the window's duty cycle (share of
-readings above 10 W) for the fridge, the window's lowest flow for the water sensor (a leak
-never lets it reach zero). Writes the model, ``report.json``, ``card.md`` and
-``test_split.npz`` (the evaluation traces, so tests/test_fridge_zoo.py recomputes every
-figure with ONNX Runtime alone).
+:func:`exporters.anomaly.fit` on 60 normal days (the fridge; 21 for the water sensor), sets the
+threshold on 730 other normal days (never trained on) for 0.1 false alarms a day, counted as
+episodes of the alarm rule the manifest states (``provenance.alarm``, edge/alarm.py: on after 2
+windows in a row over the threshold, off after 6 under it, as the daemon publishes it), measures
+false alarms on 56 more normal days and the detection delay of each simulated fault (onset 2 days
+into a 6-day trace), beside a baseline with its threshold set the same way: the window's duty
+cycle (share of readings above 10 W) for the fridge, the window's lowest flow for the water sensor
+(a leak never lets it reach zero). Writes the model, ``report.json``, ``card.md`` and
+``test_split.npz`` (the evaluation traces, so tests/test_fridge_zoo.py recomputes every figure
+with ONNX Runtime alone).
 """
 
 from __future__ import annotations

@@ -270,3 +270,29 @@ def test_cli_learns_an_anomaly_model_from_a_record_file(tmp_path: Path) -> None:
     assert report["examples"] + report["table_stats"]["rows in excluded spans"] == len(table)
     manifest = read_manifest(tmp_path / "fridge.onnx")
     assert manifest is not None and manifest.task == "anomaly"
+
+
+def test_the_gate_beside_a_deployed_model() -> None:
+    """No more false alarms than a deployed model that holds the target on the same days; a
+    deployed model that does not hold it (alarm on too long, or too many) is no bar."""
+    from edge.config import LearnAnomaly
+    from edge.learn.anomaly import judge
+
+    settings = LearnAnomaly()
+
+    def fa(count: int, flagged: float = 0.002, days: float = 14.0) -> dict[str, Any]:
+        return {
+            "false_alarms": count,
+            "days": days,
+            "false_alarms_per_day": count / days,
+            "windows_flagged": flagged,
+        }
+
+    assert judge(fa(1), None, "none yet", settings)[0] is True
+    assert judge(fa(1), fa(1), "", settings)[0] is True  # a tie: the newer data wins
+    refused, reason = judge(fa(2), fa(0), "", settings)
+    assert refused is False and "more than the deployed model's 0" in reason
+    assert judge(fa(2), fa(0, flagged=0.5), "", settings)[0] is True  # the deployed alarm is on half the time
+    assert judge(fa(2), fa(12), "", settings)[0] is True  # the deployed one is far above the target here
+    assert judge(fa(6), None, "none yet", settings)[0] is False  # 6 in 14 days: above 0.1 a day
+    assert poisson_lower(0, 0.9) == 0.0 and poisson_lower(6, 0.9) > 1.4
