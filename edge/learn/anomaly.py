@@ -228,7 +228,7 @@ def judge(
     days = new["days"]
     lower = poisson_lower(new["false_alarms"], confidence)
     seen = (
-        f"{new['false_alarms']} false alarms in {days:.1f} held-out normal days "
+        f"{new['false_alarms']} false alarms in {days:.3g} held-out normal days "
         f"({new['false_alarms_per_day']:.3f} a day)"
     )
     if lower > target * days:
@@ -238,7 +238,7 @@ def judge(
         )
     if new["windows_flagged"] > share:
         return False, (
-            f"the new model's alarm is on for {new['windows_flagged']:.1%} of {days:.1f} held-out normal "
+            f"the new model's alarm is on for {new['windows_flagged']:.1%} of {days:.3g} held-out normal "
             f"days, more than learn.anomaly.max_alarm_share={share:g}: the deployed model is kept"
         )
     if deployed is not None:
@@ -283,7 +283,7 @@ def card(report: dict[str, Any]) -> str:
         f"- **Target**: {thr['target_false_alarms_per_day']:g} false alarms a day; threshold "
         f"{thr['threshold']:.4g} set on the validation block ({thr['method']})",
         "",
-        f"### Test block ({d['holdout']['candidate']['days']:.1f} normal days, the newest)",
+        f"### Test block ({d['holdout']['candidate']['days']:.3g} normal days, the newest)",
         "",
         "| model | threshold | false alarms | a day | alarm on (share of windows) |",
         "|---|---|---|---|---|",
@@ -439,7 +439,7 @@ def learn_anomaly(
     card_path = build / "card.md"
     card_path.write_text((card_path.read_text() if card_path.is_file() else "") + card(report))
     note(
-        f"  test block: new {new['false_alarms']} false alarms in {new['days']:.1f} days "
+        f"  test block: new {new['false_alarms']} false alarms in {new['days']:.3g} days "
         f"({new['false_alarms_per_day']:.3f} a day, target {target_rate:g}); deployed "
         + (
             f"{deployed['false_alarms']} ({deployed['false_alarms_per_day']:.3f} a day)"
