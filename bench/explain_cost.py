@@ -31,6 +31,16 @@ MODELS = {
 OPEN_SET = ("appliance_open_set", "models/appliance_open_set/appliance_open_set.fp32.onnx")
 
 
+def peak_mb() -> float:
+    """This process's peak RSS (VmHWM: its own address space's, unlike ru_maxrss, which keeps the
+    parent's size at fork across the exec)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / 1024 / 1024
@@ -70,7 +80,7 @@ def measure(name: str, path: str, explain: bool, repeats: int) -> dict[str, Any]
         "rss_before_mb": before,
         "rss_loaded_mb": loaded,
         "rss_mb": answered,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_mb(),
     }
 
 
