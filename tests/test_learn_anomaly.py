@@ -296,3 +296,18 @@ def test_the_gate_beside_a_deployed_model() -> None:
     assert judge(fa(2), fa(12), "", settings)[0] is True  # the deployed one is far above the target here
     assert judge(fa(6), None, "none yet", settings)[0] is False  # 6 in 14 days: above 0.1 a day
     assert poisson_lower(0, 0.9) == 0.0 and poisson_lower(6, 0.9) > 1.4
+
+
+def test_the_verdict_event_the_daemon_reads_carries_the_false_alarm_gate(
+    learned: tuple[Path, learn_run.LearnResult],
+) -> None:
+    """`learn --events`' last line (what Retrain now and learn.schedule read, edge/retrain.py)."""
+    _, result = learned
+    event = learn_run.verdict_event("fridge", result)
+    new = result.report["holdout"]["candidate"]
+    assert event["outcome"] == "promoted" and event["status"] == learn_run.EXIT_PROMOTED
+    assert event["gate"]["metric"] == "false_alarms_per_day" and event["gate"]["promote"] is True
+    assert event["gate"]["new"] == round(new["false_alarms_per_day"], 4)
+    assert event["gate"]["deployed"] is None and event["examples"] == result.report["examples"]
+    assert event["deployed_to"] == result.report["deployed_to"]
+    json.dumps(event)  # one JSON line
