@@ -643,7 +643,7 @@ class LearnTrain(_Model):
 
 
 class LearnAnomaly(_Model):
-    """An anomaly model learned from normal behaviour, no labels (docs/learning.md#anomaly-models).
+    """An anomaly model learned from normal behaviour, no labels (docs/learning.md, "Anomaly models").
 
     An autoencoder over the device's own windows (exporters/anomaly.py)."""
 
