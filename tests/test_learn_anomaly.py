@@ -311,3 +311,26 @@ def test_the_verdict_event_the_daemon_reads_carries_the_false_alarm_gate(
     assert event["gate"]["deployed"] is None and event["examples"] == result.report["examples"]
     assert event["deployed_to"] == result.report["deployed_to"]
     json.dumps(event)  # one JSON line
+
+
+def test_spans_the_daemon_flagged_are_left_out_of_the_normal_data(tmp_path: Path) -> None:
+    """A day the daemon flagged the garage fridge's input as stuck (flagged_spans.json beside
+    state.file, edge/watch.py) is not taken as normal, unless learn.keep_flagged keeps it."""
+    from edge.learn.run import make_table
+
+    data = config_data(tmp_path, exclude=[])
+    data["state"] = {"file": str(tmp_path / "state" / "state.json")}
+    (tmp_path / "state").mkdir()
+    span = {"pipeline": "fridge", "device": "garage", "feature": "power", "diagnostic": "stuck"}
+    span |= {"start": END - 10 * DAY, "end": END - 9 * DAY, "detail": "test"}
+    (tmp_path / "state" / "flagged_spans.json").write_text(json.dumps({"dropped": 0, "spans": [span]}))
+    config = make_config(data, tmp_path)
+    source = MemorySource(history(), "simulated fridges")
+    table, _ = make_table("fridge", config, END, source)
+    kept, _ = make_table("fridge", config, END, source, keep_flagged=True)
+    left_out = table.stats["rows in flagged spans"]
+    assert left_out >= 144  # a day of windows (every 10 min), and those reaching into it
+    assert len(kept) == len(table) + left_out
+    assert set(table.labels) == {"normal"}
+    ts = np.array([t for t, d in zip(table.ts, table.devices, strict=True) if d == "garage"])
+    assert not ((ts >= END - 10 * DAY) & (ts < END - 9 * DAY)).any()
