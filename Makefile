@@ -69,7 +69,8 @@ HA_VERSION_NEW ?= 2026.2.3
 # history sources and learn end to end (the NILM path trains twice: about 9 of its minutes).
 HA_TESTS = tests/test_ha_real.py tests/test_ha_open_set.py tests/test_ha_corrections.py \
 	tests/test_ha_linking.py tests/test_ha_faults.py tests/test_ha_quality.py tests/test_ha_retrain.py
-HA_LEARN_TESTS = tests/test_ha_history.py tests/test_learn_ha_e2e.py tests/test_learn_ha_motion.py
+HA_LEARN_TESTS = tests/test_ha_history.py tests/test_learn_ha_e2e.py tests/test_learn_ha_motion.py \
+	tests/test_learn_ha_anomaly.py
 # A cached venv is rebuilt when the setup script changed (it decides what the venv holds, e.g. the
 # tasmota integration's requirements): a stamp named after the script's hash.
 HA_SETUP_ID := $(shell sha256sum tests/ha/setup_ha_venv.sh | cut -c1-16)

@@ -144,6 +144,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"With the zoo models {', '.join(mem['models'])} loaded: peak RSS {_fmt(mem['peak_rss_mb'])} MB, "
             f"start to ready {_fmt(mem['ready_s'], 2)} s, torch loaded: {mem['loaded_torch']}.",
         ]
+    cost = result.get("explain_cost")
+    if cost and cost.get("cases"):
+        from bench.explain_cost import markdown as explain_markdown
+
+        lines += ["", *explain_markdown(cost)]
     lines += ["", "| goal | value | met |", "|---|---:|---|"]
     for goal, g in result["goals"].items():
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]

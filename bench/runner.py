@@ -58,6 +58,7 @@ class Settings:
     scale_pipelines: tuple[int, ...] = (1, 2, 4, 8)
     scale_burst: int = 20_000
     plots: bool = True
+    explain_repeats: int = 200  # bench/explain_cost.py's answers a case (0: that section left out)
     broker_nodelay: bool = True  # Mosquitto set_tcp_nodelay: see docs/performance.md
     qos: int = 0  # QoS of the inputs (and of the daemon's subscription): 1 adds the PUBACK path
 
@@ -73,6 +74,7 @@ class Settings:
             zoo_burst=3_000,
             scale_pipelines=(1, 4),
             scale_burst=5_000,
+            explain_repeats=50,
         )
 
     @classmethod
@@ -93,6 +95,7 @@ class Settings:
             scale_pipelines=(1,),
             scale_burst=100,
             plots=False,
+            explain_repeats=0,
         )
 
 
@@ -314,6 +317,7 @@ def run_suite(settings: Settings, out_dir: Path, log: Log = print) -> dict[str, 
         "systems": {},
         "scaling": {"devices": [], "pipelines": []},
         "memory_3_models": None,
+        "explain_cost": None,
         "notes": [],
     }
     bench = Bench(settings, workdir, log)
@@ -451,6 +455,12 @@ def run_suite(settings: Settings, out_dir: Path, log: Log = print) -> dict[str, 
                     "ready_s": r["ready_s"],
                 }
             )
+        # 5. what output.explain (and the open-set file) cost per answer: batch 1, a process a case
+        if settings.explain_repeats:
+            from bench.explain_cost import measure_all
+
+            log("explain cost (batch 1, with and without output.explain)")
+            result["explain_cost"] = measure_all(settings.explain_repeats)
     finally:
         bench.close()
         shutil.rmtree(workdir, ignore_errors=True)

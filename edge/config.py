@@ -936,6 +936,42 @@ class LearnTrain(_Model):
     quantize: bool = Field(True, description="Also quantize to int8 (deployed when it is recommended).")
 
 
+class LearnAnomaly(_Model):
+    """An anomaly model learned from normal behaviour, no labels (docs/learning.md, "Anomaly models").
+
+    An autoencoder over the device's own windows (exporters/anomaly.py)."""
+
+    false_alarms_per_day: float = Field(
+        0.1, gt=0, le=100_000, description="Target false alarms a day; the threshold is set for it."
+    )
+    confidence: float = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="The threshold allows the most held-out alarms whose one-sided Poisson upper bound "
+        "at this confidence is within the target; the gate refuses a model whose test-block alarms "
+        "put the target below their Poisson lower bound at it.",
+    )
+    max_alarm_share: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="The gate also refuses a model whose alarm is on for more than this share of the "
+        "held-out normal windows (an alarm that stays on counts as one episode, so its time on is "
+        "checked too).",
+    )
+    persist: int = Field(2, ge=1, le=100, description="Alarm on after this many scores in a row over it.")
+    clear: int = Field(6, ge=1, le=1000, description="Alarm off after this many scores in a row under it.")
+    view: Literal["raw", "sorted", "sorted_steps"] = Field(
+        "sorted",
+        description="What is reconstructed: the window as it came, its values sorted per channel "
+        "(when in the window does not matter), or those and its sorted step sizes (switching counts).",
+    )
+    log1p: bool = Field(False, description="log(1 + x) of non-negative readings first (flow, rare peaks).")
+    hidden: list[int] = Field(default_factory=lambda: [64, 16], description="Encoder layer widths.")
+    epochs: int = Field(40, ge=1, le=10000, description="Passes over the training windows.")
+
+
 class LearnSchedule(_Model):
     """Retrain on a schedule from the daemon (docs/learning.md, "Retraining from Home Assistant")."""
 
@@ -965,13 +1001,20 @@ class LearnConfig(_Model):
     inputs: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Per device: model feature -> entity id (not for record)."
     )
-    labels: LearnLabels | None = Field(None, description="Required except for a record source.")
+    labels: LearnLabels | None = Field(
+        None, description="Required except for a record source or an anomaly model (no labels)."
+    )
     exclude: list[ExcludeSpan] = Field(default_factory=list)
     gate: LearnGate = Field(default_factory=LearnGate)
     min_examples_per_class: int = Field(20, ge=1)
     test_fraction: float = Field(0.25, gt=0, lt=1, description="The newest share, held out for the gate.")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="Before the test block, for early stopping.")
     train: LearnTrain = Field(default_factory=LearnTrain)
+    anomaly: LearnAnomaly | None = Field(
+        None,
+        description="Learn an anomaly model from data marked normal, without labels (`anomaly: {}` for "
+        "the defaults); required when the model's task is anomaly.",
+    )
     work_dir: Path | None = Field(None, description="Table, checkpoint, card (default: learn/PIPELINE).")
     keep_flagged: bool = Field(
         False,
@@ -990,10 +1033,14 @@ class LearnConfig(_Model):
 
     @model_validator(mode="after")
     def _complete(self) -> LearnConfig:
+        if self.anomaly is not None and self.labels is not None:
+            raise _KeyedError(
+                "labels", "an anomaly model learns from normal data without labels: leave labels out"
+            )
         if self.source.record is None:
             if not self.inputs:
                 raise _KeyedError("inputs", "map each device's model features to entity ids")
-            if self.labels is None:
+            if self.labels is None and self.anomaly is None:
                 raise _KeyedError("labels", "say where labels come from (entity, teacher or corrections)")
         if self.source.record is not None and self.labels is not None and not self.labels.corrections:
             raise _KeyedError("labels", "a record source's rows carry their own label: leave labels out")

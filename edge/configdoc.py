@@ -54,6 +54,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("pipelines.<name>.learn.exclude[]", c.ExcludeSpan),
     ("pipelines.<name>.learn.gate", c.LearnGate),
     ("pipelines.<name>.learn.train", c.LearnTrain),
+    ("pipelines.<name>.learn.anomaly", c.LearnAnomaly),
     ("pipelines.<name>.learn.schedule", c.LearnSchedule),
     ("limits", c.LimitsConfig),
     ("dead_letter", c.DeadLetterConfig),
@@ -103,7 +104,10 @@ def _default(info: FieldInfo) -> str:
             value = value.value
         return f"`{value}`"
     if info.default_factory is not None:
-        return "(section defaults)" if isinstance(info.default_factory, type) else "`{}`"
+        if isinstance(info.default_factory, type):
+            return "(section defaults)"
+        made = info.default_factory()  # type: ignore[call-arg]
+        return f"`{made}`" if isinstance(made, list) and made else "`{}`"
     return "**required**"
 
 

@@ -316,12 +316,6 @@ def fit(
     on the rest, export ``out`` (ONNX with manifest). With ``held_out`` (more normal readings, one
     trace, never trained on): train on all of ``normal`` and set the threshold on ``held_out``.
     Training runs in this process (never the daemon's)."""
-    import torch
-
-    from exporters.onnxutil import created_now, session, set_manifest, tool_versions
-
-    torch.manual_seed(recipe.seed)
-    torch.set_num_threads(1)
     s = np.asarray(normal, dtype=np.float32)
     s = s[:, None] if s.ndim == 1 else s
     if held_out is None:
@@ -332,9 +326,38 @@ def fit(
         cut = len(s)
         x_tr = windows(s, recipe.window, recipe.hop)
         x_ho = windows(held_out, recipe.window, recipe.hop)
+    return fit_windows(x_tr, x_ho, recipe, out, readings=s[:cut])
+
+
+def fit_windows(
+    x_tr: NDArray[Any],
+    x_ho: NDArray[Any],
+    recipe: AnomalyRecipe,
+    out: Path,
+    *,
+    readings: NDArray[Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+) -> AnomalyResult:
+    """Train on the windows ``x_tr`` ([N, window, C], normal), set the threshold on the held-out
+    normal windows ``x_ho`` (scored in order, one trace: consecutive windows ``recipe.hop``
+    samples apart), export ``out``. ``readings`` ([T, C]) are the scaling and drift statistics'
+    samples (default: every window's readings)."""
+    import torch
+
+    from exporters.onnxutil import created_now, session, set_manifest, tool_versions
+
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(1)
+    x_tr = np.ascontiguousarray(x_tr, dtype=np.float32)
+    x_ho = np.ascontiguousarray(x_ho, dtype=np.float32)
     if len(x_tr) < 10 or len(x_ho) < 10:
         raise ValueError(f"normal data too short: {len(x_tr)} training and {len(x_ho)} held-out windows")
-    scaled = np.log1p(np.clip(s[:cut], 0.0, None)) if recipe.log1p else s[:cut]
+    flat = (
+        np.asarray(readings, dtype=np.float32).reshape(-1, x_tr.shape[2])
+        if readings is not None
+        else x_tr.reshape(-1, x_tr.shape[2])
+    )
+    scaled = np.log1p(np.clip(flat, 0.0, None)) if recipe.log1p else flat
     mean = scaled.mean(axis=0).astype(np.float32)
     std = np.maximum(scaled.std(axis=0), 1e-6).astype(np.float32)
     model = _model(recipe, mean, std)
@@ -380,10 +403,11 @@ def fit(
             units=recipe.units,
         ),
         output=OutputSpec(name="score", kind="score"),
-        training_stats=[FeatureStats.from_samples(f, s[:cut, i]) for i, f in enumerate(recipe.features)],
+        training_stats=[FeatureStats.from_samples(f, flat[:, i]) for i, f in enumerate(recipe.features)],
         threshold=thr["threshold"],
         metrics={"threshold": thr},
-        dataset={"name": "normal readings", "train_windows": len(x_tr), "held_out_windows": len(x_ho)},
+        dataset=dataset
+        or {"name": "normal readings", "train_windows": len(x_tr), "held_out_windows": len(x_ho)},
         created=created_now(),
         provenance={
             "family": "autoencoder",

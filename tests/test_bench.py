@@ -103,3 +103,26 @@ def test_ab_runs_qos1_inputs_into_several_pipelines_on_one_topic() -> None:
     assert row["lost"] == 0 and row["msg_s_median"] > 0
     assert row["busy_cores_median"] is not None and row["busy_cores_median"] > 0
     assert row["machine_busy_cores_median"] is not None
+
+
+def test_explain_cost_measures_each_case_in_a_process_of_its_own() -> None:
+    """bench/explain_cost.py (the `explain_cost` section of `python -m bench`): each zoo model
+    plain and with output.explain, the open-set file plain; the explained answer runs its
+    occluded rows (channels + segments) beside the plain one, and the report shows every case."""
+    from bench.explain_cost import markdown, measure_all
+
+    cost = measure_all(repeats=5)
+    cases = {(c["model"], c["explain"]): c for c in cost["cases"]}
+    assert set(cases) == {
+        ("appliance", False),
+        ("appliance", True),
+        ("occupancy", False),
+        ("occupancy", True),
+        ("appliance_open_set", False),
+    }
+    assert cases[("appliance", True)]["rows_per_answer"] == 1 + 1 + 8  # 1 channel, 8 segments
+    assert cases[("occupancy", True)]["rows_per_answer"] == 1 + 4 + 8
+    for c in cases.values():
+        assert c["median_ms"] > 0 and c["peak_rss_mb"] >= c["rss_loaded_mb"] > c["rss_before_mb"] > 0
+    text = "\n".join(markdown(cost))
+    assert text.count("\n| appliance |") == 2 and "open set (OOD output)" in text

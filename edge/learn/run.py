@@ -43,7 +43,7 @@ from edge.learn.sources import RecordTable, close_source, describe_source, open_
 from edge.learn.split import DAY, TooLittleData, check_enough, class_order, time_split, window_span_s
 from edge.learn.statistics import examples_from_statistics, fill_from_statistics, statistics_entities
 from edge.learn.statistics import summary as statistics_summary
-from edge.learn.table import Table, build_table, label_entities, pipeline_for, table_from_rows
+from edge.learn.table import NORMAL, Table, build_table, label_entities, pipeline_for, table_from_rows
 from edge.quality import learn_record, write_sidecar
 from edge.runtime import ModelLoadError, file_sha256
 
@@ -171,13 +171,14 @@ def _make_table(
             from edge.record import columns_for
 
             record_rows = opened.read(name, columns_for(spec))
-            rows = [(r.ts, r.device, r.label, r.values) for r in record_rows]
+            normal = learn.anomaly is not None  # no labels: every row is data marked normal
+            rows = [(r.ts, r.device, NORMAL if normal else r.label, r.values) for r in record_rows]
             return table_from_rows(name, spec, rows, start=start, end=end, exclude=spans), opened.describe()
         entities: list[str] = []
         for device, mapping in learn.inputs.items():
             entities += list(mapping.values())
-            assert learn.labels is not None
-            entities += label_entities(learn.labels, device)
+            if learn.labels is not None:  # none for an anomaly model
+                entities += label_entities(learn.labels, device)
         stats_cfg = learn.source.statistics
         if stats_cfg is not None and stats_cfg.use == "only":  # their states are not read
             numeric_inputs, numeric_labels = statistics_entities(learn)
@@ -484,6 +485,34 @@ def learn(
             if flagged
             else f"  inputs unlike training: {kept} row(s) in flagged spans kept (keep_flagged)"
         )
+    anomaly_model = table.spec.task == "anomaly" and config.models[pcfg.model].path.is_file()
+    if learn_cfg.anomaly is None and anomaly_model:
+        return LearnResult(
+            EXIT_CONFIG,
+            f"pipelines.{name}.learn: models.{pcfg.model} is an anomaly model: it learns from normal data "
+            "without labels (replace labels with `anomaly: {}`, docs/learning.md)",
+        )
+    if learn_cfg.anomaly is not None:
+        if table.spec.task != "anomaly" and config.models[pcfg.model].path.is_file():
+            return LearnResult(
+                EXIT_CONFIG,
+                f"pipelines.{name}.learn.anomaly: models.{pcfg.model} is a {table.spec.task} model; an "
+                "anomaly model is learned for a pipeline whose model is one, or has no file yet",
+            )
+        from edge.learn.anomaly import learn_anomaly
+
+        result: LearnResult = learn_anomaly(
+            config_path,
+            name,
+            config,
+            table,
+            sources,
+            table_s=table_s,
+            deploy_model=deploy_model,
+            note=note,
+            emit=emit,
+        )
+        return result
     classes = class_order(table, expected_classes(learn_cfg))
     period = pcfg.features.resample_period_s if isinstance(pcfg.features, WindowFeatures) else None
     hop = pcfg.features.hop if isinstance(pcfg.features, WindowFeatures) else 1

@@ -43,6 +43,8 @@ from edge.pipeline import Pipeline
 from edge.record import columns_for, recording_spec
 from edge.runtime import ModelSpec
 
+#: the label of every window of an anomaly table (learn.anomaly: the data marked normal, no labels)
+NORMAL = "normal"
 BINARY = {"on": 1.0, "off": 0.0, "true": 1.0, "false": 0.0, "open": 1.0, "closed": 0.0}
 
 
@@ -243,7 +245,7 @@ def build_table(
     learn = config.pipelines[name].learn
     if learn is None:
         raise ConfigError(f"pipelines.{name}.learn", "this pipeline has no learn section")
-    if learn.labels is None:
+    if learn.labels is None and learn.anomaly is None:
         raise ConfigError(f"pipelines.{name}.learn.labels", "say where labels come from")
     pipe = pipeline or pipeline_for(name, config)
     spec = pipe.spec
@@ -251,7 +253,11 @@ def build_table(
     store = pipe.store
     stats: Counter[str] = Counter()
     labels_from = history if label_history is None else label_history
-    labellers = {device: make_labeller(learn.labels, device, labels_from) for device in learn.inputs}
+    rule = learn.labels
+    labellers: dict[str, Labeller] = {
+        device: (lambda _ts: NORMAL) if rule is None else make_labeller(rule, device, labels_from)
+        for device in learn.inputs
+    }
     # (ts, kind, seq, device, feature, value|None)
     events: list[tuple[float, int, int, str, str, float | None]] = []
     seq = 0
