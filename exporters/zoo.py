@@ -62,6 +62,19 @@ QUANT = (
     " batch) is rebuilt from the same fp32 weights and measured in the same run for comparison; it is"
     " not shipped. Latency: median, one thread"
 )
+SERVED_OOD = (
+    "Every served classifier file (fp32 and int8) has a second output `ood_score` beside its "
+    "probabilities (`python -m exporters.ood zoo`, also run by the zoo build): the squared Mahalanobis "
+    "distance of its penultimate features to the nearest class mean (shared covariance, shrinkage "
+    "0.1, fitted on the training inputs), computed in the graph; the probabilities are bit for bit "
+    "those without it. The threshold in the manifest (`provenance.ood`) leaves 95 % of held-out known "
+    "scores below it: occupancy's validation rooms; appliance and activity keep no validation split, so"
+    " leave-one-out distances of the training inputs (class means and covariance refitted without "
+    "each; the network did see them). The daemon publishes `unknown` above it. Test split figures; "
+    "noise and shuffled are unlike inputs generated from the test split (`exporters.ood.unlike_inputs`:"
+    " Gaussian samples with each feature's mean and std; each test input's time steps permuted). "
+    "`tests/test_zoo.py` recomputes them with ONNX Runtime alone"
+)
 OUTRO = (
     "How the files are made and checked: [exporting.md](exporting.md). `tests/test_zoo.py` reloads "
     "every model with ONNX Runtime alone and checks that the accuracy, ECE and NLL in its card are "
@@ -189,6 +202,10 @@ def finish(
         )
         if recipe.calibration.note:
             extra["calibration"]["note"] = recipe.calibration.note
+        from exporters.ood import served_ood
+
+        extra["ood"] = served_ood(final, ds)
+        extra["ood"]["command"] = f"python -m exporters.ood zoo {name} (also part of this build)"
     else:
         for kind in ("fp32", "int8"):
             final[kind].write_bytes(raw[kind].read_bytes())
@@ -272,6 +289,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     from edge.manifest import Manifest
     from exporters.calibrate import strip_temperature
     from exporters.onnxutil import get_manifest, set_manifest
+    from exporters.ood import strip_ood
 
     out = models_dir / name
     recipe: Recipe = load_recipe(out / "recipe.yaml")
@@ -280,6 +298,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     work.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(out / f"{name}.fp32.onnx"))
     strip_temperature(model)
+    strip_ood(model)
     manifest = get_manifest(model)
     if manifest is None:
         raise SystemExit(f"[{name}] the committed fp32 model has no manifest")
@@ -290,6 +309,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     data = manifest.model_dump(mode="json")
     data["provenance"] = {**data["provenance"], "recipe": recipe.model_dump(mode="json")}
     data["provenance"].pop("calibration", None)
+    data["provenance"].pop("ood", None)
     set_manifest(model, Manifest.model_validate(data))
     raw_fp32 = work / f"{name}.uncalibrated.fp32.onnx"
     onnx.save_model(model, str(raw_fp32))
@@ -365,6 +385,47 @@ def also_bundled(models_dir: Path) -> list[str]:
             f"Reproduce: `{r['command']}`."
         )
     return ["## Also bundled", "", *lines, ""] if lines else []
+
+
+def served_open_set(reports: list[dict[str, Any]]) -> list[str]:
+    """docs/models.md: the served classifiers' ``ood_score`` (report['ood'], exporters.ood.served_ood)."""
+    rows = [
+        "| model | threshold data | threshold fp32 / int8 | known test flagged fp32 / int8 "
+        "| accuracy, `unknown` counted wrong, fp32 / int8 | noise flagged | shuffled flagged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        ood = r.get("ood")
+        if not ood:
+            continue
+        f = ood["files"]
+        held = (
+            "validation split"
+            if ood["threshold_data"].startswith("the validation")
+            else ("leave-one-out on train")
+        )
+
+        def both(get: Any, fmt: str = ".3f", f: dict[str, Any] = f) -> str:
+            return " / ".join(f"{get(f[k]):{fmt}}" for k in ("fp32", "int8"))
+
+        rows.append(
+            f"| {r['name']} | {held} | {both(lambda v: v['threshold'], '.4g')} "
+            f"| {both(lambda v: v['known_test_flagged'])} "
+            f"| {both(lambda v: v['accuracy_unknown_counted_wrong'], '.4f')} "
+            f"(argmax {both(lambda v: v['accuracy'], '.4f')}) "
+            f"| {both(lambda v: v['unlike']['noise']['flagged'])} "
+            f"| {both(lambda v: v['unlike']['shuffled']['flagged'])} |"
+        )
+    if len(rows) == 2:
+        return []
+    return [
+        "## Open set: `unknown` from the served classifiers",
+        "",
+        SERVED_OOD + ".",
+        "",
+        *rows,
+        "",
+    ]
 
 
 def models_table(models_dir: Path) -> str:
@@ -496,6 +557,7 @@ def models_table(models_dir: Path) -> str:
             "",
             *q_rows,
             "",
+            *served_open_set(reports),
             *open_set,
             *also_bundled(models_dir),
             OUTRO,
@@ -536,7 +598,13 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" baseline {report['baseline']['accuracy']:.4f}" if "baseline" in report else "")
                 + f"; recommended {report['recommended']}"
             )
-    args.docs.write_text(models_table(args.models_dir), encoding="utf-8")
+    text = models_table(args.models_dir)
+    if args.docs.exists():  # hand-written sections after the generated part (e.g. explain) are kept
+        old = args.docs.read_text(encoding="utf-8")
+        end = old.find(OUTRO)
+        if end >= 0:
+            text = text.rstrip("\n") + "\n" + old[end + len(OUTRO) :].split("\n", 1)[1]
+    args.docs.write_text(text, encoding="utf-8")
     print(f"wrote {args.docs}")
     return 0
 
