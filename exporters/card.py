@@ -123,6 +123,10 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
         from exporters.ood import served_ood_markdown
 
         lines += served_ood_markdown(report["ood"])
+    if "resamples" in report:
+        from exporters.resamples import markdown
+
+        lines += ["", markdown(report["resamples"])]
     lines += ["", "## Parity", "", "| check | max abs diff | argmax agreement | |", "|---|---|---|---|"]
     for key, p in report["parity"].items():
         note = p.get("method", "")

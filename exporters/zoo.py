@@ -130,6 +130,8 @@ def held_out_outputs(
         x = ds.model_input(ds.x_val)
         probs = {k: run_onnx(session(p), x, batch=1 if k == "int8" else 256) for k, p in files.items()}
         return probs, ds.y_val, f"the recipe's validation split ({len(ds.y_val)} samples, never trained on)"
+    if recipe.calibration.held_out == "resamples":
+        return resample_outputs(recipe, ds, files)
     from exporters.crossfit import crossfit_outputs
 
     cf = crossfit_outputs(recipe, ds, folds, cache=work / "crossfit.npz")
@@ -140,6 +142,21 @@ def held_out_outputs(
         f"predicting the fold it did not see ({cf['seconds']:.0f} s); the test split is never used"
     )
     return {k: cf[k] for k in files}, cf["y"], what
+
+
+def resample_outputs(
+    recipe: Recipe, ds: DataSet, files: dict[str, Path]
+) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """Held-out outputs from the resample fits (``python -m exporters.resamples acsf1 --cnn N``).
+
+    Each resample's model (this recipe, as many training series as the served one) predicted the
+    series it did not train on; only those that are official training series are kept, so no
+    official test series reaches the fit. The same outputs serve fp32 and int8 (the fits are fp32).
+    """
+    from exporters.resamples import held_out_training_outputs
+
+    probs, y, what = held_out_training_outputs(ROOT / "build" / "resamples", len(ds.y_train))
+    return dict.fromkeys(files, probs), y, what
 
 
 def finish(
@@ -324,7 +341,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
         "(keeps the committed fp32 weights)",
         "training": old["training"],
     }
-    for key in ("baseline", "weights_trained"):
+    for key in ("baseline", "weights_trained", "resamples"):
         if key in old:
             extra[key] = old[key]
     if "pytorch_vs_fp32" in old.get("parity", {}):
@@ -455,6 +472,12 @@ def models_table(models_dir: Path) -> str:
         open_set_markdown(json.loads(p.read_text()))
         for p in sorted(models_dir.glob("*/open_set/report.json"))
     ]
+    from exporters.resamples import markdown as resamples_markdown
+
+    resamples = [  # official split and stratified resamples (python -m exporters.resamples acsf1)
+        resamples_markdown(json.loads(p.read_text()))
+        for p in sorted(models_dir.glob("*/resamples/report.json"))
+    ]
     for r in reports:
         name = r["name"]
         m, f, lat = r["metrics"], r["files"], r["latency_single_thread"]
@@ -475,6 +498,8 @@ def models_table(models_dir: Path) -> str:
             c = cal["files"]
             folds = re.search(r"(\d+)-fold cross-fit", cal["fitted_on"])
             held = "validation split" if folds is None else f"{folds.group(1)}-fold cross-fit on train"
+            if "exporters.resamples" in cal["fitted_on"]:
+                held = "resample fits, on official train series they did not see"
             figures = [
                 f"{c[k]['test_before'][metric]:.4f} -> {c[k]['test_after'][metric]:.4f}"
                 for metric in ("ece", "nll")
@@ -559,6 +584,7 @@ def models_table(models_dir: Path) -> str:
             "",
             *served_open_set(reports),
             *open_set,
+            *resamples,
             *also_bundled(models_dir),
             OUTRO,
             "",
