@@ -451,7 +451,7 @@ def load_plaid() -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("PLAID needs the sktime package's data files: pip install --no-deps sktime")
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "PLAID"
-    parts = []
+    parts: list[NDArray[Any]] = []
     for part in ("TRAIN", "TEST"):
         xs, y = load_from_ts_file(str(folder / f"PLAID_{part}.ts"))
         grid = np.linspace(0.0, 1.0, PLAID_LENGTH)
