@@ -574,8 +574,8 @@ def cli_demo(argv: Sequence[str]) -> int:
             if info["note"]:
                 print(f"    {info['note']}")
             for device, answer in info["answers"].items():
-                if not ({"ood_score", "score", "explain"} & set(answer)):
-                    continue  # the plain classifiers: the counts above say it
+                if not ({"score", "explain"} & set(answer)) and "unknown" not in answer["labels"]:
+                    continue  # the classifiers' known answers: the counts above say it
                 seen = ", ".join(f"{label} x{n}" for label, n in sorted(answer["labels"].items()))
                 line = f"    {device}: {seen}"
                 if "first_anomaly_s" in answer:

@@ -119,6 +119,14 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
         lines += ["", _plot("confusion matrix", "confusion_matrix.png"), ""]
     if "calibration" in report:
         lines += _calibration(report["calibration"])
+    if "ood" in report:
+        from exporters.ood import served_ood_markdown
+
+        lines += served_ood_markdown(report["ood"])
+    if "resamples" in report:
+        from exporters.resamples import markdown
+
+        lines += ["", markdown(report["resamples"])]
     lines += ["", "## Parity", "", "| check | max abs diff | argmax agreement | |", "|---|---|---|---|"]
     for key, p in report["parity"].items():
         note = p.get("method", "")

@@ -136,6 +136,13 @@ class CalibrationSpec(_Strict):
         description="Without a validation split: folds of the cross-fit whose out-of-fold outputs "
         "the temperature is fitted on (the number of training series = leave-one-out).",
     )
+    held_out: Literal["crossfit", "resamples"] = Field(
+        default="crossfit",
+        description="Without a validation split (zoo only): crossfit = out-of-fold outputs of the "
+        "cross-fit; resamples = outputs of this recipe's models trained on stratified resamples of "
+        "train + test (python -m exporters.resamples, as many training series as the served model) on "
+        "the official training series they did not train on (never an official test series).",
+    )
 
 
 class Recipe(_Strict):

@@ -48,9 +48,13 @@ CALIBRATION = (
     " scalar T per file, fitted by NLL on data the served weights never trained on, folded in as a "
     "Mul before the final Softmax (accuracy unchanged). Occupancy has a validation split. "
     "BasicMotions puts every training series into training, so T is fitted on leave-one-out outputs "
-    "of 40 models of the same recipe. For appliance (ACSF1, same situation) the 5-fold cross-fit's T "
-    "is reported but not applied: its fold models are far weaker than the served one (0.74 vs 0.90) "
-    "and their T would raise the test ECE; the card gives the figures. The test split is never used "
+    "of 40 models of the same recipe. For appliance (ACSF1, same situation) T is fitted on the "
+    "outputs of models of the same recipe trained on stratified resamples (`python -m "
+    "exporters.resamples`), on the official training series each did not train on, and reported but "
+    "not applied: those models are over-confident on held-out series (T > 1) while the served one is "
+    "under-confident on the official test split, an easier split for this recipe than a resample's, "
+    "so applied it would raise the test ECE (a 5-fold cross-fit before: the same); the card gives "
+    "the figures. The test split is never used "
     "for fitting. Test split figures (ECE: 15 equal-width confidence bins); reliability diagrams in "
     "each card. Goal: ECE <= 0.03; the last column is the ECE that a perfectly calibrated model with "
     "the same confidences shows on a test split of that size (sampling noise alone)"
@@ -61,6 +65,19 @@ QUANT = (
     "test rows. The dynamic int8 the zoo shipped before for activity and occupancy (scales picked per"
     " batch) is rebuilt from the same fp32 weights and measured in the same run for comparison; it is"
     " not shipped. Latency: median, one thread"
+)
+SERVED_OOD = (
+    "Every served classifier file (fp32 and int8) has a second output `ood_score` beside its "
+    "probabilities (`python -m exporters.ood zoo`, also run by the zoo build): the squared Mahalanobis "
+    "distance of its penultimate features to the nearest class mean (shared covariance, shrinkage "
+    "0.1, fitted on the training inputs), computed in the graph; the probabilities are bit for bit "
+    "those without it. The threshold in the manifest (`provenance.ood`) leaves 95 % of held-out known "
+    "scores below it: occupancy's validation rooms; appliance and activity keep no validation split, so"
+    " leave-one-out distances of the training inputs (class means and covariance refitted without "
+    "each; the network did see them). The daemon publishes `unknown` above it. Test split figures; "
+    "noise and shuffled are unlike inputs generated from the test split (`exporters.ood.unlike_inputs`:"
+    " Gaussian samples with each feature's mean and std; each test input's time steps permuted). "
+    "`tests/test_zoo.py` recomputes them with ONNX Runtime alone"
 )
 OUTRO = (
     "How the files are made and checked: [exporting.md](exporting.md). `tests/test_zoo.py` reloads "
@@ -117,6 +134,8 @@ def held_out_outputs(
         x = ds.model_input(ds.x_val)
         probs = {k: run_onnx(session(p), x, batch=1 if k == "int8" else 256) for k, p in files.items()}
         return probs, ds.y_val, f"the recipe's validation split ({len(ds.y_val)} samples, never trained on)"
+    if recipe.calibration.held_out == "resamples":
+        return resample_outputs(recipe, ds, files)
     from exporters.crossfit import crossfit_outputs
 
     cf = crossfit_outputs(recipe, ds, folds, cache=work / "crossfit.npz")
@@ -127,6 +146,21 @@ def held_out_outputs(
         f"predicting the fold it did not see ({cf['seconds']:.0f} s); the test split is never used"
     )
     return {k: cf[k] for k in files}, cf["y"], what
+
+
+def resample_outputs(
+    recipe: Recipe, ds: DataSet, files: dict[str, Path]
+) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """Held-out outputs from the resample fits (``python -m exporters.resamples acsf1 --cnn N``).
+
+    Each resample's model (this recipe, as many training series as the served one) predicted the
+    series it did not train on; only those that are official training series are kept, so no
+    official test series reaches the fit. The same outputs serve fp32 and int8 (the fits are fp32).
+    """
+    from exporters.resamples import held_out_training_outputs
+
+    probs, y, what = held_out_training_outputs(ROOT / "build" / "resamples", len(ds.y_train))
+    return dict.fromkeys(files, probs), y, what
 
 
 def finish(
@@ -189,6 +223,10 @@ def finish(
         )
         if recipe.calibration.note:
             extra["calibration"]["note"] = recipe.calibration.note
+        from exporters.ood import served_ood
+
+        extra["ood"] = served_ood(final, ds)
+        extra["ood"]["command"] = f"python -m exporters.ood zoo {name} (also part of this build)"
     else:
         for kind in ("fp32", "int8"):
             final[kind].write_bytes(raw[kind].read_bytes())
@@ -272,6 +310,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     from edge.manifest import Manifest
     from exporters.calibrate import strip_temperature
     from exporters.onnxutil import get_manifest, set_manifest
+    from exporters.ood import strip_ood
 
     out = models_dir / name
     recipe: Recipe = load_recipe(out / "recipe.yaml")
@@ -280,6 +319,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     work.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(out / f"{name}.fp32.onnx"))
     strip_temperature(model)
+    strip_ood(model)
     manifest = get_manifest(model)
     if manifest is None:
         raise SystemExit(f"[{name}] the committed fp32 model has no manifest")
@@ -290,6 +330,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
     data = manifest.model_dump(mode="json")
     data["provenance"] = {**data["provenance"], "recipe": recipe.model_dump(mode="json")}
     data["provenance"].pop("calibration", None)
+    data["provenance"].pop("ood", None)
     set_manifest(model, Manifest.model_validate(data))
     raw_fp32 = work / f"{name}.uncalibrated.fp32.onnx"
     onnx.save_model(model, str(raw_fp32))
@@ -304,7 +345,7 @@ def requantize_one(name: str, models_dir: Path, build_dir: Path) -> dict[str, An
         "(keeps the committed fp32 weights)",
         "training": old["training"],
     }
-    for key in ("baseline", "weights_trained"):
+    for key in ("baseline", "weights_trained", "resamples"):
         if key in old:
             extra[key] = old[key]
     if "pytorch_vs_fp32" in old.get("parity", {}):
@@ -367,6 +408,47 @@ def also_bundled(models_dir: Path) -> list[str]:
     return ["## Also bundled", "", *lines, ""] if lines else []
 
 
+def served_open_set(reports: list[dict[str, Any]]) -> list[str]:
+    """docs/models.md: the served classifiers' ``ood_score`` (report['ood'], exporters.ood.served_ood)."""
+    rows = [
+        "| model | threshold data | threshold fp32 / int8 | known test flagged fp32 / int8 "
+        "| accuracy, `unknown` counted wrong, fp32 / int8 | noise flagged | shuffled flagged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        ood = r.get("ood")
+        if not ood:
+            continue
+        f = ood["files"]
+        held = (
+            "validation split"
+            if ood["threshold_data"].startswith("the validation")
+            else ("leave-one-out on train")
+        )
+
+        def both(get: Any, fmt: str = ".3f", f: dict[str, Any] = f) -> str:
+            return " / ".join(f"{get(f[k]):{fmt}}" for k in ("fp32", "int8"))
+
+        rows.append(
+            f"| {r['name']} | {held} | {both(lambda v: v['threshold'], '.4g')} "
+            f"| {both(lambda v: v['known_test_flagged'])} "
+            f"| {both(lambda v: v['accuracy_unknown_counted_wrong'], '.4f')} "
+            f"(argmax {both(lambda v: v['accuracy'], '.4f')}) "
+            f"| {both(lambda v: v['unlike']['noise']['flagged'])} "
+            f"| {both(lambda v: v['unlike']['shuffled']['flagged'])} |"
+        )
+    if len(rows) == 2:
+        return []
+    return [
+        "## Open set: `unknown` from the served classifiers",
+        "",
+        SERVED_OOD + ".",
+        "",
+        *rows,
+        "",
+    ]
+
+
 def models_table(models_dir: Path) -> str:
     """docs/models.md: every bundled model, from the reports."""
     rows = [
@@ -394,6 +476,12 @@ def models_table(models_dir: Path) -> str:
         open_set_markdown(json.loads(p.read_text()))
         for p in sorted(models_dir.glob("*/open_set/report.json"))
     ]
+    from exporters.resamples import markdown as resamples_markdown
+
+    resamples = [  # official split and stratified resamples (python -m exporters.resamples acsf1)
+        resamples_markdown(json.loads(p.read_text()))
+        for p in sorted(models_dir.glob("*/resamples/report.json"))
+    ]
     for r in reports:
         name = r["name"]
         m, f, lat = r["metrics"], r["files"], r["latency_single_thread"]
@@ -414,6 +502,8 @@ def models_table(models_dir: Path) -> str:
             c = cal["files"]
             folds = re.search(r"(\d+)-fold cross-fit", cal["fitted_on"])
             held = "validation split" if folds is None else f"{folds.group(1)}-fold cross-fit on train"
+            if "exporters.resamples" in cal["fitted_on"]:
+                held = "resample fits, on official train series they did not see"
             figures = [
                 f"{c[k]['test_before'][metric]:.4f} -> {c[k]['test_after'][metric]:.4f}"
                 for metric in ("ece", "nll")
@@ -496,7 +586,9 @@ def models_table(models_dir: Path) -> str:
             "",
             *q_rows,
             "",
+            *served_open_set(reports),
             *open_set,
+            *resamples,
             *also_bundled(models_dir),
             OUTRO,
             "",
@@ -536,7 +628,13 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" baseline {report['baseline']['accuracy']:.4f}" if "baseline" in report else "")
                 + f"; recommended {report['recommended']}"
             )
-    args.docs.write_text(models_table(args.models_dir), encoding="utf-8")
+    text = models_table(args.models_dir)
+    if args.docs.exists():  # hand-written sections after the generated part (e.g. explain) are kept
+        old = args.docs.read_text(encoding="utf-8")
+        end = old.find(OUTRO)
+        if end >= 0:
+            text = text.rstrip("\n") + "\n" + old[end + len(OUTRO) :].split("\n", 1)[1]
+    args.docs.write_text(text, encoding="utf-8")
     print(f"wrote {args.docs}")
     return 0
 
