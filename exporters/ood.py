@@ -27,6 +27,7 @@ plaid`` the same on PLAID (sktime's data files; docs/exporting.md says why no fi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -706,6 +707,7 @@ def served_zoo(names: list[str], models_dir: Path, tpr: float = SERVED_TPR) -> N
         report["ood"]["command"] = f"python -m exporters.ood zoo {name}"
         for kind, path in files.items():
             report["files"][kind]["size_bytes"] = path.stat().st_size
+            report["files"][kind]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
         manifest = read_manifest(files["fp32"])
         assert manifest is not None
