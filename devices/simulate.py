@@ -479,7 +479,12 @@ class Simulator:
         goodbye (offline) for at most ``goodbye_s`` seconds.
         """
         if isinstance(client_or_url, str):
-            import aiomqtt
+            try:
+                import aiomqtt
+            except ImportError as exc:  # the daemon needs no MQTT client library; the simulator does
+                raise SystemExit(
+                    "edge-infer simulate needs the demo extra (aiomqtt): pip install 'edge-infer[demo]'"
+                ) from exc
 
             kwargs = client_kwargs(client_or_url)
             async with aiomqtt.Client(**kwargs) as client:

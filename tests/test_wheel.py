@@ -82,6 +82,8 @@ def test_sdist_and_wheel_carry_the_zoo_and_the_examples(dist: Path) -> None:
     # no MQTT client library: the daemon speaks MQTT itself (edge/mqttcodec.py)
     assert not {r.split()[1].split(">")[0].split("<")[0].lower() for r in runtime} & {"aiomqtt", "paho-mqtt"}
     assert all("<" in r for r in runtime), runtime
+    # the simulated home (edge-infer simulate, the demo) publishes with aiomqtt: the demo extra has it
+    assert any(r.split()[1].startswith("aiomqtt") and 'extra == "demo"' in r for r in requires), requires
 
 
 def test_installed_wheel_lists_and_resolves_the_zoo(venv: Path, tmp_path: Path) -> None:
