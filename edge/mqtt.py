@@ -222,7 +222,13 @@ class _Connection(asyncio.Protocol):
 
 
 class MqttLink:
-    """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called."""
+    """Connects, keeps connecting, subscribes and publishes. ``run`` returns when ``stop`` is called.
+
+    Two ways to run it: ``await link.run()`` inside the caller's own task group (the daemon does,
+    so a link that fails stops the daemon), or ``async with link:``, which runs it in a task of
+    its own for the block and, on leaving, stops it (the offline status if it has a status topic,
+    then a clean DISCONNECT, so the broker sends no last will) and waits for it, raising what the
+    link raised."""
 
     def __init__(
         self,
@@ -312,6 +318,20 @@ class MqttLink:
         self._last_in = 0.0
         self._last_out = 0.0
         self._ping_sent: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> MqttLink:
+        if self._task is not None:
+            raise RuntimeError("this MqttLink is already running in an async with block")
+        self._task = asyncio.create_task(self.run(), name=f"mqtt-link {self.cfg.resolved_client_id()}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self.stop()
+        await task
 
     def _load_subscribed(self) -> dict[str, int]:
         path = self._subscriptions_file

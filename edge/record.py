@@ -251,26 +251,23 @@ async def _record(  # noqa: PLR0917
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    task = asyncio.create_task(link.run())
     started = time.monotonic()
     try:
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 1.0)
-            elapsed = time.monotonic() - started
-            if args.duration is not None and elapsed >= args.duration:
-                break
-            if not args.quiet and sys.stderr.isatty():
-                target = f"/{args.max_rows}" if args.max_rows else ""
-                print(
-                    f"\rrecording {pipeline.name}: {recorder.rows}{target} rows, {elapsed:.0f}s",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        async with link:
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 1.0)
+                elapsed = time.monotonic() - started
+                if args.duration is not None and elapsed >= args.duration:
+                    break
+                if not args.quiet and sys.stderr.isatty():
+                    target = f"/{args.max_rows}" if args.max_rows else ""
+                    print(
+                        f"\rrecording {pipeline.name}: {recorder.rows}{target} rows, {elapsed:.0f}s",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
-        link.stop()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(task, 5)
         if not args.quiet and sys.stderr.isatty():
             print(file=sys.stderr)

@@ -302,3 +302,50 @@ def test_stop_while_waiting_for_the_connack_ends_the_link() -> None:
         server.close()
     assert link.last_error == "stopped while waiting for the CONNACK"
     assert not link.ever_connected.is_set() and link.reconnects == 0
+
+
+def test_async_with_runs_the_link_for_the_block_and_leaves_cleanly(
+    mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    """``async with link:`` connects, subscribes and publishes for the block; leaving it publishes
+    the offline status, disconnects (so no last will follows) and ends the link's task; a second
+    ``async with`` on a running link is refused."""
+    p = topic_prefix
+    collector = _Collector(mosquitto.url, f"{p}/#")
+    got: list[tuple[str, bytes]] = []
+    arrived = asyncio.Event()
+
+    def on_message(topic: str, payload: bytes, token: object) -> None:
+        got.append((topic, payload))
+        arrived.set()
+
+    cfg = MqttConfig(url=mosquitto.url, client_id=f"with-{p}", persistent_session=False)
+    link = MqttLink(
+        cfg,
+        subscriptions=lambda: [(f"{p}/in", 1)],
+        on_message=on_message,
+        status_topic=f"{p}/status",
+    )
+
+    async def main() -> None:
+        async with link as entered:
+            assert entered is link
+            await asyncio.wait_for(link.connected.wait(), 10)
+            with pytest.raises(RuntimeError, match="already running"):
+                await link.__aenter__()
+            link.publish(Outgoing(f"{p}/out", b"answer", qos=1))
+            await asyncio.to_thread(collector.client.publish, f"{p}/in", b"input", 1)
+            await asyncio.wait_for(arrived.wait(), 10)
+        assert not link.connected.is_set()
+
+    try:
+        asyncio.run(main())
+        collector.wait(3)
+        time.sleep(0.5)  # a last will would follow the disconnect at once
+    finally:
+        collector.close()
+    assert got == [(f"{p}/in", b"input")]
+    assert (f"{p}/out", b"answer") in [(t, m) for t, m, _, _ in collector.messages]
+    statuses = [m for t, m, _, _ in collector.messages if t == f"{p}/status"]
+    assert statuses[-1:] == [b"offline"], collector.messages
+    assert statuses.count(b"offline") == 1, statuses
