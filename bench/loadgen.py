@@ -200,6 +200,11 @@ class Subscriber:
         if not self._conn.poll(20) or self._conn.recv() != "ready":
             raise RuntimeError("benchmark subscriber did not start")
 
+    @property
+    def pid(self) -> int | None:
+        """The subscriber process's pid (for its CPU time)."""
+        return self._proc.pid
+
     def count(self) -> int:
         self._conn.send("count")
         return int(self._conn.recv())

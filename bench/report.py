@@ -80,6 +80,11 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """A table cell: a ``|`` in a label (the C-client pipe) would split the row."""
+    return text.replace("|", "\\|")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     head = result["headline"]
@@ -106,12 +111,36 @@ def markdown(result: dict[str, Any]) -> str:
             return f"{_fmt(p.get('p50'), 2)} / {_fmt(p.get('p99'), 2)}" if p.get("n") else "–"
 
         lines.append(
-            f"| {system['label']} | {_fmt(rate, 0)} | "
+            f"| {_cell(system['label'])} | {_fmt(rate, 0)} | "
             f"{_fmt(sat.get('busy_cores'), 2)} / {_fmt(sat.get('machine_busy_cores'), 2)} | "
             f"{_fmt(rate / ceiling, 2) if rate and ceiling else '–'} | {lat('100')} | {lat('1000')} | "
             f"{lat('saturation')} | {_fmt(sat.get('cpu_s_per_1000'), 3)} | {_fmt(system.get('peak_rss_mb'))} "
             f"| {_fmt(system.get('ready_s'), 2)} |"
         )
+    split_rows = [
+        (system, system["loads"].get("saturation", {}))
+        for system in result["systems"].values()
+        if system["loads"].get("saturation", {}).get("cores_by_process")
+    ]
+    if split_rows:
+        usable = m.get("usable_cpus")
+        lines += [
+            "",
+            f"Where the {usable} usable CPUs went at saturation (each process's CPU seconds per wall "
+            "second from the first send to the last answer, median of the repetitions; a sum near "
+            "the usable CPUs says the machine, not the system, is the bound):",
+            "",
+            "| system | system cores | broker cores | publishers cores | subscriber cores | sum "
+            "| broker µs /msg |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for system, sat in split_rows:
+            c = sat["cores_by_process"]
+            lines.append(
+                f"| {_cell(system['label'])} | {_fmt(c.get('system'), 2)} | {_fmt(c.get('broker'), 2)} "
+                f"| {_fmt(c.get('publishers'), 2)} | {_fmt(c.get('subscriber'), 2)} "
+                f"| {_fmt(sum(c.values()), 2)} | {_fmt(sat.get('broker_us_per_msg'), 1)} |"
+            )
     if result["scaling"]["devices"]:
         lines += [
             "",

@@ -168,6 +168,27 @@ class Bench:
         self.sub.close()
         self.broker.stop()
 
+    def _others_cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the broker, the publishers (children of this process that have
+        exited and been joined: ``os.times``' children fields) and the subscriber process."""
+        import psutil
+
+        def cpu(pid: int | None) -> float:
+            if pid is None:
+                return 0.0
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                return 0.0
+            return float(t.user + t.system)
+
+        mine = os.times()
+        return {
+            "broker": cpu(self.broker.process.pid if self.broker.process else None),
+            "publishers": mine.children_user + mine.children_system,
+            "subscriber": cpu(self.sub.pid),
+        }
+
     # ------------------------------------------------------------------ phases
 
     def start(self, system: System) -> None:
@@ -186,6 +207,7 @@ class Bench:
         import psutil
 
         self.sub.take()
+        others = self._others_cpu_s()
         cpu0 = system.cpu_s()
         host0, wall0 = psutil.cpu_times(), time.perf_counter()
         processes = 1 if rate is not None else self.s.publishers
@@ -193,6 +215,7 @@ class Bench:
         self.sub.settle(count, idle_s=1.0 + len(system.streams) / 5000, timeout_s=max(30.0, count / 500))
         cpu1 = system.cpu_s()
         host1, wall1 = psutil.cpu_times(), time.perf_counter()
+        others = {k: v - others[k] for k, v in self._others_cpu_s().items()}
         records = self.sub.take()
         m = match(records, system.streams, idx, sent)
         span = float(m.arrivals.max() - sent.min()) if m.answers else 0.0
@@ -201,7 +224,11 @@ class Bench:
         # to the last answer (below 1 at saturation: it idles while input waits), and the whole
         # machine's (publishers, broker, subscriber and everyone else on it) over the phase as
         # sampled (publishers' start and the settle wait included: a lower bound at saturation).
+        # Where the cores went over that span: the system's, the broker's, the publishers' and the
+        # subscriber's CPU seconds per wall second (each does its work inside the span, so this is
+        # their busy cores there; the sum near the usable CPUs says the machine is the bound).
         host_busy = _busy_s(host1) - _busy_s(host0)
+        cores = {"system": (cpu1 - cpu0), **others}
         return {
             "offered_msg_s": rate,
             "sent": int(sent.size),
@@ -214,6 +241,8 @@ class Bench:
             "cpu_s_per_1000": round((cpu1 - cpu0) / max(1, sent.size) * 1000, 4),
             "busy_cores": round((cpu1 - cpu0) / span, 3) if span > 0 else None,
             "machine_busy_cores": round(host_busy / (wall1 - wall0), 3),
+            "cores_by_process": {k: round(v / span, 3) for k, v in cores.items()} if span > 0 else None,
+            "broker_us_per_msg": round(others["broker"] / max(1, sent.size) * 1e6, 2),
             "rss_mb": round(system.rss_mb(), 1),
             "unmatched": m.unmatched,
             "_latencies": m.latencies_s,
@@ -226,6 +255,8 @@ class Bench:
         cpu = [r["cpu_s_per_1000"] for r in reps]
         busy = [r["busy_cores"] for r in reps if r["busy_cores"] is not None]
         host = [r["machine_busy_cores"] for r in reps if r["machine_busy_cores"] is not None]
+        split = [r["cores_by_process"] for r in reps if r.get("cores_by_process")]
+        broker_us = [r["broker_us_per_msg"] for r in reps if r.get("broker_us_per_msg") is not None]
         return {
             "throughput_msg_s": round(statistics.median(rates), 1) if rates else None,
             "throughput_reps": rates,
@@ -237,6 +268,10 @@ class Bench:
             "cpu_s_per_1000": round(statistics.median(cpu), 4) if cpu else None,
             "busy_cores": round(statistics.median(busy), 3) if busy else None,
             "machine_busy_cores": round(statistics.median(host), 3) if host else None,
+            "cores_by_process": (
+                {k: round(statistics.median(c[k] for c in split), 3) for k in split[0]} if split else None
+            ),
+            "broker_us_per_msg": round(statistics.median(broker_us), 2) if broker_us else None,
             "rss_mb": reps[-1]["rss_mb"] if reps else None,
         }
 

@@ -35,11 +35,19 @@ def test_tiny_bench_run_writes_results(tmp_path: Path) -> None:
         # (a tiny burst may take less CPU than the 10 ms a process's clock ticks in: >= 0)
         assert sat["busy_cores"] is not None and sat["busy_cores"] >= 0
         assert sat["machine_busy_cores"] is not None and sat["machine_busy_cores"] > 0
+        # where the cores went (a tiny burst may take the broker less than a clock tick: >= 0)
+        split = sat["cores_by_process"]
+        assert set(split) == {"system", "broker", "publishers", "subscriber"}
+        assert min(split.values()) >= 0 and sat["broker_us_per_msg"] >= 0
+        # the publishers are forked, connect and send for every burst: never less than a tick
+        assert split["publishers"] > 0, split
         assert set(sat["latency_ms"]) >= {"p50", "p95", "p99", "n"}
         assert sat["received"] > 0  # the answers were seen and matched to their inputs
         assert sat["latency_ms"]["n"] > 0
     assert [row["devices"] for row in data["scaling"]["devices"]] == [1, 10]
     assert [row["pipelines"] for row in data["scaling"]["pipelines"]] == [1]
+    # over all rows the broker relayed thousands of messages: its CPU shows
+    assert sum(s["loads"]["saturation"]["broker_us_per_msg"] for s in data["systems"].values()) > 0
     assert data["headline"]["ceiling_msg_s"] is not None
     assert data["headline"]["c_pipe_msg_s"] is not None  # the C clients relayed every input
     assert data["systems"]["c-pipe"]["loads"]["saturation"]["lost"] == 0
