@@ -46,10 +46,12 @@ class Variant:
     tree: Path
     env: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, str] = field(default_factory=dict)  # overrides of the config's mqtt section
+    zoo: Path | None = None  # the zoo-<name> pipelines' models from this folder (default: ./models)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """``NAME=TREE[,KEY=VALUE...]``: environment variables, or ``mqtt.KEY=VALUE`` for the config."""
+        """``NAME=TREE[,KEY=VALUE...]``: environment variables, ``mqtt.KEY=VALUE`` for the config,
+        or ``zoo=DIR`` for the zoo models of another tree (``DIR/<name>/<name>.int8.onnx``)."""
         name, _, rest = text.partition("=")
         if not name or not rest:
             raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=TREE[,KEY=VALUE...]")
@@ -59,13 +61,18 @@ class Variant:
             raise argparse.ArgumentTypeError(f"variant {name}: {tree} holds no edge/ package")
         env: dict[str, str] = {}
         mqtt: dict[str, str] = {}
+        zoo: Path | None = None
         for pair in pairs:
             key, _, value = pair.partition("=")
             if key.startswith("mqtt."):
                 mqtt[key.removeprefix("mqtt.")] = value
+            elif key == "zoo":
+                zoo = Path(value).resolve()
+                if not zoo.is_dir():
+                    raise argparse.ArgumentTypeError(f"variant {name}: zoo={value} is not a folder")
             else:
                 env[key] = value
-        return cls(name, tree, env, mqtt)
+        return cls(name, tree, env, mqtt, zoo)
 
 
 def _system(
@@ -89,13 +96,14 @@ def _system(
                 PipelineSpec(f"p{i}", Path(model), tuple(models.FF_FEATURES), None, devices, qos, topic)
             )
     elif pipeline == "zoo-all":  # memory: every zoo model in a pipeline of its own
-        specs = [PipelineSpec(n, p, f, w, max(1, devices // 3)) for n, (p, f, w) in zoo_models().items()]
+        found = zoo_models(variant.zoo) if variant.zoo else zoo_models()
+        specs = [PipelineSpec(n, p, f, w, max(1, devices // 3)) for n, (p, f, w) in found.items()]
     elif pipeline == "snapshot":
         spec = PipelineSpec("snap", bench.ff, tuple(models.FF_FEATURES), None, devices)
     elif pipeline == "window":
         spec = PipelineSpec("win", bench.win, tuple(models.WINDOW_CHANNELS), models.WINDOW_SIZE, devices)
     else:
-        zoo = zoo_models()
+        zoo = zoo_models(variant.zoo) if variant.zoo else zoo_models()
         name = pipeline.removeprefix("zoo-")
         if name not in zoo:
             raise SystemExit(f"bench.ab: no zoo model {name!r} (have {', '.join(zoo) or 'none'})")

@@ -76,9 +76,39 @@ def test_ab_variant_parsing(tmp_path: Path) -> None:
         {"EDGE_INFER_LOOP": "asyncio"},
         {"protocol": "3.1.1"},
     )
-    for bad in ("new", "=.", f"old={tmp_path}"):  # no tree, no name, a folder without edge/
+    assert v.zoo is None
+    assert Variant.parse(f"dyn=.,zoo={tmp_path}").zoo == tmp_path.resolve()  # another tree's models
+    missing = tmp_path / "missing"
+    for bad in ("new", "=.", f"old={tmp_path}", f"dyn=.,zoo={missing}"):
+        # no tree, no name, a folder without edge/, a zoo folder that is not there
         with pytest.raises(argparse.ArgumentTypeError):
             Variant.parse(bad)
+
+
+def test_profile_groups_sums_own_time_by_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import cProfile
+    import json
+
+    from bench.profile_groups import group_of, groups, main
+    from edge.decode import to_float
+
+    assert group_of("/x/edge/decode.py", "decode") == "edge/decode.py"
+    assert group_of("/usr/lib/python3.11/asyncio/runners.py", "run") == "event loop (waits, socket calls)"
+    assert group_of("~", "<method 'get' of 'dict' objects>") == "built-ins"
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(2000):
+        to_float(json.loads(f'{{"v": {i}}}')["v"], "v")
+    profiler.disable()
+    path = tmp_path / "p.prof"
+    profiler.dump_stats(str(path))
+    total, rows = groups(path)
+    parts = dict(rows)
+    assert parts["edge/decode.py"] > 0 and parts["json"] > 0
+    assert abs(sum(parts.values()) - total) < 1e-9
+    assert main([str(path), "--messages", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "| edge/decode.py |" in out and "µs per message" in out
 
 
 def test_micro_answers_runs(capsys: pytest.CaptureFixture[str]) -> None:
