@@ -228,30 +228,36 @@ class FeatureMonitor:
         self.ring[slot] = b
         self.counts[b] += 1
         self.seen += 1
+        # A diagnostic's text is built only when its state flips: formatting it for every reading
+        # was most of this method's cost (it runs per device and feature on every input).
+        active = self.active
         if self.seen >= self.window and self.stats.judge_drift:
             self._update_psi((b,) if b == old else (b, old))
             if self.psi > self.psi_alarm:
-                self._flip("drift", True, f"PSI {self.psi:.2f} over the last {self.window} samples", out)
-            elif self.psi < self.psi_clear:
+                if "drift" not in active:
+                    self._flip("drift", True, f"PSI {self.psi:.2f} over the last {self.window} samples", out)
+            elif self.psi < self.psi_clear and "drift" in active:
                 self._flip("drift", False, f"PSI {self.psi:.2f}", out)
         if value < self.low or value > self.high:
             self.outside += 1
         else:
             self.outside = 0
-        self._flip(
-            "out_of_range",
-            self.outside >= self.range_after,
-            f"{value:g} outside training range [{self.stats.min:g}, {self.stats.max:g}]",
-            out,
-        )
+        if (self.outside >= self.range_after) != ("out_of_range" in active):
+            self._flip(
+                "out_of_range",
+                self.outside >= self.range_after,
+                f"{value:g} outside training range [{self.stats.min:g}, {self.stats.max:g}]",
+                out,
+            )
         self.run = self.run + 1 if value == self.last else 1
         self.last = value
-        self._flip(
-            "stuck",
-            self.run >= self.stuck_after,
-            f"{value:g} for {self.run} samples (training's longest run {self.stats.longest_run})",
-            out,
-        )
+        if (self.run >= self.stuck_after) != ("stuck" in active):
+            self._flip(
+                "stuck",
+                self.run >= self.stuck_after,
+                f"{value:g} for {self.run} samples (training's longest run {self.stats.longest_run})",
+                out,
+            )
 
 
 class DriftMonitor:
