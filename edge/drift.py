@@ -242,22 +242,16 @@ class FeatureMonitor:
             self.outside += 1
         else:
             self.outside = 0
-        if (self.outside >= self.range_after) != ("out_of_range" in active):
-            self._flip(
-                "out_of_range",
-                self.outside >= self.range_after,
-                f"{value:g} outside training range [{self.stats.min:g}, {self.stats.max:g}]",
-                out,
-            )
+        outside = self.outside >= self.range_after
+        if outside != ("out_of_range" in active):
+            detail = f"{value:g} outside training range [{self.stats.min:g}, {self.stats.max:g}]"
+            self._flip("out_of_range", outside, detail, out)
         self.run = self.run + 1 if value == self.last else 1
         self.last = value
-        if (self.run >= self.stuck_after) != ("stuck" in active):
-            self._flip(
-                "stuck",
-                self.run >= self.stuck_after,
-                f"{value:g} for {self.run} samples (training's longest run {self.stats.longest_run})",
-                out,
-            )
+        stuck = self.run >= self.stuck_after
+        if stuck != ("stuck" in active):
+            detail = f"{value:g} for {self.run} samples (training's longest run {self.stats.longest_run})"
+            self._flip("stuck", stuck, detail, out)
 
 
 class DriftMonitor:
