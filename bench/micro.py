@@ -7,11 +7,15 @@ alternating); the verdict is the median over repetitions.
 * ``answers``: post-processing and the answer's JSON for batches of 64, classification with the
   default ``top_k: 3`` (``json.dumps`` of a dict per answer, as edge/daemon.py did, against
   :meth:`edge.outputs.PostProcessor.answer`); ``--top-k 0`` for label and confidence only.
+* ``drift``: the inputs watch's :class:`edge.drift.DriftMonitor` for the zoo occupancy model's 4
+  features over 20,000 readings, per reading: each diagnostic's text formatted on every reading,
+  as edge/drift.py did, against the text built only when a diagnostic flips.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import time
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.drift import Diagnostic, DriftMonitor, FeatureMonitor, training_stats
 from edge.outputs import PostProcessor, softmax
 
 
@@ -75,13 +80,66 @@ def answers(batch: int = 64, batches: int = 200, top_k: int = 3) -> dict[str, Ca
     return {"old": old, "new": new}
 
 
+def _old_observe(m: FeatureMonitor, value: float, out: list[Diagnostic]) -> None:
+    """edge/drift.py's FeatureMonitor.observe before the change (PSI not judged, as for the zoo)."""
+    b = bisect.bisect_right(m.edges, value)
+    slot = m.seen % m.window
+    old = m.ring[slot]
+    if m.seen >= m.window:
+        m.counts[old] -= 1
+    m.ring[slot] = b
+    m.counts[b] += 1
+    m.seen += 1
+    m.outside = m.outside + 1 if value < m.low or value > m.high else 0
+    m._flip(
+        "out_of_range",
+        m.outside >= m.range_after,
+        f"{value:g} outside training range [{m.stats.min:g}, {m.stats.max:g}]",
+        out,
+    )
+    m.run = m.run + 1 if value == m.last else 1
+    m.last = value
+    m._flip(
+        "stuck",
+        m.run >= m.stuck_after,
+        f"{value:g} for {m.run} samples (training's longest run {m.stats.longest_run})",
+        out,
+    )
+
+
+def drift(readings: int = 20_000) -> dict[str, Callable[[], float]]:
+    rng = np.random.default_rng(0)
+    centre, spread = np.array([21.0, 45.0, 300.0, 600.0]), np.array([2.0, 5.0, 100.0, 200.0])
+    rows = (rng.normal(size=(readings, 4)) * spread + centre).tolist()
+    features = ("temperature", "humidity", "illuminance", "co2")
+    stats = training_stats(features, rng.normal(size=(5000, 4)) * spread + centre, pooled=True)
+
+    def old() -> float:
+        monitors = DriftMonitor(stats).features
+        began = time.process_time()
+        for row in rows:
+            out: list[Diagnostic] = []
+            for monitor, value in zip(monitors, row, strict=True):
+                _old_observe(monitor, value, out)
+        return (time.process_time() - began) / readings
+
+    def new() -> float:
+        monitor = DriftMonitor(stats)
+        began = time.process_time()
+        for row in rows:
+            monitor.observe(row)
+        return (time.process_time() - began) / readings
+
+    return {"old": old, "new": new}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["answers"])
+    parser.add_argument("step", choices=["answers", "drift"])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--top-k", type=int, default=3)
     opts = parser.parse_args(argv)
-    variants = answers(top_k=opts.top_k)
+    variants = answers(top_k=opts.top_k) if opts.step == "answers" else drift()
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for rep in range(opts.reps):

@@ -119,6 +119,14 @@ def test_micro_answers_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "answers old:" in out and "answers new:" in out
 
 
+def test_micro_drift_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.micro import main
+
+    assert main(["drift", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "drift old:" in out and "drift new:" in out
+
+
 def test_loop_cpu_runs(capsys: pytest.CaptureFixture[str]) -> None:
     from bench.loop_cpu import main
 
