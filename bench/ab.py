@@ -86,6 +86,7 @@ def _system(
     qos: int = 0,
 ) -> System:
     specs: list[PipelineSpec]
+    zoo_root = variant.zoo or ROOT / "models"
     if pipeline.startswith("shared-"):
         count = int(pipeline.removeprefix("shared-"))
         specs = []
@@ -96,14 +97,14 @@ def _system(
                 PipelineSpec(f"p{i}", Path(model), tuple(models.FF_FEATURES), None, devices, qos, topic)
             )
     elif pipeline == "zoo-all":  # memory: every zoo model in a pipeline of its own
-        found = zoo_models(variant.zoo) if variant.zoo else zoo_models()
+        found = zoo_models(zoo_root)
         specs = [PipelineSpec(n, p, f, w, max(1, devices // 3)) for n, (p, f, w) in found.items()]
     elif pipeline == "snapshot":
         spec = PipelineSpec("snap", bench.ff, tuple(models.FF_FEATURES), None, devices)
     elif pipeline == "window":
         spec = PipelineSpec("win", bench.win, tuple(models.WINDOW_CHANNELS), models.WINDOW_SIZE, devices)
     else:
-        zoo = zoo_models(variant.zoo) if variant.zoo else zoo_models()
+        zoo = zoo_models(zoo_root)
         name = pipeline.removeprefix("zoo-")
         if name not in zoo:
             raise SystemExit(f"bench.ab: no zoo model {name!r} (have {', '.join(zoo) or 'none'})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -80,31 +81,46 @@ def answers(batch: int = 64, batches: int = 200, top_k: int = 3) -> dict[str, Ca
     return {"old": old, "new": new}
 
 
-def _old_observe(m: FeatureMonitor, value: float, out: list[Diagnostic]) -> None:
-    """edge/drift.py's FeatureMonitor.observe before the change (PSI not judged, as for the zoo)."""
-    b = bisect.bisect_right(m.edges, value)
-    slot = m.seen % m.window
-    old = m.ring[slot]
-    if m.seen >= m.window:
-        m.counts[old] -= 1
-    m.ring[slot] = b
-    m.counts[b] += 1
-    m.seen += 1
-    m.outside = m.outside + 1 if value < m.low or value > m.high else 0
-    m._flip(
-        "out_of_range",
-        m.outside >= m.range_after,
-        f"{value:g} outside training range [{m.stats.min:g}, {m.stats.max:g}]",
-        out,
-    )
-    m.run = m.run + 1 if value == m.last else 1
-    m.last = value
-    m._flip(
-        "stuck",
-        m.run >= m.stuck_after,
-        f"{value:g} for {m.run} samples (training's longest run {m.stats.longest_run})",
-        out,
-    )
+class _OldFeatureMonitor(FeatureMonitor):
+    """FeatureMonitor with ``observe`` as edge/drift.py had it before 8f05f3c (verbatim): every
+    diagnostic's text formatted on every reading."""
+
+    def observe(self, value: float, out: list[Diagnostic]) -> None:
+        """Take one reading; appends to ``out`` any diagnostic raised or cleared."""
+        if not math.isfinite(value):
+            return
+        b = bisect.bisect_right(self.edges, value)
+        slot = self.seen % self.window
+        old = self.ring[slot]
+        if self.seen >= self.window:
+            self.counts[old] -= 1
+        self.ring[slot] = b
+        self.counts[b] += 1
+        self.seen += 1
+        if self.seen >= self.window and self.stats.judge_drift:
+            self._update_psi((b,) if b == old else (b, old))
+            if self.psi > self.psi_alarm:
+                self._flip("drift", True, f"PSI {self.psi:.2f} over the last {self.window} samples", out)
+            elif self.psi < self.psi_clear:
+                self._flip("drift", False, f"PSI {self.psi:.2f}", out)
+        if value < self.low or value > self.high:
+            self.outside += 1
+        else:
+            self.outside = 0
+        self._flip(
+            "out_of_range",
+            self.outside >= self.range_after,
+            f"{value:g} outside training range [{self.stats.min:g}, {self.stats.max:g}]",
+            out,
+        )
+        self.run = self.run + 1 if value == self.last else 1
+        self.last = value
+        self._flip(
+            "stuck",
+            self.run >= self.stuck_after,
+            f"{value:g} for {self.run} samples (training's longest run {self.stats.longest_run})",
+            out,
+        )
 
 
 def drift(readings: int = 20_000) -> dict[str, Callable[[], float]]:
@@ -115,12 +131,11 @@ def drift(readings: int = 20_000) -> dict[str, Callable[[], float]]:
     stats = training_stats(features, rng.normal(size=(5000, 4)) * spread + centre, pooled=True)
 
     def old() -> float:
-        monitors = DriftMonitor(stats).features
+        monitor = DriftMonitor(stats)
+        monitor.features = [_OldFeatureMonitor(s) for s in stats]
         began = time.process_time()
         for row in rows:
-            out: list[Diagnostic] = []
-            for monitor, value in zip(monitors, row, strict=True):
-                _old_observe(monitor, value, out)
+            monitor.observe(row)
         return (time.process_time() - began) / readings
 
     def new() -> float:

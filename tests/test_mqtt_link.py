@@ -349,3 +349,29 @@ def test_async_with_runs_the_link_for_the_block_and_leaves_cleanly(
     statuses = [m for t, m, _, _ in collector.messages if t == f"{p}/status"]
     assert statuses[-1:] == [b"offline"], collector.messages
     assert statuses.count(b"offline") == 1, statuses
+
+
+def test_async_with_raises_what_the_link_raised() -> None:
+    """A link whose task failed inside the block: leaving the block raises that error (it is not
+    swallowed), and the link can be entered again afterwards."""
+
+    class FailingLink(MqttLink):
+        async def run(self) -> None:
+            raise ValueError("the link's own failure")
+
+    link = FailingLink(
+        MqttConfig(url="mqtt://127.0.0.1:1", client_id="with-failing"),
+        subscriptions=list,
+        on_message=lambda topic, payload, token: None,
+        status_topic=None,
+    )
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="the link's own failure"):
+            async with link:
+                await asyncio.sleep(0.01)
+        with pytest.raises(ValueError, match="the link's own failure"):
+            async with link:  # entered again: a new task, the same failure
+                pass
+
+    asyncio.run(main())
