@@ -44,6 +44,7 @@ import contextlib
 import heapq
 import json
 import math
+import secrets
 import sys
 import time
 from collections import Counter
@@ -689,7 +690,10 @@ def client_kwargs(url: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "hostname": parts.hostname or "127.0.0.1",
         "port": parts.port or (8883 if tls else 1883),
-        "identifier": f"edge-infer-sim-{int(time.time() * 1000) % 10**9}",
+        # random, not time-based: two simulators started together (as the e2e test does) got the
+        # same millisecond id, and the broker then closed the first one's connection, as MQTT
+        # requires of a second client with an id already connected
+        "identifier": f"edge-infer-sim-{secrets.token_hex(4)}",  # 23 chars: every server allows
     }
     if parts.username:
         kwargs["username"] = unquote(parts.username)

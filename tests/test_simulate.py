@@ -181,6 +181,14 @@ def test_client_kwargs() -> None:
         client_kwargs("http://h")
 
 
+def test_client_ids_differ_between_simulators_started_together() -> None:
+    """Two simulators share a broker in the e2e test; a shared client id makes it drop one of them."""
+    ids = {client_kwargs("mqtt://h")["identifier"] for _ in range(50)}
+    assert len(ids) == 50
+    # 23 characters: what every MQTT 3.1.1 server allows
+    assert all(i.startswith("edge-infer-sim-") and len(i) <= 23 for i in ids)
+
+
 def _decode(decoder: Any, messages: list[tuple[str, bytes]]) -> list[Decoded]:
     return [
         e
