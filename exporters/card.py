@@ -57,6 +57,8 @@ def render_card(report: dict[str, Any], manifest: Manifest) -> str:
         if manifest.normalisation.per_window
         else ("per-feature z-score with training-set statistics")
     )
+    if (manifest.provenance.get("graph_normalisation") or {}).get("kind") == "per_window_level":
+        norm += ", plus each channel's log level as a second channel"
     lines.append(f"- Normalisation: inside the graph ({norm}); feed raw readings")
     out = manifest.output
     if task == "classification":

@@ -205,7 +205,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, help="dropout probability (default: recipe, 0.1)")
     p.add_argument(
         "--normalisation",
-        choices=["zscore", "per_window", "none"],
+        choices=["zscore", "per_window", "per_window_level", "none"],
         help="in-graph input normalisation (default: recipe, zscore)",
     )
     p.add_argument("--val-fraction", type=float, help="share of the data held out for validation")

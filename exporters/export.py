@@ -68,7 +68,7 @@ def build_manifest(ckpt: Checkpoint, quantization: dict[str, Any] | None = None)
     if "val" in ckpt.metrics:
         metrics["pytorch_val"] = headline_metrics(ckpt.metrics["val"])
     graph_norm: dict[str, Any] = {"kind": norm}
-    if norm == "zscore":
+    if norm in ("zscore", "per_window_level"):  # per_window_level: of the log level
         graph_norm.update(mean=meta["norm_mean"], std=meta["norm_std"])
     stats = meta.get("training_stats")
     return Manifest(
@@ -80,7 +80,7 @@ def build_manifest(ckpt: Checkpoint, quantization: dict[str, Any] | None = None)
         input=input_spec,
         output=output,
         labels=meta["labels"] if task == "classification" else [],
-        normalisation=Normalisation(kind="in_graph", per_window=norm == "per_window"),
+        normalisation=Normalisation(kind="in_graph", per_window=norm in ("per_window", "per_window_level")),
         metrics=metrics,
         dataset=meta["dataset"],
         created=created_now(),

@@ -62,10 +62,13 @@ class TemplateSpec(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     kernel_sizes: list[int] = Field(default_factory=lambda: [7, 5, 3])
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    normalisation: Literal["zscore", "per_window", "none"] = Field(
+    normalisation: Literal["zscore", "per_window", "per_window_level", "none"] = Field(
         default="zscore",
         description="zscore: per-feature mean/std of the training set; per_window: each window "
-        "z-normalised by its own statistics. Both live inside the exported graph.",
+        "z-normalised by its own statistics; per_window_level: the same plus, per channel, the "
+        "window's log level (log of its std, z-scored with training-set statistics) as a second "
+        "channel, for data whose amplitude tells classes apart (a heater from a bulb). All live "
+        "inside the exported graph.",
     )
 
 

@@ -58,7 +58,7 @@ def resample(
     return tr, np.setdiff1d(np.arange(len(y)), tr)
 
 
-def _fit_aeon(model: str, x_tr: NDArray[Any], y_tr: NDArray[Any], x_te: NDArray[Any], seed: int) -> Any:
+def fit_aeon(model: str, x_tr: NDArray[Any], y_tr: NDArray[Any], x_te: NDArray[Any], seed: int) -> Any:
     from aeon.classification.convolution_based import MiniRocketClassifier, MultiRocketClassifier
     from aeon.classification.interval_based import QUANTClassifier
 
@@ -136,7 +136,7 @@ def run(
                     probs_dir.mkdir(parents=True, exist_ok=True)
                     np.savez_compressed(probs_dir / f"cnn_{seed}.npz", index=te, probs=probs, y=y[te])
             else:
-                pred = _fit_aeon(model, x[tr], y[tr], x[te], seed)
+                pred = fit_aeon(model, x[tr], y[tr], x[te], seed)
             acc = float((pred == y[te]).mean())
             done.setdefault(model, {})[key] = acc
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,10 @@ class InputNorm(nn.Module):
     ``zscore``: ``(x - mean) / std`` with per-feature statistics of the training set
     (feature is the last axis for snapshot and window, the whole frame for grids).
     ``per_window``: each window z-normalised over its own time axis, per channel.
+    ``per_window_level``: ``per_window`` followed by one more channel per input channel, the
+    window's log level ``log(std)`` z-scored with training-set statistics (``mean``/``std``),
+    constant over the window: ``[B, T, C]`` -> ``[B, T, 2C]``. Shape and amplitude, where
+    ``per_window`` alone keeps only the shape.
     """
 
     mean: torch.Tensor
@@ -46,10 +50,14 @@ class InputNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "zscore":
             return (x - self.mean) / self.std
-        if self.kind == "per_window":
+        if self.kind in ("per_window", "per_window_level"):
             centred = x - x.mean(dim=1, keepdim=True)
-            std = torch.sqrt((centred * centred).mean(dim=1, keepdim=True) + self.eps)
-            return centred / std
+            var = (centred * centred).mean(dim=1, keepdim=True) + self.eps
+            shape = centred / torch.sqrt(var)
+            if self.kind == "per_window":
+                return shape
+            level = (0.5 * torch.log(var) - self.mean) / self.std  # [B, 1, C]
+            return torch.cat([shape, level.expand_as(shape)], dim=2)
         return x
 
 
@@ -187,7 +195,14 @@ class Served(nn.Module):
 
 
 def norm_stats(x: np.ndarray, layout: str, kind: str, family: str = "") -> tuple[list[float], list[float]]:
-    """Per-feature mean/std of training data (``[]`` when the normalisation needs none)."""
+    """Per-feature mean/std of training data (``[]`` when the normalisation needs none).
+
+    For ``per_window_level``: mean/std over the training windows of each channel's log level,
+    ``0.5 * log(var + 1e-6)``, as :class:`InputNorm` computes it.
+    """
+    if kind == "per_window_level":
+        log_level = 0.5 * np.log(x.astype(np.float64).var(axis=1) + 1e-6)  # [N, C]
+        return log_level.mean(axis=0).tolist(), np.maximum(log_level.std(axis=0), 1e-6).tolist()
     if kind != "zscore":
         return [], []
     if layout == "window" and family == "mlp":
@@ -215,21 +230,23 @@ def build_model(
         raise ValueError(
             f"model family {spec.family!r} does not fit layout {layout!r}: use {allowed[layout]}"
         )
-    if spec.normalisation == "per_window" and layout != "window":
-        raise ValueError("normalisation 'per_window' needs the window layout")
+    per_window = spec.normalisation in ("per_window", "per_window_level")
+    if per_window and layout != "window":
+        raise ValueError(f"normalisation {spec.normalisation!r} needs the window layout")
     norm: nn.Module = InputNorm(spec.normalisation, mean, std)
+    channels = sample_shape[-1] * (2 if spec.normalisation == "per_window_level" else 1)
     body: nn.Module
     if spec.family == "mlp" and layout == "window":
-        if spec.normalisation == "per_window":
+        if per_window:
             raise ValueError("a windowed mlp summarises the window itself: use normalisation zscore")
         norm = nn.Sequential(WindowSummary(), norm)
         body = MLP(3 * sample_shape[-1], n_out, spec.hidden, spec.dropout)
     elif spec.family == "mlp":
         body = MLP(sample_shape[0], n_out, spec.hidden, spec.dropout)
     elif spec.family == "cnn1d":
-        body = CNN1D(sample_shape[-1], n_out, spec.hidden, spec.kernel_sizes, spec.dropout)
+        body = CNN1D(channels, n_out, spec.hidden, spec.kernel_sizes, spec.dropout)
     elif spec.family == "cnn2d":
         body = CNN2D(n_out, spec.hidden, spec.kernel_sizes, spec.dropout)
     else:
-        body = RNN(spec.family, sample_shape[-1], n_out, spec.hidden, spec.dropout)
+        body = RNN(spec.family, channels, n_out, spec.hidden, spec.dropout)
     return EdgeModel(norm, body, task)

@@ -474,7 +474,7 @@ def models_table(models_dir: Path) -> str:
     ]
     open_set = [  # leave-classes-out figures (python -m exporters.ood acsf1 --save DIR/open_set)
         open_set_markdown(json.loads(p.read_text()))
-        for p in sorted(models_dir.glob("*/open_set/report.json"))
+        for p in sorted(models_dir.glob("*/open_set*/report.json"))
     ]
     from exporters.resamples import markdown as resamples_markdown
 

@@ -466,3 +466,51 @@ def test_crossfit_gives_out_of_fold_outputs_and_keys_its_cache(tmp_path: Path) -
     )
     refit = crossfit_outputs(changed, ds, 3, cache=cache)  # another recipe: the fold models are refitted
     assert not np.array_equal(refit["fp32"], first["fp32"])
+
+
+def _amplitude_task(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes of the same noisy sine, one at 0.01 and one at 10 (a bulb and a heater)."""
+    y = rng.integers(0, 2, n)
+    t = np.linspace(0.0, 4 * np.pi, 64)
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    shape = np.sin(t[None, :] + phase) + 0.1 * rng.normal(size=(n, 64))
+    x = shape * np.where(y == 1, 10.0, 0.01)[:, None]
+    return x[:, :, None].astype(np.float32), y
+
+
+@pytest.mark.parametrize(("normalisation", "learns"), [("per_window", False), ("per_window_level", True)])
+def test_per_window_level_keeps_the_amplitude_that_per_window_drops(
+    normalisation: str, learns: bool, tmp_path: Path
+) -> None:
+    from exporters.export import export
+    from exporters.train import train
+
+    rng = np.random.default_rng(0)
+    (xtr, ytr), (xva, yva), (xte, yte) = (_amplitude_task(rng, n) for n in (200, 40, 200))
+    ds = DataSet(
+        "amplitude", "classification", "window", ["current"], xtr, ytr, xva, yva, xte, yte,
+        labels=["bulb", "heater"], units={"current": "A"}, window=64, sample_period_s=1.0,
+    )  # fmt: skip
+    recipe = recipe_from_dict(
+        {
+            "name": "t_level",
+            "description": "amplitude task",
+            "labels": ["bulb", "heater"],
+            "data": {"source": "builtin:synthetic-window"},  # replaced by ds below
+            "model": {"family": "cnn1d", "hidden": [8, 8], "normalisation": normalisation},
+            "train": {"epochs": 8, "lr": 0.01, "noise": 0.0},
+        }
+    )
+    result = train(recipe, tmp_path, progress=False, dataset=ds)
+    path = tmp_path / "m.onnx"
+    export(result.checkpoint, path)
+    sess = _session(path)
+    probs = sess.run(None, {sess.get_inputs()[0].name: xte})[0]
+    accuracy = float((probs.argmax(1) == yte).mean())
+    if learns:
+        assert accuracy >= 0.95
+        manifest = read_manifest(path)
+        assert manifest is not None and manifest.normalisation.per_window
+        assert manifest.provenance["graph_normalisation"]["kind"] == "per_window_level"
+    else:  # the shape alone cannot tell the classes apart
+        assert accuracy <= 0.7

@@ -1,9 +1,10 @@
 """The appliance open-set figures: ONNX Runtime alone reproduces what models/appliance/open_set
-states (AUROC of ``ood_score`` for appliance types never seen in training, the threshold's flag
-rates, known-class accuracy), and the card and docs/models.md carry them.
+(ACSF1) and models/appliance/open_set_plaid (PLAID, the recipe trained on it) state: AUROC of
+``ood_score`` for appliance types never seen in training, the threshold's flag rates,
+known-class accuracy; and the card and docs/models.md carry them.
 
 Needs neither torch nor aeon: ``split.npz`` holds the known classes' official test series and
-every series of the held-out types, in raw watts, as ``python -m exporters.ood acsf1 --save``
+every series of the held-out types, in raw units, as ``python -m exporters.ood acsf1|plaid --save``
 measured them.
 """
 
@@ -21,12 +22,13 @@ from edge.manifest import read_manifest
 from exporters.ood import OOD_OUTPUT, auroc, open_set_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-OPEN_SET = ROOT / "models" / "appliance" / "open_set"
+OPEN_SETS = [ROOT / "models" / "appliance" / name for name in ("open_set", "open_set_plaid")]
 GOAL_AUROC = 0.90
+folders = pytest.mark.parametrize("folder", OPEN_SETS, ids=lambda p: p.name)
 
 
-def _report() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((OPEN_SET / "report.json").read_text())
+def _report(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / "report.json").read_text())
     return data
 
 
@@ -38,11 +40,12 @@ def _run(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1][:, 0] for o in outs])
 
 
+@folders
 @pytest.mark.parametrize("score", ["feature_distance", "energy"])
-def test_open_set_figures_are_what_onnxruntime_measures(score: str) -> None:
-    report = _report()
-    split = np.load(OPEN_SET / "split.npz")
-    path = OPEN_SET / f"open_set.{score}.onnx"
+def test_open_set_figures_are_what_onnxruntime_measures(folder: Path, score: str) -> None:
+    report = _report(folder)
+    split = np.load(folder / "split.npz")
+    path = folder / f"open_set.{score}.onnx"
     manifest = read_manifest(path)
     assert manifest is not None
     record = manifest.provenance["ood"]
@@ -62,13 +65,21 @@ def test_open_set_figures_are_what_onnxruntime_measures(score: str) -> None:
     assert not set(report["holdout"]) & set(manifest.labels)  # the unseen types really are unseen
 
 
-def test_feature_distance_meets_the_auroc_goal() -> None:
-    assert _report()["feature_distance"]["auroc_unseen"] >= GOAL_AUROC
+@folders
+def test_feature_distance_meets_the_auroc_goal(folder: Path) -> None:
+    assert _report(folder)["feature_distance"]["auroc_unseen"] >= GOAL_AUROC
 
 
-def test_card_and_docs_carry_the_figures() -> None:
-    report = _report()
+def test_plaid_reports_its_baseline_side_by_side() -> None:
+    report = _report(OPEN_SETS[1])
+    assert report["data"] == "PLAID" and report["baseline"]["model"].startswith("MiniRocket")
+    assert report["majority_known_test_accuracy"] < report["known_test_accuracy"]
+
+
+@folders
+def test_card_and_docs_carry_the_figures(folder: Path) -> None:
+    report = _report(folder)
     section = open_set_markdown(report)
-    assert (OPEN_SET / "card.md").read_text() == open_set_markdown(report, "#")
+    assert (folder / "card.md").read_text() == open_set_markdown(report, "#")
     assert section in (ROOT / "docs" / "models.md").read_text()
     assert f"| feature_distance | {report['feature_distance']['auroc_unseen']:.3f} |" in section
