@@ -480,7 +480,6 @@ def load_plaid() -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]
 
 def open_set_markdown(report: dict[str, Any], heading: str = "##") -> str:
     """The leave-classes-out figures as Markdown (open_set/card.md and docs/models.md)."""
-    fd, en = report["feature_distance"], report["energy"]
     if report.get("data", "ACSF1") == "PLAID":
         return _plaid_open_set_markdown(report, heading)
     lines = [
@@ -496,12 +495,7 @@ def open_set_markdown(report: dict[str, Any], heading: str = "##") -> str:
         f"`{report.get('command', 'python -m exporters.ood acsf1')}`; `tests/test_open_set_zoo.py` "
         "recomputes every figure from the committed files with ONNX Runtime alone.",
         "",
-        "| score | AUROC unseen vs known | threshold | known test flagged | unseen flagged |",
-        "|---|---|---|---|---|",
-        f"| feature_distance | {fd['auroc_unseen']:.3f} | {fd['threshold']:.4g} | "
-        f"{fd['known_test_flagged']:.3f} | {fd['unseen_flagged']:.3f} |",
-        f"| energy | {en['auroc_unseen']:.3f} | {en['threshold']:.4g} | "
-        f"{en['known_test_flagged']:.3f} | {en['unseen_flagged']:.3f} |",
+        *_score_table(report),
         "",
         f"Known-class test accuracy of this model: {report['known_test_accuracy']:.4f} "
         f"(the served 10-class appliance model: 0.90 on all 100 test series; not the same task). "
@@ -513,8 +507,19 @@ def open_set_markdown(report: dict[str, Any], heading: str = "##") -> str:
     return "\n".join(lines)
 
 
+def _score_table(report: dict[str, Any]) -> list[str]:
+    rows = ["| score | AUROC unseen vs known | threshold | known test flagged | unseen flagged |"]
+    rows.append("|---|---|---|---|---|")
+    for score in ("feature_distance", "energy"):
+        f = report[score]
+        rows.append(
+            f"| {score} | {f['auroc_unseen']:.3f} | {f['threshold']:.4g} | "
+            f"{f['known_test_flagged']:.3f} | {f['unseen_flagged']:.3f} |"
+        )
+    return rows
+
+
 def _plaid_open_set_markdown(report: dict[str, Any], heading: str) -> str:
-    fd, en = report["feature_distance"], report["energy"]
     base = report.get("baseline")
     side = (
         f"; {base['model']} on the same training and known test series: {base['known_test_accuracy']:.4f}"
@@ -539,12 +544,7 @@ def _plaid_open_set_markdown(report: dict[str, Any], heading: str) -> str:
         "`tests/test_open_set_zoo.py` recomputes every figure from the committed files with ONNX "
         "Runtime alone.",
         "",
-        "| score | AUROC unseen vs known | threshold | known test flagged | unseen flagged |",
-        "|---|---|---|---|---|",
-        f"| feature_distance | {fd['auroc_unseen']:.3f} | {fd['threshold']:.4g} | "
-        f"{fd['known_test_flagged']:.3f} | {fd['unseen_flagged']:.3f} |",
-        f"| energy | {en['auroc_unseen']:.3f} | {en['threshold']:.4g} | "
-        f"{en['known_test_flagged']:.3f} | {en['unseen_flagged']:.3f} |",
+        *_score_table(report),
         "",
         f"Known-class test accuracy of this model: {report['known_test_accuracy']:.4f}{side}; "
         f"majority class: {report['majority_known_test_accuracy']:.4f}. " + report.get("note", ""),
