@@ -22,6 +22,7 @@ from exporters.onnxutil import (
     set_manifest,
     tool_versions,
 )
+from exporters.recipe import PER_WINDOW_KINDS
 from exporters.train import Checkpoint, load_checkpoint, predict
 
 OPSET = 17
@@ -80,7 +81,7 @@ def build_manifest(ckpt: Checkpoint, quantization: dict[str, Any] | None = None)
         input=input_spec,
         output=output,
         labels=meta["labels"] if task == "classification" else [],
-        normalisation=Normalisation(kind="in_graph", per_window=norm in ("per_window", "per_window_level")),
+        normalisation=Normalisation(kind="in_graph", per_window=norm in PER_WINDOW_KINDS),
         metrics=metrics,
         dataset=meta["dataset"],
         created=created_now(),

@@ -784,11 +784,28 @@ def served_zoo(names: list[str], models_dir: Path, tpr: float = SERVED_TPR) -> N
         )
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line less ``--note TEXT`` / ``--note=TEXT`` (the card's prose, not an input)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exporters.ood", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("acsf1", help="leave-classes-out experiment on the appliance recipe")
     pl = sub.add_parser("plaid", help="the same on PLAID (sktime's copy; several homes per appliance type)")
+    pl.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    pl.add_argument("--hidden", type=int, nargs="+", default=None, help="widths (default: the recipe's)")
+    pl.add_argument("--kernel-sizes", type=int, nargs="+", default=None, help="(default: the recipe's)")
     for sp in (a, pl):
         sp.add_argument("--holdout", type=int, nargs="+", default=[3, 8])
         sp.add_argument("--epochs", type=int, default=60)
@@ -829,8 +846,17 @@ def main(argv: list[str] | None = None) -> int:
                 # most of them to zero. No input noise: the recipe's noise is scaled by the training
                 # data's global std (33 A here), which buries every low-power series. The
                 # series are 300 points, so no 1024-point crops; every epoch runs.
-                model_updates={"normalisation": "per_window_level"},
-                train_updates={"patience": args.epochs, "noise": 0.0, "random_crop": False},
+                model_updates={
+                    "normalisation": "per_window_level",
+                    **({"hidden": args.hidden} if args.hidden else {}),
+                    **({"kernel_sizes": args.kernel_sizes} if args.kernel_sizes else {}),
+                },
+                train_updates={
+                    "patience": args.epochs,
+                    "noise": 0.0,
+                    "random_crop": False,
+                    **({"lr": args.lr} if args.lr is not None else {}),
+                },
                 baseline="minirocket",
                 info={
                     "name": "PLAID",
@@ -845,11 +871,9 @@ def main(argv: list[str] | None = None) -> int:
                 val_per_class=args.val_per_class,
                 seed=args.seed,
             )
-        args_used = list(argv if argv is not None else sys.argv[1:])
-        if "--note" in args_used:  # the note is not part of the command
-            i = args_used.index("--note")
-            del args_used[i : i + 2]
-        res["command"] = "python -m exporters.ood " + " ".join(args_used)
+        res["command"] = "python -m exporters.ood " + " ".join(
+            _without_note(argv if argv is not None else sys.argv[1:])
+        )
         if args.note:
             res["note"] = args.note
         if args.save is not None:

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Family = Literal["mlp", "cnn1d", "cnn2d", "lstm", "gru"]
+#: the normalisations that z-score each window by its own statistics (the manifest's per_window)
+PER_WINDOW_KINDS = ("per_window", "per_window_level")
 Layout = Literal["snapshot", "window", "grid"]
 Task = Literal["classification", "regression"]
 

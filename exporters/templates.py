@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporters.recipe import TemplateSpec
+from exporters.recipe import PER_WINDOW_KINDS, TemplateSpec
 
 
 class InputNorm(nn.Module):
@@ -50,7 +50,7 @@ class InputNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "zscore":
             return (x - self.mean) / self.std
-        if self.kind in ("per_window", "per_window_level"):
+        if self.kind in PER_WINDOW_KINDS:
             centred = x - x.mean(dim=1, keepdim=True)
             var = (centred * centred).mean(dim=1, keepdim=True) + self.eps
             shape = centred / torch.sqrt(var)
@@ -230,7 +230,7 @@ def build_model(
         raise ValueError(
             f"model family {spec.family!r} does not fit layout {layout!r}: use {allowed[layout]}"
         )
-    per_window = spec.normalisation in ("per_window", "per_window_level")
+    per_window = spec.normalisation in PER_WINDOW_KINDS
     if per_window and layout != "window":
         raise ValueError(f"normalisation {spec.normalisation!r} needs the window layout")
     norm: nn.Module = InputNorm(spec.normalisation, mean, std)

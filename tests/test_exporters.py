@@ -478,9 +478,12 @@ def _amplitude_task(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nd
     return x[:, :, None].astype(np.float32), y
 
 
-@pytest.mark.parametrize(("normalisation", "learns"), [("per_window", False), ("per_window_level", True)])
+@pytest.mark.parametrize(
+    ("family", "normalisation", "learns"),
+    [("cnn1d", "per_window", False), ("cnn1d", "per_window_level", True), ("lstm", "per_window_level", True)],
+)
 def test_per_window_level_keeps_the_amplitude_that_per_window_drops(
-    normalisation: str, learns: bool, tmp_path: Path
+    family: str, normalisation: str, learns: bool, tmp_path: Path
 ) -> None:
     from exporters.export import export
     from exporters.train import train
@@ -497,7 +500,7 @@ def test_per_window_level_keeps_the_amplitude_that_per_window_drops(
             "description": "amplitude task",
             "labels": ["bulb", "heater"],
             "data": {"source": "builtin:synthetic-window"},  # replaced by ds below
-            "model": {"family": "cnn1d", "hidden": [8, 8], "normalisation": normalisation},
+            "model": {"family": family, "hidden": [8, 8], "normalisation": normalisation},
             "train": {"epochs": 8, "lr": 0.01, "noise": 0.0},
         }
     )
@@ -514,3 +517,10 @@ def test_per_window_level_keeps_the_amplitude_that_per_window_drops(
         assert manifest.provenance["graph_normalisation"]["kind"] == "per_window_level"
     else:  # the shape alone cannot tell the classes apart
         assert accuracy <= 0.7
+
+
+def test_the_recorded_command_leaves_out_the_note() -> None:
+    from exporters.ood import _without_note
+
+    argv = ["plaid", "--note", "two sentences", "--seed", "1", "--note=more", "--save", "d"]
+    assert _without_note(argv) == ["plaid", "--seed", "1", "--save", "d"]
