@@ -204,6 +204,18 @@ def run_cli(
     )
 
 
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``run_cli`` without waiting: the same command, its output piped (``communicate`` reads it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
 def spawn_daemon(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "run", "-c", str(config), *extra],

@@ -262,8 +262,9 @@ def test_check_and_run_agree_on_generated_configs(
     """Both accept (run gets past start-up and tries the broker), or both exit 2 with the same
     key, never a traceback."""
     import socket
+    import subprocess
 
-    from tests.harness import run_cli, write_config
+    from tests.harness import start_cli, write_config
     from tests.test_startup import base, run_until_started
 
     data = base(startup_dir)
@@ -281,8 +282,17 @@ def test_check_and_run_agree_on_generated_configs(
         config = write_config(data, startup_dir / "c.yaml")
         env = {"EDGE_INFER_FUZZ_SET": "pw"}
         os.environ.pop("EDGE_INFER_FUZZ_UNSET", None)
-        checked = run_cli("check", "-c", str(config), env=env)
-        rc, out = run_until_started(config, env=env)
+        # check and run are independent processes on the same files (check only stats the state
+        # file and binds no port that run could hold): run them side by side, not one after the other
+        checking = start_cli("check", "-c", str(config), env=env)
+        try:
+            rc, out = run_until_started(config, env=env)
+            stdout, stderr = checking.communicate(timeout=60)
+        finally:
+            if checking.poll() is None:
+                checking.kill()
+                checking.wait()
+        checked = subprocess.CompletedProcess(checking.args, checking.returncode, stdout, stderr)
     assert "Traceback" not in checked.stderr + out, checked.stderr + out
     assert checked.returncode in (0, 2), checked.stderr
     assert (checked.returncode, rc) in ((0, 0), (2, 2)), (mutations, checked.stderr, out)
