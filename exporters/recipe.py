@@ -72,6 +72,18 @@ class TemplateSpec(_Strict):
         "channel, for data whose amplitude tells classes apart (a heater from a bulb). All live "
         "inside the exported graph.",
     )
+    rocket_features: int = Field(
+        default=0,
+        ge=0,
+        le=50_000,
+        description="0: none. N > 0 (classifiers over windows, cnn1d/lstm/gru): a MiniRocket-style "
+        "branch of about N fixed-convolution PPV features (exporters/rocket.py) beside the network, "
+        "fitted on the training windows after the network trained; the model answers the mean of "
+        "the two probabilities. In the graph: convolutions, comparisons and means.",
+    )
+    rocket_l2: float = Field(
+        default=0.05, gt=0, description="L2 penalty of the rocket branch's linear head (mean cross-entropy)."
+    )
 
 
 class TrainSpec(_Strict):
@@ -171,6 +183,13 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         if self.train.random_crop and self.data.window is None:
             raise ValueError("train.random_crop needs data.window")
+        if self.model.rocket_features and (
+            self.task != "classification" or self.model.family not in ("cnn1d", "lstm", "gru")
+        ):
+            raise ValueError(
+                "model.rocket_features needs a classifier over windows (family cnn1d, lstm or gru), "
+                f"not a {self.task} {self.model.family}"
+            )
         return self
 
 

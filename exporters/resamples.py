@@ -12,7 +12,12 @@ every resample keeps the official class counts. This module measures, on the sam
 * ``quant``: aeon's QUANTClassifier (default settings);
 * ``cnn``: the zoo's appliance recipe (``models/appliance/recipe.yaml``: the served model family,
   400 epochs, seed 0), exported to ONNX and measured with ONNX Runtime. About 4 minutes per fit
-  on a 2-core machine, so ``--cnn N`` runs it on the first N resamples only (the report says N).
+  on a 2-core machine, so ``--cnn N`` runs it on the first N resamples only (the report says N);
+* ``rocket``: the MiniRocket-style branch of ``exporters/rocket.py`` alone (``ROCKET_FEATURES``
+  features, per-window normalisation as the recipe's; about 6 s a fit);
+* ``cnn+rocket``: the mean of the two models' probabilities, which is what a recipe with
+  ``model.rocket_features`` answers: the network beside the branch trains to the same weights as
+  without it (tests/test_exporters.py checks that), so the cached outputs of both are combined.
 
 Results are cached per (model, resample) in ``--cache`` (JSON), so runs can be split and resumed.
 ``--save DIR`` writes ``report.json`` and ``card.md`` there (``models/appliance/resamples``) and the
@@ -38,7 +43,9 @@ PUBLISHED = {
     "resamples": {"HIVE-COTE 2": 0.848, "MultiRocket": 0.850},
     "official": {"QUANT": 0.926, "WEASEL-2.0": 0.93},
 }
-MODELS = ("minirocket", "multirocket", "quant", "cnn")
+MODELS = ("minirocket", "multirocket", "quant", "cnn", "rocket", "cnn+rocket")
+#: features of the rocket branch measured here (``model.rocket_features`` of a recipe)
+ROCKET_FEATURES = 4000
 
 
 def resample(
@@ -103,6 +110,25 @@ def _fit_cnn(x_tr: NDArray[Any], y_tr: NDArray[Any], x_te: NDArray[Any], y_te: N
         return run_onnx(session(Path(tmp) / "cnn.onnx"), ds.model_input(x_te), batch=256)
 
 
+def _fit_rocket(x_tr: NDArray[Any], y_tr: NDArray[Any], x_te: NDArray[Any], seed: int) -> Any:
+    """The recipe's rocket branch alone (exporters/rocket.py) on per-window-normalised windows."""
+    import torch
+
+    from exporters.rocket import RocketBranch
+    from exporters.templates import InputNorm
+
+    torch.set_num_threads(1)
+    norm = InputNorm("per_window", [], [])
+    with torch.no_grad():
+        a = norm(torch.from_numpy(x_tr.astype(np.float32)))
+        b = norm(torch.from_numpy(x_te.astype(np.float32)))
+    branch = RocketBranch(x_tr.shape[1], x_tr.shape[2], ROCKET_FEATURES, int(y_tr.max()) + 1)
+    branch.fit_biases(a, seed)
+    branch.fit_head(a, torch.from_numpy(y_tr.astype(np.int64)), None)
+    with torch.no_grad():
+        return torch.softmax(branch(b), dim=-1).numpy()
+
+
 def run(
     n: int,
     *,
@@ -119,7 +145,7 @@ def run(
     done: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.exists() else {}
     started = time.monotonic()
     for model in models:
-        todo = range(cnn if model == "cnn" else n)
+        todo = range(cnn if model in ("cnn", "cnn+rocket") else n)
         for seed in todo:
             key = str(seed)
             if key in done.get(model, {}):
@@ -129,12 +155,22 @@ def run(
                 break
             tr, te = resample(ytr, yte, seed)
             t0 = time.perf_counter()
-            if model == "cnn":
-                probs = _fit_cnn(x[tr], y[tr], x[te], y[te])
-                pred = probs.argmax(axis=1)
-                if probs_dir is not None:  # held-out outputs of models of the served recipe
+            if model in ("cnn", "rocket"):
+                if model == "cnn":
+                    fit = _fit_cnn(x[tr], y[tr], x[te], y[te])
+                else:
+                    fit = _fit_rocket(x[tr], y[tr], x[te], seed)
+                pred = fit.argmax(axis=1)
+                if probs_dir is not None:  # held-out outputs, kept for calibration and cnn+rocket
                     probs_dir.mkdir(parents=True, exist_ok=True)
-                    np.savez_compressed(probs_dir / f"cnn_{seed}.npz", index=te, probs=probs, y=y[te])
+                    np.savez_compressed(probs_dir / f"{model}_{seed}.npz", index=te, probs=fit, y=y[te])
+            elif model == "cnn+rocket":  # the mean of the two: what a recipe with both answers
+                if probs_dir is None:
+                    raise SystemExit("cnn+rocket needs the cnn and rocket outputs: run those models first")
+                parts = [np.load(probs_dir / f"{m}_{seed}.npz") for m in ("cnn", "rocket")]
+                if not all(np.array_equal(p["index"], te) for p in parts):
+                    raise SystemExit(f"resample {seed}: cached cnn and rocket outputs of other splits")
+                pred = (0.5 * parts[0]["probs"] + 0.5 * parts[1]["probs"]).argmax(axis=1)
             else:
                 pred = fit_aeon(model, x[tr], y[tr], x[te], seed)
             acc = float((pred == y[te]).mean())
@@ -191,6 +227,8 @@ NAMES = {
     "multirocket": "MultiRocket (aeon, default settings)",
     "quant": "QUANT (aeon, default settings)",
     "cnn": "zoo CNN (models/appliance/recipe.yaml, fp32 ONNX)",
+    "rocket": f"rocket branch alone (exporters/rocket.py, {ROCKET_FEATURES} features)",
+    "cnn+rocket": f"zoo CNN + rocket branch (`model.rocket_features: {ROCKET_FEATURES}`, not yet served)",
 }
 
 

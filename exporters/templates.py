@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporters.recipe import PER_WINDOW_KINDS, TemplateSpec
+from exporters.rocket import RocketBranch, WithRocket
 
 
 class InputNorm(nn.Module):
@@ -249,4 +250,8 @@ def build_model(
         body = CNN2D(n_out, spec.hidden, spec.kernel_sizes, spec.dropout)
     else:
         body = RNN(spec.family, channels, n_out, spec.hidden, spec.dropout)
+    if spec.rocket_features:
+        # the branch reads the window's shape channels (a level channel is constant over time)
+        rocket = RocketBranch(sample_shape[0], sample_shape[-1], spec.rocket_features, n_out, spec.rocket_l2)
+        body = WithRocket(body, rocket)
     return EdgeModel(norm, body, task)

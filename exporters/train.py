@@ -22,6 +22,7 @@ from exporters.data import DataSet, load_dataset
 from exporters.metrics import evaluate
 from exporters.plots import plot_confusion, plot_history
 from exporters.recipe import Recipe, recipe_from_dict
+from exporters.rocket import WithRocket, fit_rocket
 from exporters.stats import stats_of_split
 from exporters.templates import EdgeModel, Served, build_model, norm_stats
 
@@ -294,6 +295,11 @@ def train(
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history)
+    if isinstance(model.body, WithRocket):  # the branch beside the network, on the full training windows
+        model.eval()
+        with torch.no_grad():
+            x_norm = model.norm(torch.from_numpy(ds.model_input(ds.x_train)))
+        fit_rocket(model.body, x_norm, ds.y_train.astype(np.int64), weight, spec.seed)
 
     metrics: dict[str, Any] = {"best_epoch": best_epoch, "epochs_run": len(history)}
     for split, x, y in (("val", ds.x_val, ds.y_val), ("test", ds.x_test, ds.y_test)):
@@ -373,5 +379,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         std=meta["norm_std"],
     )
     model.load_state_dict(blob["state_dict"])
+    if isinstance(model.body, WithRocket):  # a checkpoint is written after the branch was fitted
+        model.body.ready = True
     served = Served(model, meta["y_mean"], meta["y_std"]).eval()
     return Checkpoint(path, recipe, served, meta, blob["metrics"], blob["history"], blob["weights_sha256"])

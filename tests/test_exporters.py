@@ -36,6 +36,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "model": {"family": "cnn1d", "hidden": [8, 8], "normalisation": "per_window"},
         "train": {"epochs": 6, "lr": 0.01},
     },
+    "cnn1d_rocket": {  # the network and a MiniRocket-style branch side by side (exporters/rocket.py)
+        "data": {"source": "builtin:synthetic-window", "params": {"n": 240}},
+        "model": {"family": "cnn1d", "hidden": [8, 8], "normalisation": "per_window", "rocket_features": 400},
+        "train": {"epochs": 6, "lr": 0.01},
+    },
     "lstm": {
         "data": {"source": "builtin:synthetic-window", "params": {"n": 240}},
         "model": {"family": "lstm", "hidden": [12]},
@@ -524,3 +529,61 @@ def test_the_recorded_command_leaves_out_the_note() -> None:
 
     argv = ["plaid", "--note", "two sentences", "--seed", "1", "--note=more", "--save", "d"]
     assert _without_note(argv) == ["plaid", "--seed", "1", "--save", "d"]
+
+
+def test_rocket_kernels_and_dilations_follow_minirocket() -> None:
+    from exporters.rocket import dilation_plan, kernel_weights
+
+    w = kernel_weights()
+    assert w.shape == (84, 9) and np.allclose(w.sum(axis=1), 0.0)
+    assert sorted(set(w.ravel().tolist())) == [-1.0, 2.0]
+    assert len({tuple(row) for row in w.tolist()}) == 84
+    plan = dilation_plan(1460, 4000)
+    dilations = [d for d, _ in plan]
+    assert dilations[0] == 1 and dilations == sorted(set(dilations))
+    assert 8 * dilations[-1] <= 1459  # the widest kernel still fits the window
+    assert sum(share for _, share in plan) == 4000 // 84
+    with pytest.raises(ValueError, match="at least 9 samples"):
+        dilation_plan(8, 100)
+
+
+def test_the_rocket_branch_is_in_the_graph_and_leaves_the_network_alone(tmp_path: Path) -> None:
+    """The exported answer is the mean of the network's and the branch's probabilities, and the
+    network beside the branch trains to the same weights as without it (so a resample's figure
+    for network + branch may reuse that network's outputs)."""
+    import torch
+
+    from exporters.export import export
+    from exporters.train import load_checkpoint, train
+
+    ds = load_dataset(make_recipe("cnn1d"))
+    plain = train(make_recipe("cnn1d"), tmp_path / "plain", progress=False, dataset=ds)
+    both = train(make_recipe("cnn1d_rocket"), tmp_path / "both", progress=False, dataset=ds)
+    net_plain = load_checkpoint(plain.checkpoint).served.model
+    ckpt = load_checkpoint(both.checkpoint)
+    model = ckpt.served.model
+    nets = zip(net_plain.body.state_dict().items(), model.body.net.state_dict().values(), strict=True)
+    for (name, a), b in nets:
+        assert torch.equal(a, b), name
+    path = tmp_path / "both.onnx"
+    export(ckpt, path)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Greater", "Conv"} <= ops
+    x = ds.model_input(ds.x_test)
+    sess = _session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        z = model.norm(torch.from_numpy(x))
+        want = 0.5 * torch.softmax(model.body.net(z), -1) + 0.5 * torch.softmax(model.body.rocket(z), -1)
+    assert np.allclose(got, want.numpy(), atol=1e-5)
+    with torch.no_grad():
+        alone = model.body.rocket(z).numpy()
+    # the branch by itself learns the task: well above chance on the test split
+    assert float((alone.argmax(1) == ds.y_test).mean()) > 1.5 / len(ds.labels)
+
+
+def test_rocket_features_need_a_classifier_over_windows() -> None:
+    from exporters.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="rocket_features needs a classifier over windows"):
+        make_recipe("cnn1d", model={"family": "mlp", "rocket_features": 100})
