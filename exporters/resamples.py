@@ -114,11 +114,15 @@ def _fit_rocket(x_tr: NDArray[Any], y_tr: NDArray[Any], x_te: NDArray[Any], seed
     """The recipe's rocket branch alone (exporters/rocket.py) on per-window-normalised windows."""
     import torch
 
+    from exporters.recipe import load_recipe
     from exporters.rocket import RocketBranch
     from exporters.templates import InputNorm
 
     torch.set_num_threads(1)
-    norm = InputNorm("per_window", [], [])
+    spec = load_recipe(ROOT / "models" / "appliance" / "recipe.yaml").model
+    if spec.normalisation != "per_window":
+        raise SystemExit(f"the rocket rows assume per_window windows, the recipe has {spec.normalisation}")
+    norm = InputNorm(spec.normalisation, [], [])
     with torch.no_grad():
         a = norm(torch.from_numpy(x_tr.astype(np.float32)))
         b = norm(torch.from_numpy(x_te.astype(np.float32)))

@@ -113,17 +113,16 @@ class RocketBranch(nn.Module):
         """``[B, T, C]`` (already normalised) -> PPV features ``[B, n_features]``."""
         z = x.transpose(1, 2)
         out = []
-        for j, (d, _share, padded) in enumerate(self.groups):
-            if padded:
-                y = self.conv(z, d)
-            chans, thr = self._group(j)
-            sel = y[:, chans, :]  # [B, K, T]
-            if not padded:  # the steps the unpadded convolution has: an empty range counts 0
-                half = (KERNEL_LENGTH - 1) // 2 * d
-                sel = sel[:, :, half : sel.shape[2] - half]
-            above = (sel.unsqueeze(2) > thr.unsqueeze(2)).to(z.dtype)  # [B, K, share, T']
-            ppv = above.sum(dim=3) / max(1, sel.shape[2]) if not padded else above.mean(dim=3)
-            out.append(ppv.flatten(1))
+        for i, (d, _share) in enumerate(self.plan):
+            y = self.conv(z, d)  # one convolution per dilation, read by its padded and unpadded groups
+            half = (KERNEL_LENGTH - 1) // 2 * d
+            for j, padded in ((2 * i, True), (2 * i + 1, False)):
+                chans, thr = self._group(j)
+                sel = y[:, chans, :]  # [B, K, T]
+                if not padded:  # the steps the unpadded convolution has: an empty range counts 0
+                    sel = sel[:, :, half : sel.shape[2] - half]
+                above = (sel.unsqueeze(2) > thr.unsqueeze(2)).to(z.dtype)  # [B, K, share, T']
+                out.append((above.sum(dim=3) / max(1, sel.shape[2])).flatten(1))
         return torch.cat(out, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
